@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED_DATA := $(abspath ../shared/data)
+# The offline GLUE-style files live beside the checkout when they exist (CI too).
+ifneq ($(wildcard $(SHARED_DATA)/MANIFEST.txt),)
+export DPFLAT_DATA_DIR ?= $(SHARED_DATA)
+endif
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test test-all lab clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	# torch first and pinned: the local CPU build; a looser request pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m dpflat demo --output-dir out/demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+test-all: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lab: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[lab]"
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
