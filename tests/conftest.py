@@ -1,0 +1,47 @@
+"""Shared fixtures: the offline data folder and small, fast run configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpflat.config import DataConfig, ModelConfig, PrivacyConfig, RunConfig, TrainConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "sst2" / "train.tsv").is_file():
+        pytest.skip(f"offline data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def tiny_run_config(out: Path, data_dir: Path, **over) -> RunConfig:
+    """A DP run on tiny-bert and 128 SST-2 examples: a few seconds end to end."""
+    cfg = RunConfig(
+        data=DataConfig(task="sst2", data_dir=str(data_dir), max_length=24, train_size=128, eval_size=64,
+                        public_size=64),
+        model=ModelConfig(backbone="tiny-bert", prefix_len=4, prefix_init="random"),
+        privacy=PrivacyConfig(epsilon=8.0),
+        train=TrainConfig(epochs=2, batch_size=32, physical_batch_size=16, lr=0.05, output_dir=str(out),
+                          checkpoint_every=1, progress=False, eval_every=4),
+        variant="dp",
+    )
+    return cfg.replace(**over) if over else cfg
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, shared_data):
+    return tiny_run_config(tmp_path / "runs", shared_data)
+
+
+@pytest.fixture
+def make_cfg(shared_data):
+    """Factory: ``make_cfg(out_dir, **section_overrides)`` -> a tiny run config."""
+    return lambda out, **over: tiny_run_config(out, shared_data, **over)
