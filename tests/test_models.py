@@ -1,0 +1,124 @@
+"""The prefix model: what is trainable, what the keep-mask removes, kernels agree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpflat.config import ConfigError, ModelConfig
+from dpflat.models import ModelError, build_model, load_tokenizer
+
+
+def _batch(seed=0, B=4, L=10):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 5000, (B, L), generator=g)
+    am = torch.ones(B, L, dtype=torch.long)
+    am[0, 6:] = 0
+    return {"input_ids": ids, "attention_mask": am}
+
+
+def _model(backbone="tiny-bert", **kw):
+    cfg = ModelConfig(backbone=backbone, prefix_len=3, prefix_init="random", head_dropout=0.0, **kw)
+    return build_model(cfg, 3).eval()
+
+
+def _mean_pool_head(model, batch):
+    hid = model.backbone(**batch).last_hidden_state
+    w = batch["attention_mask"].unsqueeze(-1).float()
+    return model.head((hid * w).sum(1) / w.sum(1))
+
+
+@pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-roberta"])
+def test_only_prefix_and_head_receive_gradients(backbone):
+    model = _model(backbone).train()
+    b = _batch()
+    F.cross_entropy(model(**b), torch.tensor([0, 1, 2, 0])).backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == {"prefix.embedding.weight", "head.weight", "head.bias"}
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-roberta"])
+def test_keep_mask_removes_prefix_exactly(backbone):
+    model = _model(backbone)
+    b = _batch()
+    with torch.no_grad():
+        full = model(**b)
+        model.prefix.set_keep([False] * model.n_layers)
+        none = model(**b)
+        ref = _mean_pool_head(model, b)  # the backbone as if no prefix existed
+    torch.testing.assert_close(none, ref, rtol=0, atol=0)
+    assert not torch.allclose(full, none)
+
+
+def test_dropped_layer_prefix_has_no_effect_kept_layer_does():
+    model = _model()
+    model.prefix.set_keep([True, False, True])
+    b = _batch(1)
+    w = model.prefix.embedding.weight
+    with torch.no_grad():
+        base = model(**b)
+        view = model.prefix.layer_view(w)  # (L, m, 2H) view into the weight
+        view[1] += 5.0  # dropped layer: outputs must not move
+        torch.testing.assert_close(model(**b), base, rtol=0, atol=0)
+        view[2] += 5.0  # kept layer: outputs must move
+        assert not torch.allclose(model(**b), base)
+    # and a dropped layer's prefix gets exactly zero gradient
+    model.train()
+    F.cross_entropy(model(**b), torch.tensor([0, 1, 2, 0])).backward()
+    g = model.prefix.layer_view(w.grad)
+    assert g[1].abs().max() == 0 and g[0].abs().max() > 0
+
+
+def test_keep_layers_config_and_errors():
+    model = build_model(ModelConfig(backbone="tiny-bert", prefix_len=2, keep_layers="0,2"), 2)
+    assert model.prefix.keep_mask.tolist() == [True, False, True]
+    with pytest.raises(ConfigError, match="out of range"):
+        build_model(ModelConfig(backbone="tiny-bert", keep_layers="7"), 2)
+    with pytest.raises(ConfigError, match="comma-separated"):
+        ModelConfig(keep_layers="a,b")
+
+
+def test_sdpa_and_eager_kernels_agree():
+    b = _batch(2)
+    outs = []
+    for attn in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        outs.append(_model(attn=attn)(**b).detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_token_init_copies_backbone_keys_values():
+    cfg = ModelConfig(backbone="tiny-bert", prefix_len=4, prefix_init="tokens")
+    m = build_model(cfg, 2, seed=3).eval()
+    again = build_model(cfg, 2, seed=3)
+    torch.testing.assert_close(m.prefix.embedding.weight, again.prefix.embedding.weight)
+    # layer 0's prefix keys and values come from the *same* hidden states x of real tokens:
+    # recover x from the keys, then the values must be the value projection of that x
+    att = m.backbone.encoder.layer[0].attention.self
+    kv = m.prefix.layer_view()[0]
+    keys, values = kv[:, : m.prefix.hidden], kv[:, m.prefix.hidden :]
+    x = torch.linalg.solve(att.key.weight, (keys - att.key.bias).T).T
+    torch.testing.assert_close(att.value(x), values, rtol=1e-3, atol=1e-4)
+    r = build_model(ModelConfig(backbone="tiny-bert", prefix_len=4, prefix_init="random"), 2, seed=3)
+    assert not torch.allclose(r.prefix.embedding.weight, m.prefix.embedding.weight)
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        build_model(ModelConfig(backbone=str(tmp_path / "nope")), 2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        build_model(ModelConfig(backbone=str(tmp_path / "empty")), 2)
+
+
+def test_shipped_minilm_loads_offline_with_prefix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = ModelConfig(backbone="minilm", prefix_len=4)
+    model = build_model(cfg, 2).eval()
+    tok = load_tokenizer(cfg)
+    enc = tok(["a great film", "dull and slow"], padding=True, return_tensors="pt")
+    assert model.n_layers == 6 and model.backbone.config.hidden_size == 384
+    logits = model(**enc)
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
