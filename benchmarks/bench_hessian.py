@@ -1,0 +1,248 @@
+"""Top Hessian eigenvalue: landscape (Lanczos, cached gradient graphs) vs PyHessian 0.1.
+
+Same model (default: the MiniLM-L6 prefix model of dpflat, eager attention, eval mode),
+same fixed SST-2 dev batches, same parameters (prefix + head), same tolerance notion
+(relative change of the top eigenvalue between consecutive iterations < --tol), same
+iteration cap and seed. Both target the largest-magnitude eigenvalue (PyHessian's power
+iteration finds that; we run Lanczos with which="LM"). Runs are interleaved
+(ours, PyHessian, ours, ...) so that load from other processes hits both alike; the
+table reports medians over --repeats. A tight Lanczos run (tol 1e-8) gives a reference
+value, so the table shows how far each answer is from it. Also times a 2D 21x21 loss
+surface (filter-normalised random directions, one no-grad pass per point).
+
+Prints a markdown table and appends it to benchmarks/RESULTS.md with the machine, date
+and the exact command.
+
+    python benchmarks/bench_hessian.py --quick      # a few minutes on 2 CPU cores
+    python benchmarks/bench_hessian.py              # more batches, 2 repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without relying on the installed layout
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from landscape import HessianOperator, hvp, lanczos, loss_surface_2d, random_direction  # noqa: E402
+from landscape.pyhessian_bridge import pyhessian_eigenvalues  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
+TRAIN = DATA.with_name("train.tsv")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on 2 cores")
+    p.add_argument("--backbone", default="minilm", help="dpflat backbone (minilm, tiny-bert, a local dir)")
+    p.add_argument("--n-batches", type=int, default=None, help="Hessian batches (quick 2, full 4)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--tol", type=float, default=1e-3, help="relative change of the top eigenvalue (both methods)")
+    p.add_argument("--max-iter", type=int, default=100, help="iteration cap (both methods; PyHessian's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=None, help="interleaved timing repeats (quick 1, full 2)")
+    p.add_argument("--grid", type=int, default=21, help="surface grid size per axis")
+    p.add_argument("--surface-examples", type=int, default=None, help="examples for the surface (quick 16, full 64)")
+    p.add_argument("--no-surface", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the tight Lanczos reference value")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--start", choices=["gradient", "random"], default="gradient", help="Lanczos start vector (ours)")
+    p.add_argument("--top-k", type=int, default=1, help="eigenvalues to compute (both; PyHessian deflates)")
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="first fine-tune prefix+head for this many non-private Adam steps (batch 32, SST-2 train) "
+                        "so the Hessian is that of a trained model")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    p.add_argument("--no-append", action="store_true", help="print only")
+    a = p.parse_args(argv)
+    a.n_batches = a.n_batches or (2 if a.quick else 4)
+    a.repeats = a.repeats or (1 if a.quick else 2)
+    a.surface_examples = a.surface_examples or (16 if a.quick else 64)
+    return a
+
+
+def load(args: argparse.Namespace):
+    from dpflat.config import ModelConfig
+    from dpflat.models import build_model, load_tokenizer
+
+    cfg = ModelConfig(backbone=args.backbone, prefix_len=16, attn="eager")
+    model = build_model(cfg, num_labels=2, seed=args.seed)
+    model.eval()
+    tok = load_tokenizer(cfg)
+    def read(path: Path) -> list[list[str]]:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+
+    dev = read(DATA)
+
+    def batches(n_ex: int, start: int, bs: int, rows: list[list[str]] = dev) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for i in range(start, start + n_ex, bs):
+            r = rows[i : min(i + bs, start + n_ex)]
+            enc = tok([x[0] for x in r], padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+            b = {k: v for k, v in enc.items()}
+            b["labels"] = torch.tensor([int(x[1]) for x in r])
+            out.append(b)
+        return out
+
+    if args.train_steps:
+        train_rows = read(TRAIN)[: 32 * args.train_steps]
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+        torch.manual_seed(args.seed)
+        model.train()
+        t0 = time.perf_counter()
+        for b in batches(len(train_rows), 0, 32, train_rows):
+            loss = loss_fn(model, b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        print(f"fine-tuned {args.train_steps} steps in {time.perf_counter() - t0:.0f}s (last batch loss {float(loss):.3f})", flush=True)
+    return model, batches
+
+
+def loss_fn(model, batch):
+    return F.cross_entropy(model(**{k: v for k, v in batch.items() if k != "labels"}), batch["labels"])
+
+
+def timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, Path.cwd()), *(argv if argv is not None else sys.argv[1:])])
+    load0 = os.getloadavg()
+    t_load = time.perf_counter()
+    model, make_batches = load(args)
+    hb = make_batches(args.n_batches * args.batch_size, 0, args.batch_size)
+    n_ex = sum(len(b["labels"]) for b in hb)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model loaded in {time.perf_counter() - t_load:.1f}s; {n_params:,} trainable params; {len(hb)} batches, {n_ex} examples", flush=True)
+    # warm-up outside every timing: the first forward / backward / double backward pays for
+    # allocator growth and kernel set-up, which would otherwise land on whichever runs first
+    hvp(model, loss_fn, hb[:1], torch.ones(n_params), method="double_backward")
+
+    ours_runs, theirs_runs = [], []
+    op = None
+    for r in range(args.repeats):
+        def ours():
+            o = HessianOperator(model, loss_fn, hb)
+            return o, lanczos(o, k=args.top_k, max_iter=args.max_iter, tol=args.tol, seed=args.seed + r, which="LM", start=args.start)
+
+        (op, res), w, c = timed(ours)
+        ours_runs.append((res, w, c))
+        print(f"[{r}] ours: {res.eigenvalues} in {w:.1f}s wall / {c:.1f}s CPU, {res.convergence.n_matvecs} HVPs", flush=True)
+        if r + 1 < args.repeats:
+            op.clear()
+        ph, w, c = timed(lambda: pyhessian_eigenvalues(model, loss_fn, hb, top_n=args.top_k, max_iter=args.max_iter, tol=args.tol, seed=args.seed + r))
+        theirs_runs.append((ph, w, c))
+        print(f"[{r}] PyHessian: {ph.eigenvalues} in {w:.1f}s wall / {c:.1f}s CPU, {ph.convergence.n_matvecs} HVPs", flush=True)
+
+    ref = None
+    if not args.no_reference:
+        assert op is not None
+        ref, w_ref, _ = timed(lambda: lanczos(op, k=args.top_k, max_iter=300, tol=1e-8, seed=args.seed + 99, which="LM", start="random"))
+        print(f"reference: {ref.eigenvalues} ({ref.convergence.n_matvecs} HVPs, {w_ref:.1f}s, cached graphs)", flush=True)
+    if op is not None:
+        op.clear()
+
+    med = statistics.median
+    o_w, o_c = med(x[1] for x in ours_runs), med(x[2] for x in ours_runs)
+    t_w, t_c = med(x[1] for x in theirs_runs), med(x[2] for x in theirs_runs)
+    o_val, t_val = ours_runs[-1][0].eigenvalues, theirs_runs[-1][0].eigenvalues
+    o_mv = med(x[0].convergence.n_matvecs for x in ours_runs)
+    t_mv = med(x[0].convergence.n_matvecs for x in theirs_runs)
+    rel_diff = float(np.max(np.abs(o_val - t_val) / np.abs(t_val)))
+
+    surf_row = None
+    if not args.no_surface:
+        sb = make_batches(args.surface_examples, 0, args.surface_examples)
+        d1, d2 = random_direction(model, seed=args.seed), random_direction(model, seed=args.seed + 1)
+        xs = np.linspace(-1, 1, args.grid)
+        s, w, c = timed(lambda: loss_surface_2d(model, loss_fn, sb, d1, d2, xs, progress=sys.stderr.isatty(), label="bench"))
+        surf_row = (s, w, c)
+        print(f"surface {args.grid}x{args.grid} on {args.surface_examples} examples: {w:.1f}s wall ({w / s.losses.size * 1000:.0f} ms/point)", flush=True)
+
+    def err(v: np.ndarray) -> str:
+        return f"{float(np.max(np.abs(v - ref.eigenvalues) / np.abs(ref.eigenvalues))):.2e}" if ref is not None else "n/a"
+
+    def fmt(v: np.ndarray, digits: int = 6) -> str:
+        return ", ".join(f"{x:.{digits}g}" for x in v)
+
+    what = "top Hessian eigenvalue" if args.top_k == 1 else f"top-{args.top_k} Hessian eigenvalues"
+    state = "as built (prefix from token keys/values, random head)" if not args.train_steps else (
+        f"after {args.train_steps} non-private Adam steps (lr 2e-3, batch 32) on SST-2 train"
+    )
+
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load1 = os.getloadavg()
+    lines = [
+        f"### bench_hessian: {what}, landscape vs PyHessian ({now})",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end (other processes share the cores)",
+        f"- model: dpflat `{args.backbone}` prefix model (m=16) + head, eager attention, eval mode; "
+        f"{n_params:,} trainable parameters (prefix + head) = the Hessian's dimension; model state: {state}",
+        f"- data: SST-2 dev, first {n_ex} sentences, {len(hb)} fixed batches of {args.batch_size}, max_length {args.max_length}",
+        f"- stopping: relative change of each wanted eigenvalue between iterations < {args.tol:g} (both), at most "
+        f"{args.max_iter} iterations (per eigenvalue for PyHessian); largest-magnitude eigenvalues; ours starts Lanczos "
+        f"from {'the gradient (+10% random; free from the cached graph)' if args.start == 'gradient' else 'a random vector'}, "
+        f"PyHessian from a random vector; timings are medians of {args.repeats} interleaved run(s), graph building included",
+        "",
+        f"| method | {'top eigenvalue' if args.top_k == 1 else 'eigenvalues'} | HVPs | wall s | CPU s | speed-up (wall) | rel. diff vs PyHessian | rel. error vs reference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| landscape Lanczos, cached gradient graphs | {fmt(o_val)} | {o_mv:g} | {o_w:.1f} | {o_c:.1f} | **{t_w / o_w:.2f}x** | {rel_diff:.2e} | {err(o_val)} |",
+        f"| PyHessian 0.1 power iteration ({theirs_runs[-1][0].settings.extra['mode']} mode) | {fmt(t_val)} | {t_mv:g} | {t_w:.1f} | {t_c:.1f} | 1.00x | 0 | {err(t_val)} |",
+    ]
+    if ref is not None:
+        ref_diff = float(np.max(np.abs(ref.eigenvalues - t_val) / np.abs(t_val)))
+        lines.append(f"| reference: Lanczos tol 1e-8, random start | {fmt(ref.eigenvalues, 8)} | {ref.convergence.n_matvecs} | | | | {ref_diff:.2e} | 0 |")
+    if surf_row is not None:
+        s, w, c = surf_row
+        lines.append(
+            f"| 2D loss surface {args.grid}x{args.grid} ({args.surface_examples} examples, 1 no-grad pass/point) | "
+            f"centre {s.center_loss:.4f} | {s.losses.size} points | {w:.1f} | {c:.1f} | {w / s.losses.size * 1000:.0f} ms/point | | |"
+        )
+    ok_speed, ok_val = t_w / o_w >= 3.0, rel_diff <= 0.01
+    lines += [
+        "",
+        f"Goal >= 3x faster with values within 1%: speed-up {t_w / o_w:.2f}x ({'met' if ok_speed else 'NOT met'}), "
+        f"difference {100 * rel_diff:.2f}% ({'met' if ok_val else 'NOT met'}).",
+        "",
+    ]
+    table = "\n".join(lines)
+    print("\n" + table)
+    if not args.no_append:
+        path = Path(args.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8") as f:
+            if new:
+                f.write("# Benchmark results\n\n")
+            f.write(table + "\n")
+        print(f"appended to {path}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

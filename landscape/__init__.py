@@ -1,0 +1,95 @@
+"""landscape: Hessian spectra, loss surfaces and sharpness for any torch model.
+
+Model-agnostic (never imports ``dpflat``): give it a module, a
+``loss_fn(model, batch) -> mean loss`` and a fixed list of batches (HF dict batches
+work), over a parameter subset (default: the parameters that require grad).
+
+    >>> H = HessianOperator(model, loss_fn, batches)          # v -> H v
+    >>> top_eigenvalues(H, k=3).eigenvalues                    # Lanczos
+    >>> trace(H).trace, slq_density(H).density()               # Hutch++, SLQ
+    >>> d1, d2 = random_direction(model, seed=0), random_direction(model, seed=1)
+    >>> loss_surface_2d(model, loss_fn, batches, d1, d2, label="DP ε=3").save("out/s")
+    >>> prefix_indicator(model, loss_fn, batches, rho=0.05).definition.formula
+
+Dataset loss = example-weighted mean over the batches, in eval mode (see ``_params``).
+"""
+
+from . import plots, pyhessian_bridge  # noqa: F401  (lazy heavy imports inside)
+from ._params import (
+    LandscapeError,
+    ParamSet,
+    batch_size,
+    dataset_grad,
+    dataset_loss,
+    eval_mode,
+    merge_batches,
+)
+from .hvp import DenseOperator, GaussNewtonOperator, HessianOperator, LinearOperator, RestrictedOperator, hvp
+from .sharpness import Sharpness, SharpnessDefinition, group_sharpness, prefix_indicator, sam_sharpness
+from .spectrum import (
+    Convergence,
+    DensityResult,
+    EigenResult,
+    GroupSpectrum,
+    SpectrumSettings,
+    exact_trace,
+    group_spectrum,
+    hutchinson,
+    hutchpp,
+    lanczos,
+    power_iteration,
+    slq_density,
+    top_eigenvalues,
+    trace,
+)
+from .surface import (
+    Direction,
+    Surface,
+    eigen_directions,
+    interpolation_direction,
+    loss_surface_1d,
+    loss_surface_2d,
+    random_direction,
+)
+
+__all__ = [
+    "Convergence",
+    "DenseOperator",
+    "DensityResult",
+    "Direction",
+    "EigenResult",
+    "GaussNewtonOperator",
+    "GroupSpectrum",
+    "HessianOperator",
+    "LandscapeError",
+    "LinearOperator",
+    "ParamSet",
+    "RestrictedOperator",
+    "Sharpness",
+    "SharpnessDefinition",
+    "SpectrumSettings",
+    "Surface",
+    "batch_size",
+    "dataset_grad",
+    "dataset_loss",
+    "eigen_directions",
+    "eval_mode",
+    "exact_trace",
+    "group_sharpness",
+    "group_spectrum",
+    "hutchinson",
+    "hutchpp",
+    "hvp",
+    "interpolation_direction",
+    "lanczos",
+    "loss_surface_1d",
+    "loss_surface_2d",
+    "merge_batches",
+    "power_iteration",
+    "prefix_indicator",
+    "random_direction",
+    "sam_sharpness",
+    "slq_density",
+    "top_eigenvalues",
+    "trace",
+]
