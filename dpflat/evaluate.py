@@ -1,0 +1,64 @@
+"""Accuracy and per-example losses, with the model in eval mode and no autograd."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The keys the model takes, on ``device`` (labels/idx stay out)."""
+    return {k: batch[k].to(device) for k in MODEL_KEYS if k in batch}
+
+
+def batches(dataset, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
+    """Fixed-order batches of a torch-formatted dataset (large: evaluation has no per-example state)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    yield from loader
+
+
+@torch.inference_mode()
+def per_example_losses(
+    model: nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> dict[str, np.ndarray]:
+    """Cross-entropy, prediction and correctness per example (for MIA and reports)."""
+    was = model.training
+    model.eval()
+    losses, preds, labels, idx = [], [], [], []
+    try:
+        for b in batches(dataset, batch_size):
+            logits = model(**model_inputs(b, device)).float()
+            y = b["labels"].to(logits.device)
+            losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
+            preds.append(logits.argmax(-1).cpu())
+            labels.append(y.cpu())
+            if "idx" in b:
+                idx.append(b["idx"])
+    finally:
+        model.train(was)
+    out = {
+        "loss": torch.cat(losses).numpy() if losses else np.zeros(0),
+        "pred": torch.cat(preds).numpy() if preds else np.zeros(0, dtype=int),
+        "label": torch.cat(labels).numpy() if labels else np.zeros(0, dtype=int),
+    }
+    if idx:
+        out["idx"] = torch.cat(idx).numpy()
+    return out
+
+
+def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Mean loss and accuracy on ``dataset``."""
+    r = per_example_losses(model, dataset, batch_size, device)
+    n = len(r["loss"])
+    if n == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "n": 0}
+    return {"loss": float(r["loss"].mean()), "accuracy": float((r["pred"] == r["label"]).mean()), "n": n}
+
+
+__all__ = ["MODEL_KEYS", "batches", "evaluate", "model_inputs", "per_example_losses"]

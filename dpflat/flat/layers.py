@@ -1,0 +1,127 @@
+"""Cross-layer flattening: keep prefixes only in the layers where they are flat.
+
+The paper's indicator for a keep-mask M is
+    S(M) = max_{u in a rho-ball} (L(P_M + u) - L(P_M)) / (1 + L(P_M)),
+estimated (``landscape.sharpness.prefix_indicator``) at u = r g/||g|| and at
+``layers_directions`` random Gaussian directions (both signs), with
+r = rho * ||P|| over the prefix weights, on a fixed subset of the allowed data.
+Greedy elimination repeatedly removes the kept layer whose removal gives the lowest
+S, until ``n_drop`` layers are gone (or, with ``layers_stop_early``, until S stops
+decreasing). The indicator is scored on a copy of the model after a short
+non-private warm-up of its prefix + head on the same allowed data; the copy is then
+thrown away, so the level changes only the keep-mask.
+
+- safe (default): warm-up and S use the public split only: no privacy cost.
+- paper: they use the private training data (as the authors): NOT DP.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from landscape.sharpness import prefix_indicator
+
+from ..config import ConfigError, FlatConfig
+from ..evaluate import model_inputs
+from ._fit import fit_nonprivate
+from .base import FlatLevel, TrainContext
+
+PAPER_WHO = "layers/paper-sharpness"
+PAPER_HOW = "non-private warm-up and sharpness indicator on the private split"
+
+
+def ce_loss(model, batch) -> torch.Tensor:
+    """Mean cross-entropy of a tokenised batch (the landscape tools' loss_fn contract)."""
+    return F.cross_entropy(model(**model_inputs(batch, model.head.weight.device)),
+                           batch["labels"].to(model.head.weight.device))
+
+
+def fixed_batches(dataset, n: int, batch_size: int = 128) -> list[dict[str, torch.Tensor]]:
+    """The first ``n`` rows as a fixed list of batches (the data is already shuffled by the split)."""
+    sub = dataset.select(range(min(n, len(dataset))))
+    return list(torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False))
+
+
+def indicator(model, batches, keep: list[bool], rho: float, n_random: int, seed: int) -> float:
+    """S for the keep-mask ``keep`` (the model's own mask is restored afterwards)."""
+    old = model.prefix.keep_mask.clone()
+    model.prefix.set_keep(keep)
+    try:
+        s = prefix_indicator(model, ce_loss, batches, rho=rho, params=["prefix.embedding.weight"],
+                             n_random=n_random, both_signs=True, relative=True, seed=seed)
+    finally:
+        model.prefix.set_keep(old)
+    return float(s.value)
+
+
+def greedy_drop(model, batches, n_drop: int, rho: float, n_random: int, seed: int,
+                stop_early: bool = False, on_eval=None) -> tuple[list[bool], list[dict[str, Any]]]:
+    """Greedy elimination; returns the keep-mask and the trace (S of every candidate per round)."""
+    L = model.n_layers
+    if n_drop >= L:
+        raise ConfigError(f"n_drop={n_drop} would remove every prefix: the backbone has {L} layers")
+    keep = model.prefix.keep_mask.tolist()
+    current = indicator(model, batches, keep, rho, n_random, seed)
+    trace: list[dict[str, Any]] = [{"round": 0, "dropped": None, "S": current, "candidates": {}}]
+    for rnd in range(1, n_drop + 1):
+        cands: dict[int, float] = {}
+        for layer in [i for i, k in enumerate(keep) if k]:
+            trial = list(keep)
+            trial[layer] = False
+            cands[layer] = indicator(model, batches, trial, rho, n_random, seed)
+            if on_eval:
+                on_eval()
+        layer, s = min(cands.items(), key=lambda kv: (kv[1], kv[0]))
+        if stop_early and s >= current:
+            break
+        keep[layer] = False
+        current = s
+        trace.append({"round": rnd, "dropped": layer, "S": s, "candidates": cands})
+    return keep, trace
+
+
+class LayerSelection(FlatLevel):
+    name = "layers"
+
+    def __init__(self, cfg: FlatConfig):
+        self.cfg = cfg
+        self.keep: list[bool] | None = None
+        self.trace: list[dict[str, Any]] = []
+
+    def setup(self, ctx: TrainContext) -> None:
+        c, tc = self.cfg, ctx.cfg.train
+        if c.layers_mode == "safe":
+            data = ctx.public
+            if data is None or len(data) == 0:
+                raise ConfigError("layer selection in safe mode scores sharpness on the public split: set --public-size > 0")
+            count = lambda nb: None  # noqa: E731
+        else:
+            data = ctx.private.read(PAPER_WHO, PAPER_HOW, accounted=False)
+            count = lambda nb: ctx.private.count(PAPER_WHO, PAPER_HOW, False, nb)  # noqa: E731
+        if c.layers_warmup_steps > 0:
+            scorer = fit_nonprivate(ctx.model, data, steps=c.layers_warmup_steps, batch_size=tc.batch_size,
+                                    lr=tc.lr, device=ctx.device, seed=tc.seed + 29, on_batch=count)
+        else:
+            scorer = copy.deepcopy(ctx.model).eval()
+        batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in fixed_batches(data, c.layers_examples)]
+        n_sub = sum(len(b["labels"]) for b in batches)
+        passes = 1 + 2 * c.layers_directions  # gradient + both signs of each random direction, + base loss
+        keep, trace = greedy_drop(scorer, batches, c.n_drop, c.layers_rho, c.layers_directions, tc.seed,
+                                  c.layers_stop_early, on_eval=lambda: count(n_sub * passes))
+        ctx.model.prefix.set_keep(keep)
+        self.keep, self.trace = keep, trace
+        ctx.info["layers_keep"] = ",".join(str(i) for i, k in enumerate(keep) if k)
+        ctx.info["layers_data"] = "public split" if c.layers_mode == "safe" else "private split (not DP)"
+        ctx.info["layers_trace"] = trace
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"keep": self.keep, "trace": self.trace}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: TrainContext) -> None:
+        self.keep, self.trace = state.get("keep"), state.get("trace", [])
+        if self.keep is not None:
+            ctx.model.prefix.set_keep(self.keep)

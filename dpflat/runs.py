@@ -1,0 +1,165 @@
+"""Run folders: config, metrics, ledger, checkpoints, and the results table.
+
+Crash safety: every file is written to a temporary name and moved into place with
+``os.replace`` (atomic on POSIX), and a checkpoint becomes current only when the
+``LATEST`` pointer moves to it, so a run killed at any instant leaves either the old
+or the new checkpoint, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import RunConfig
+
+RESULTS = "results.parquet"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_id(cfg: RunConfig) -> str:
+    """Readable and unique: variant, task, ε, seed, plus a hash of the whole config."""
+    d = cfg.to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("output_dir", "run_name", "progress", "device", "num_threads")}
+    h = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+    eps = f"eps{cfg.privacy.epsilon:g}" if cfg.privacy.enabled else "nonpriv"
+    return f"{cfg.variant}_{cfg.data.task}_{eps}_s{cfg.train.seed}_{h}"
+
+
+class RunDir:
+    """One run's folder and everything written into it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def for_config(cls, cfg: RunConfig) -> "RunDir":
+        return cls(Path(cfg.train.output_dir) / (cfg.train.run_name or run_id(cfg)))
+
+    # --- files
+    config_file = property(lambda self: self.path / "config.json")
+    metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    ledger_file = property(lambda self: self.path / "ledger.json")
+    result_file = property(lambda self: self.path / "result.json")
+    model_file = property(lambda self: self.path / "model.safetensors")
+
+    @property
+    def done(self) -> bool:
+        return self.result_file.is_file()
+
+    def create(self, cfg: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.config_file.exists():
+            old = RunConfig.load(self.config_file).to_dict()
+            new = cfg.to_dict()
+            for k in ("output_dir", "progress", "device", "num_threads"):
+                old["train"].pop(k, None)
+                new["train"].pop(k, None)
+            if old != new:
+                raise FileExistsError(f"{self.path} holds a run with a different config; choose another --run-name")
+        else:
+            atomic_write_text(self.config_file, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+
+    def config(self) -> RunConfig:
+        return RunConfig.load(self.config_file)
+
+    # --- metrics
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.exists():
+            return []
+        out = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+        return out
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows logged after ``step`` (they belong to work a resume will redo)."""
+        rows = [r for r in self.metrics() if r.get("step", 0) <= step]
+        atomic_write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+    # --- checkpoints
+    def save_checkpoint(self, step: int, trainable: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        ck = self.path / f"ckpt-{step:07d}"
+        tmp = self.path / f".ckpt-{step:07d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(ck, ignore_errors=True)
+        os.replace(tmp, ck)
+        atomic_write_text(self.path / "LATEST", ck.name)
+        for old in self.path.glob("ckpt-*"):
+            if old.name != ck.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def latest_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        ptr = self.path / "LATEST"
+        if not ptr.exists():
+            return None
+        ck = self.path / ptr.read_text().strip()
+        if not (ck / "state.pt").exists():
+            return None
+        trainable = load_file(str(ck / "trainable.safetensors"))
+        state = torch.load(ck / "state.pt", weights_only=False)
+        return trainable, state
+
+    def save_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+
+    def load_model_state(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.model_file))
+
+    def result(self) -> dict[str, Any] | None:
+        return json.loads(self.result_file.read_text()) if self.done else None
+
+
+def append_result(output_dir: str | Path, row: dict[str, Any]) -> Path:
+    """Upsert one run's row (keyed by ``run_id``) into ``results.parquet`` of the output root."""
+    import pandas as pd
+
+    path = Path(output_dir) / RESULTS
+    new = pd.DataFrame([row])
+    if path.exists():
+        old = pd.read_parquet(path)
+        old = old[old["run_id"] != row["run_id"]]
+        new = pd.concat([old, new], ignore_index=True)
+    tmp = path.with_name(path.name + ".tmp")
+    new.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(output_dir: str | Path):
+    import pandas as pd
+
+    path = Path(output_dir) / RESULTS
+    if not path.exists():
+        return pd.DataFrame()
+    return pd.read_parquet(path)
+
+
+__all__ = ["RESULTS", "RunDir", "append_result", "atomic_write_text", "load_results", "run_id"]

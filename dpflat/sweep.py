@@ -1,0 +1,90 @@
+"""The grid of runs: variants x modes x epsilons x seeds, one results table.
+
+Finished cells are skipped (``train`` returns their stored result), so an interrupted
+sweep picks up where it stopped and a notebook can ask for "the missing cells".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .config import MODES, VARIANTS, ConfigError, RunConfig, apply_variant
+from .runs import RunDir, load_results
+
+
+def cells(base: RunConfig, variants: list[str], epsilons: list[float], seeds: list[int],
+          modes: list[str] = ("safe",)) -> list[RunConfig]:
+    """Every run config of the grid. Non-private runs do not depend on ε: one per seed."""
+    for v in variants:
+        if v not in VARIANTS:
+            raise ConfigError(f"unknown variant {v!r}; choose from: {', '.join(VARIANTS)}")
+    for m in modes:
+        if m not in MODES:
+            raise ConfigError(f"unknown mode {m!r}; choose from: safe, paper")
+    if not epsilons or not seeds:
+        raise ConfigError("a sweep needs at least one epsilon and one seed")
+    out: list[RunConfig] = []
+    for seed in seeds:
+        for v in variants:
+            if v == "nonprivate":
+                out.append(apply_variant(base, v).replace(train={"seed": seed}))
+                continue
+            for eps in epsilons:
+                for m in (["safe"] if v == "dp" else list(modes)):
+                    out.append(apply_variant(base, v, m).replace(privacy={"epsilon": float(eps)}, train={"seed": seed}))
+    return out
+
+
+def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: list[int],
+          modes: list[str] = ("safe",), on_cell: Callable[[dict[str, Any]], None] | None = None,
+          progress: bool = True) -> pd.DataFrame:
+    """Train every missing cell; return the rows of this grid from the results table."""
+    grid = cells(base, variants, epsilons, seeds, modes)
+    from .train import train
+
+    todo = [c for c in grid if not RunDir.for_config(c).done]
+    bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="sweep", disable=not progress)
+    for c in todo:
+        res = train(c.replace(train={"progress": progress and c.train.progress}))
+        bar.update(1)
+        if on_cell:
+            on_cell(res)
+    bar.close()
+    ids = {RunDir.for_config(c).path.name for c in grid}
+    table = load_results(base.train.output_dir)
+    return table[table["run_id"].isin(ids)].reset_index(drop=True) if len(table) else table
+
+
+def summarize(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
+    """Mean ± std over seeds per (variant, target ε), with each row's guarantee."""
+    if table.empty:
+        return pd.DataFrame()
+    t = table.copy()
+    t["target_epsilon"] = t["target_epsilon"].fillna(float("inf"))
+    g = t.groupby(["variant", "target_epsilon"], dropna=False)
+    out = g.agg(
+        guarantee=("guarantee", lambda s: " / ".join(sorted(set(s)))),
+        n_seeds=("seed", "nunique"),
+        mean=(metric, "mean"),
+        std=(metric, "std"),
+        epsilon_spent=("epsilon_spent", "max"),
+    ).reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out.sort_values(["target_epsilon", "variant"]).reset_index(drop=True)
+
+
+def markdown(summary: pd.DataFrame, metric: str = "accuracy") -> str:
+    """The summary as a markdown table (for benchmarks/RESULTS.md)."""
+    lines = [f"| variant | target ε | guarantee | seeds | {metric} (mean ± std) | ε spent (max) |",
+             "|---|---|---|---|---|---|"]
+    for r in summary.itertuples(index=False):
+        eps = "∞" if r.target_epsilon == float("inf") else f"{r.target_epsilon:g}"
+        spent = "—" if pd.isna(r.epsilon_spent) else f"{r.epsilon_spent:.2f}"
+        lines.append(f"| {r.variant} | {eps} | {r.guarantee} | {r.n_seeds} | {r.mean:.4f} ± {r.std:.4f} | {spent} |")
+    return "\n".join(lines)
+
+
+__all__ = ["cells", "markdown", "summarize", "sweep"]

@@ -1,0 +1,294 @@
+"""One training loop: (DP-)SGD on prefix + head, with the flattening levels plugged in.
+
+Read top to bottom: data -> model -> levels.setup -> privacy wrapping -> resume ->
+steps (perturb, forward+extra loss, backward, restore, step) -> final selection,
+ledger and results row.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from .config import ConfigError, RunConfig
+from .evaluate import evaluate, model_inputs
+from .flat import build_levels
+from .flat.base import FlatLevel, TrainContext
+from .models import build_model, load_tokenizer
+from .privacy import PrivacyLedger, PrivateSplit, fill_ledger, make_private
+from .runs import RunDir, append_result
+
+TRAIN_WHO = "train/dp-sgd"
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_data(cfg: RunConfig, tokenizer=None):
+    """Load, split and tokenise the task: returns (card, splits, tokenised dict)."""
+    card = data_mod.get_task(cfg.data.task)
+    raw = data_mod.load_raw(card, cfg.data.data_dir)
+    splits = data_mod.make_splits(
+        raw,
+        seed=cfg.train.seed,
+        public_size=cfg.data.public_size,
+        train_size=cfg.data.train_size,
+        eval_size=cfg.data.eval_size,
+    )
+    tok = tokenizer or load_tokenizer(cfg.model)
+    tokd = {
+        name: data_mod.tokenize(getattr(splits, name), tok, cfg.data.max_length, cfg.data.cache_dir)
+        for name in ("private", "public", "eval")
+    }
+    return card, splits, tokd
+
+
+def _chunks(batch: dict[str, torch.Tensor], size: int):
+    n = len(batch["labels"])
+    for i in range(0, max(n, 1), size):
+        yield {k: v[i : i + size] for k, v in batch.items()}
+
+
+def _forward_loss(ctx: TrainContext, model, levels: list[FlatLevel], batch) -> torch.Tensor:
+    """Mean over the chunk of each example's loss: CE plus the levels' per-example terms."""
+    logits, prefix_out = model(**model_inputs(batch, ctx.device), return_prefix=True)
+    per_ex = F.cross_entropy(logits.float(), batch["labels"].to(ctx.device), reduction="none")
+    for lv in levels:
+        extra = lv.extra_loss(ctx, prefix_out)
+        if extra is not None:
+            per_ex = per_ex + extra
+    return per_ex.mean() if per_ex.numel() else per_ex.sum()
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = True,
+    max_steps: int | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train one run into its folder and return its result row.
+
+    A finished run is returned as is; an unfinished one resumes from its last
+    checkpoint (same accountant state, so the same final ε). ``max_steps`` stops
+    early without finishing (tests and interactive use).
+    """
+    rd = RunDir.for_config(cfg)
+    if resume and rd.done:
+        res = rd.result()
+        append_result(cfg.train.output_dir, {k: v for k, v in res.items() if k != "info"})  # idempotent
+        return res
+    rd.create(cfg)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = torch.device(cfg.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but CUDA is not available on this machine")
+    _seed_all(cfg.train.seed)
+
+    # --- data and model
+    tokenizer = load_tokenizer(cfg.model)
+    card, splits, tokd = prepare_data(cfg, tokenizer)
+    n = len(tokd["private"])
+    B = cfg.train.batch_size
+    if B > n:
+        raise ConfigError(f"batch_size {B} is larger than the private training split ({n} examples)")
+    ledger = PrivacyLedger()
+    private = PrivateSplit(tokd["private"], ledger)
+    model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed).to(device)
+    ctx = TrainContext(cfg, model, private, tokd["public"], tokd["eval"], ledger, device)
+    levels = build_levels(cfg)
+
+    ckpt = rd.latest_checkpoint() if resume else None
+    if ckpt is None:
+        for lv in levels:
+            lv.setup(ctx)  # may set the keep-mask, train a teacher (reads go through the ledger)
+
+    # --- optimiser and privacy
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.train.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
+    accounted = cfg.privacy.enabled
+    how = "per-example clipped gradients + Gaussian noise" if accounted else "plain gradients (no DP)"
+    train_ds = private.read(TRAIN_WHO if accounted else "train/non-private", how, accounted=accounted)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=B, shuffle=True)
+    steps_per_epoch = len(loader)
+    total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+    ctx.total_steps, ctx.steps_per_epoch = total_steps, steps_per_epoch
+    dp = None
+    if accounted:
+        model.train()
+        dp = make_private(model, opt, loader, cfg.privacy, total_steps, n)
+        train_model, opt, loader = dp.model, dp.optimizer, dp.loader
+    else:
+        train_model = model
+    ctx.optimizer, ctx.dp = opt, dp
+
+    # --- resume
+    step, best = 0, {"accuracy": -1.0, "step": 0}
+    if ckpt is not None:
+        trainable, state = ckpt
+        model.load_trainable_state({k: v.to(device) for k, v in trainable.items()})
+        (opt.original_optimizer if dp else opt).load_state_dict(state["optimizer"])
+        if dp:
+            dp.engine.accountant.load_state_dict(state["accountant"])
+        step, best = state["step"], state["best"]
+        restored = PrivacyLedger.from_dict(state["ledger"])
+        ledger.reads = restored.reads
+        for lv in levels:
+            lv.load_state_dict(state["levels"].get(lv.name, {}), ctx)
+        rd.truncate_metrics(step)
+    best_file = rd.path / "best.safetensors"
+
+    def checkpoint() -> None:
+        state = {
+            "step": step,
+            "optimizer": (opt.original_optimizer if dp else opt).state_dict(),
+            "accountant": dp.engine.accountant.state_dict() if dp else None,
+            "best": best,
+            "ledger": ledger.to_dict(),
+            "levels": {lv.name: lv.state_dict() for lv in levels},
+        }
+        rd.save_checkpoint(step, model.trainable_state(), state)
+
+    def run_eval() -> dict[str, Any]:
+        nonlocal best
+        r = evaluate(model, ctx.eval, cfg.train.eval_batch_size, device)
+        if r["accuracy"] > best["accuracy"]:
+            best = {"accuracy": r["accuracy"], "step": step}
+            rd.save_tensors(best_file, model.trainable_state())
+        return r
+
+    eval_every = cfg.train.eval_every or steps_per_epoch
+    P = min(cfg.train.physical_batch_size, B)
+    bar = tqdm(total=total_steps, initial=step, desc=rd.path.name, disable=not cfg.train.progress, leave=False)
+    t0, seen = time.time(), 0
+    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+    try:
+        while step < stop_at:
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # resumable, deterministic sampling
+            if dp:
+                from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+                mem = BatchMemoryManager(data_loader=loader, max_physical_batch_size=P, optimizer=opt)
+            else:
+                mem = nullcontext(loader)
+            with mem as it:
+                new_step = True
+                for batch in it:
+                    chunks = [batch] if dp else list(_chunks(batch, P))
+                    for i, chunk in enumerate(chunks):
+                        nb = len(chunk["labels"])
+                        if new_step:
+                            for lv in levels:
+                                lv.step_begin(ctx, step, chunk)
+                            new_step = False
+                        for lv in levels:
+                            lv.perturb(ctx)
+                        loss = _forward_loss(ctx, train_model, levels, chunk)
+                        if not dp:
+                            loss = loss * (nb / max(len(batch["labels"]), 1))
+                        loss.backward()
+                        for lv in reversed(levels):
+                            lv.restore(ctx)
+                        private.count(TRAIN_WHO if accounted else "train/non-private", how, accounted, nb)
+                        seen += nb
+                        if dp:
+                            opt.step()
+                            stepped = not opt._is_last_step_skipped
+                        else:
+                            stepped = i == len(chunks) - 1
+                            if stepped:
+                                opt.step()
+                        if stepped:
+                            for lv in levels:
+                                lv.step_end(ctx, step)  # p.grad is still the (noisy) gradient used
+                        if dp or stepped:
+                            opt.zero_grad(set_to_none=True)  # Opacus: after every physical step
+                        if not stepped:
+                            continue
+                        step += 1
+                        new_step = True
+                        bar.update(1)
+                        row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach())}
+                        if step % eval_every == 0 or step == total_steps:
+                            row.update({f"eval_{k}": v for k, v in run_eval().items()})
+                        if dp:
+                            row["epsilon"] = float(dp.engine.accountant.get_epsilon(delta=dp.delta))
+                        row["examples_per_s"] = seen / max(time.time() - t0, 1e-9)
+                        rd.log(row)
+                        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ("loss", "eval_accuracy", "epsilon")})
+                        if on_step:
+                            on_step(row)
+                        if step % cfg.train.checkpoint_every == 0 or step == total_steps:
+                            checkpoint()
+                        if step >= stop_at:
+                            break
+                    if step >= stop_at:
+                        break
+    except KeyboardInterrupt:
+        bar.close()
+        raise
+    bar.close()
+    if step < total_steps:
+        fill_ledger(ledger, cfg.privacy, dp, step)
+        return {"run_id": rd.path.name, "finished": False, "step": step, "run_dir": str(rd.path)}
+    return _finish(cfg, rd, ctx, model, ledger, dp, best, best_file, step, card)
+
+
+def _finish(cfg, rd: RunDir, ctx: TrainContext, model, ledger, dp, best, best_file, step, card) -> dict[str, Any]:
+    """Select the best-on-eval parameters, write model, ledger, result and results row."""
+    from safetensors.torch import load_file
+
+    last = model.trainable_state()
+    rd.save_tensors(rd.path / "last.safetensors", last)
+    if best_file.exists():
+        model.load_trainable_state({k: v.to(ctx.device) for k, v in load_file(str(best_file)).items()})
+    rd.save_tensors(rd.model_file, model.trainable_state())
+    final = evaluate(model, ctx.eval, cfg.train.eval_batch_size, ctx.device)
+    fill_ledger(ledger, cfg.privacy, dp, step)
+    rd.write_json(rd.ledger_file, ledger.to_dict())
+    row = {
+        "run_id": rd.path.name,
+        "run_dir": str(rd.path),
+        "variant": cfg.variant,
+        "task": cfg.data.task,
+        "metric": card.metric,
+        "seed": cfg.train.seed,
+        "target_epsilon": cfg.privacy.epsilon if cfg.privacy.enabled else None,
+        "epsilon": ledger.claimed_epsilon,
+        "epsilon_spent": ledger.epsilon,
+        "delta": ledger.delta,
+        "sigma": ledger.noise_multiplier,
+        "sample_rate": ledger.sample_rate,
+        "steps": step,
+        "guarantee": ledger.guarantee,
+        "accuracy": final["accuracy"],
+        "eval_loss": final["loss"],
+        "best_step": best["step"],
+        "n_private": ledger.n_private,
+        "n_eval": final["n"],
+        "keep_layers": ",".join(str(i) for i, k in enumerate(model.prefix.keep_mask.tolist()) if k),
+        "finished": True,
+        **{f"info_{k}": v for k, v in ctx.info.items() if isinstance(v, (int, float, str, bool))},
+    }
+    rd.write_json(rd.result_file, {**row, "info": ctx.info})
+    append_result(cfg.train.output_dir, row)
+    return row
+
+
+__all__ = ["prepare_data", "train"]

@@ -1,0 +1,94 @@
+"""The CLI: every bad input is one clear line and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpflat.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def base_args(tmp_path, shared_data):
+    return ["train", "--backbone", "tiny-bert", "--data-dir", str(shared_data), "--train-size", "64",
+            "--eval-size", "32", "--max-length", "16", "--epochs", "1", "--batch-size", "16",
+            "--output-dir", str(tmp_path / "runs"), "--no-progress", "--prefix-len", "2"]
+
+
+def _bad_sst2(tmp_path: Path, train_text: str) -> Path:
+    root = tmp_path / "bad"
+    (root / "sst2").mkdir(parents=True)
+    (root / "sst2" / "train.tsv").write_text(train_text)
+    (root / "sst2" / "dev.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    return root
+
+
+CASES = {
+    "epsilon_zero": (["--epsilon", "0"], "epsilon must be > 0"),
+    "epsilon_negative": (["--epsilon", "-1"], "epsilon must be > 0"),
+    "delta_one": (["--delta", "1"], "delta must be in (0, 1)"),
+    "delta_zero": (["--delta", "0"], "delta must be in (0, 1)"),
+    "unknown_task": (["--task", "nope"], "unknown task 'nope'"),
+    "missing_data_dir": (["--data-dir", "/nonexistent/dpflat-data"], "/nonexistent/dpflat-data"),
+    "missing_model_dir": (["--backbone", "/nonexistent/model"], "does not exist"),
+    "batch_larger_than_data": (["--batch-size", "1000"], "larger than the private training split"),
+    "bad_mode": (["--awp-mode", "sometimes"], "awp_mode must be safe|paper"),
+    "bad_device": (["--device", "tpu"], "device must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line(case, base_args, capsys):
+    extra, expect = CASES[case]
+    assert main(base_args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("dpflat: error:"), err
+    assert expect in err
+
+
+@pytest.mark.parametrize(
+    "content,expect",
+    [
+        ("text\tlabel\nfine\t1\n", "columns"),  # wrong column names
+        ("sentence\tlabel\n", "no rows"),  # header only: empty split
+        ("sentence\tlabel\nfine\t7\n", "label"),  # label outside the task's label set
+    ],
+)
+def test_bad_files_are_one_line(content, expect, base_args, tmp_path, capsys):
+    root = _bad_sst2(tmp_path, content)
+    assert main(base_args + ["--data-dir", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("dpflat: error:") and expect in err.lower(), err
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "dpflat", "train", "--epsilon", "-3", "--output-dir", str(tmp_path)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip() == "dpflat: error: epsilon must be > 0, got -3.0"
+
+
+def test_help_lists_every_config_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--task", "--epsilon", "--delta", "--data-dir", "--output-dir", "--device", "--seed",
+                 "--prefix-len", "--awp-gamma", "--n-drop", "--distill-lambda", "--physical-batch-size", "--dp"):
+        assert flag in out, flag
+
+
+def test_flags_override_variant_preset():
+    from dpflat.cli import _parser, config_from_args
+
+    ns = _parser().parse_args(["train", "--variant", "dpflat", "--mode", "paper", "--no-awp", "--epsilon", "3"])
+    cfg = config_from_args(ns)
+    assert cfg.variant == "dpflat-paper" and not cfg.flat.awp and cfg.flat.layers and cfg.flat.distill_mode == "paper"
+    assert cfg.privacy.epsilon == 3.0

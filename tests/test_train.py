@@ -1,0 +1,84 @@
+"""End to end on a tiny model: run folder, results table, no retraining, crash resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpflat.privacy import DP, NOT_DP_NONPRIVATE
+from dpflat.runs import RunDir, load_results
+from dpflat.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dp_run_writes_everything_and_is_not_retrained(tiny_cfg):
+    res = train(tiny_cfg)
+    rd = RunDir(res["run_dir"])
+    for f in ("config.json", "metrics.jsonl", "ledger.json", "model.safetensors", "result.json"):
+        assert (rd.path / f).is_file(), f
+    ledger = json.loads(rd.ledger_file.read_text())
+    assert ledger["guarantee"] == DP and ledger["unaccounted_reads"] == 0
+    assert 0 < ledger["epsilon"] <= tiny_cfg.privacy.epsilon
+    assert ledger["steps"] == res["steps"] == 8  # 2 epochs x 128/32
+    assert ledger["noise_multiplier"] > 0 and ledger["sample_rate"] == pytest.approx(0.25)
+    assert {r["who"] for r in ledger["reads"]} == {"train/dp-sgd"}
+    rows = [json.loads(x) for x in rd.metrics_file.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and "eval_accuracy" in rows[3]
+    table = load_results(tiny_cfg.train.output_dir)
+    assert len(table) == 1 and table.iloc[0]["guarantee"] == DP
+    mtime = rd.model_file.stat().st_mtime_ns
+    t = time.time()
+    again = train(tiny_cfg)  # finished: returned, not retrained
+    assert time.time() - t < 5 and rd.model_file.stat().st_mtime_ns == mtime
+    assert again["epsilon"] == res["epsilon"] and len(load_results(tiny_cfg.train.output_dir)) == 1
+
+
+def test_nonprivate_run_claims_no_epsilon(tiny_cfg):
+    cfg = tiny_cfg.replace(privacy={"enabled": False}, variant="nonprivate")
+    res = train(cfg)
+    assert res["guarantee"] == NOT_DP_NONPRIVATE and res["epsilon"] is None
+    ledger = json.loads(Path(res["run_dir"], "ledger.json").read_text())
+    assert ledger["claimed_epsilon"] is None and ledger["unaccounted_reads"] == 1
+
+
+def test_resume_after_sigkill_gives_same_epsilon_and_one_row(tmp_path, make_cfg):
+    over = {"train": {"epochs": 4, "checkpoint_every": 1}, "data": {"train_size": 256}}
+    cfg = make_cfg(tmp_path / "killed", **over)
+    ref_cfg = make_cfg(tmp_path / "clean", **over)
+    cfg_file = tmp_path / "cfg.json"
+    cfg.save(cfg_file)
+    rd = RunDir.for_config(cfg)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "dpflat", "train", "--config", str(cfg_file)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            latest = rd.path / "LATEST"
+            if latest.exists() and int(latest.read_text().strip().split("-")[1]) >= 3:
+                break
+            assert proc.poll() is None, "training finished before it could be killed"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not rd.done, "the run must be unfinished after SIGKILL"
+    killed_at = int((rd.path / "LATEST").read_text().strip().split("-")[1])
+    assert 3 <= killed_at < 32
+    res = train(cfg)  # resumes from the checkpoint
+    ref = train(ref_cfg)  # never interrupted
+    assert res["steps"] == ref["steps"] == 32
+    assert res["epsilon"] == ref["epsilon"] and res["sigma"] == ref["sigma"]
+    rows = [json.loads(x)["step"] for x in rd.metrics_file.read_text().splitlines()]
+    assert rows == list(range(1, 33))  # no duplicated or missing steps in the log
+    assert len(load_results(cfg.train.output_dir)) == 1
