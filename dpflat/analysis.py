@@ -1,0 +1,229 @@
+"""Landscape analysis of a finished run: Hessian spectrum, sharpness, 2D loss surface.
+
+The glue between a run folder and the model-agnostic ``landscape`` package. Results
+go into ``RUN_DIR/landscape/`` and three columns of the output root's results table
+(``top_eigenvalue``, ``hessian_trace``, ``sam_sharpness``), so sweeps can plot
+sharpness against ε.
+
+The data is the run's **eval split** by default (a fixed subset): the landscape of
+a released DP model is computed on data that is not private, so publishing the
+figures costs no privacy. ``split="private"`` is available for research and is then
+marked in the settings (such a figure is not covered by the run's guarantee).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, RunConfig
+from .evaluate import model_inputs
+from .runs import RESULTS, RunDir, append_result, atomic_write_text
+
+SUBDIR = "landscape"
+
+
+@dataclass
+class LoadedRun:
+    """A finished run rebuilt in memory (model in eval mode, eager attention for HVPs)."""
+
+    run_dir: Path
+    cfg: RunConfig
+    model: Any
+    card: Any
+    data: dict[str, Any]
+    result: dict[str, Any]
+    ledger: dict[str, Any]
+
+    @property
+    def guarantee(self) -> str:
+        return str(self.result.get("guarantee") or self.ledger.get("guarantee"))
+
+    @property
+    def label(self) -> str:
+        """E.g. "dpflat-safe · ε=3 · (ε, δ)-DP"; a non-DP run never shows an ε."""
+        return run_label(self.result)
+
+
+def run_label(row: dict[str, Any]) -> str:
+    """Plot label of a results row: variant, claimed ε (only when DP) and the guarantee."""
+    eps = row.get("epsilon")
+    parts = [str(row.get("variant", "?"))]
+    if eps is not None and not (isinstance(eps, float) and np.isnan(eps)):
+        parts.append(f"ε={float(eps):.2g}")
+    parts.append(str(row.get("guarantee", "?")))
+    return " · ".join(parts)
+
+
+def load_run(run_dir: str | Path, attn: str = "eager", device: str = "cpu") -> LoadedRun:
+    """Rebuild a finished run's model (selected parameters) and its data splits."""
+    from .models import build_model
+    from .train import prepare_data
+
+    rd = RunDir(run_dir)
+    if not rd.config_file.exists():
+        raise FileNotFoundError(f"{rd.path} is not a run folder (no config.json)")
+    if not rd.done or not rd.model_file.exists():
+        raise ConfigError(f"{rd.path} is not finished: train it first (the same train command resumes it)")
+    cfg = rd.config()
+    cfg = cfg.replace(model={"attn": attn})  # eager: double backward through attention for HVPs
+    card, _splits, tokd = prepare_data(cfg)
+    model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed)
+    model.load_trainable_state({k: v.to(device) for k, v in rd.load_model_state().items()})
+    model.to(device).eval()
+    ledger = json.loads(rd.ledger_file.read_text()) if rd.ledger_file.exists() else {}
+    return LoadedRun(rd.path, cfg, model, card, tokd, rd.result() or {}, ledger)
+
+
+def ce_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of a tokenised batch (the ``landscape`` loss_fn contract)."""
+    dev = next(p for p in model.parameters() if p.requires_grad).device
+    return F.cross_entropy(model(**model_inputs(batch, dev)).float(), batch["labels"].to(dev))
+
+
+def analysis_batches(run: LoadedRun, n_examples: int = 256, split: str = "eval",
+                     batch_size: int = 128) -> list[dict[str, torch.Tensor]]:
+    """A fixed subset (the first ``n_examples`` of the split, already shuffled by the splitter)."""
+    if split not in run.data:
+        raise ConfigError(f"split must be one of {sorted(run.data)}, got {split!r}")
+    ds = run.data[split]
+    if len(ds) == 0:
+        raise ConfigError(f"the {split} split of {run.run_dir.name} is empty")
+    sub = ds.select(range(min(n_examples, len(ds))))
+    keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
+    out = []
+    for b in torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False):
+        out.append({k: v for k, v in b.items() if k in keys})
+    return out
+
+
+def _trainable(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def analyze_run(
+    run_dir: str | Path,
+    top_k: int = 3,
+    grid: int = 21,
+    span: float = 1.0,
+    n_examples: int = 256,
+    seed: int = 0,
+    surface: bool = True,
+    density: bool = True,
+    split: str = "eval",
+    rho: float = 0.05,
+    progress: bool = True,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Spectrum (Lanczos top-k, Hutch++ trace, SLQ density), SAM sharpness and a 2D surface.
+
+    Cached: a run analysed with the same settings is not recomputed (``force`` redoes it).
+    """
+    import landscape as ls
+
+    if top_k < 1 or grid < 3 or span <= 0 or n_examples < 1:
+        raise ConfigError("need top_k >= 1, grid >= 3, span > 0 and n_examples >= 1")
+    out_dir = Path(run_dir) / SUBDIR
+    settings = {"top_k": top_k, "grid": grid, "span": span, "n_examples": n_examples, "seed": seed,
+                "surface": surface, "density": density, "split": split, "rho": rho}
+    summary_file = out_dir / "landscape.json"
+    if summary_file.exists() and not force:
+        old = json.loads(summary_file.read_text())
+        if old.get("settings") == settings:
+            _upsert(Path(run_dir), old)
+            return old
+
+    run = load_run(run_dir)
+    batches = analysis_batches(run, n_examples, split)
+    model, params = run.model, _trainable(run.model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"run_id": run.run_dir.name, "label": run.label, "guarantee": run.guarantee,
+                               "epsilon": run.result.get("epsilon"), "variant": run.result.get("variant"),
+                               "settings": settings, "params": params,
+                               "data": f"{split} split, first {sum(len(b['labels']) for b in batches)} examples"}
+
+    with ls.HessianOperator(model, ce_loss, batches, params=params) as H:
+        eig = ls.top_eigenvalues(H, k=top_k, seed=seed)
+        tr = ls.trace(H, seed=seed, n_matvecs=30)
+        summary.update(top_eigenvalue=eig.top, eigenvalues=eig.eigenvalues.tolist(), hessian_trace=tr.trace,
+                       spectrum=eig.to_dict(), trace=tr.to_dict(), n_params=H.n)
+        if density:
+            dens = ls.slq_density(H, n_iter=min(60, H.n), seed=seed)
+            summary["density"] = dens.to_dict()
+    sam = ls.sam_sharpness(model, ce_loss, batches, rho=rho, params=params, relative=True, seed=seed)
+    summary.update(sam_sharpness=sam.value, sam=sam.to_dict())
+
+    if surface:
+        d1 = ls.random_direction(model, params=params, seed=seed)
+        d2 = ls.random_direction(model, params=params, seed=seed + 1)
+        xs = np.linspace(-span, span, grid)
+        surf = ls.loss_surface_2d(model, ce_loss, batches, d1, d2, xs=xs, params=params, progress=progress,
+                                  label=run.label, keep_directions=False)
+        npz, _ = surf.save(out_dir / "surface")
+        summary["surface_path"] = str(npz)
+        summary["surface_center_loss"] = surf.center_loss
+    atomic_write_text(summary_file, json.dumps(summary, indent=2, default=_json_default))
+    _upsert(run.run_dir, summary)
+    return summary
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return str(x)
+
+
+def _upsert(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Add the landscape columns to the run's row of its output root's results table."""
+    import pandas as pd
+
+    root = run_dir.parent
+    path = root / RESULTS
+    if not path.exists():
+        return
+    table = pd.read_parquet(path)
+    hit = table[table["run_id"] == run_dir.name]
+    if hit.empty:
+        return
+    row = hit.iloc[0].to_dict()
+    row.update(top_eigenvalue=summary.get("top_eigenvalue"), hessian_trace=summary.get("hessian_trace"),
+               sam_sharpness=summary.get("sam_sharpness"))
+    append_result(root, row)
+
+
+def load_analysis(run_dir: str | Path) -> dict[str, Any]:
+    f = Path(run_dir) / SUBDIR / "landscape.json"
+    if not f.exists():
+        raise FileNotFoundError(f"no landscape analysis in {run_dir}: run `python -m dpflat landscape {run_dir}`")
+    return json.loads(f.read_text())
+
+
+def load_surface(run_dir: str | Path):
+    from landscape import Surface
+
+    return Surface.load(Path(run_dir) / SUBDIR / "surface")
+
+
+def load_density(run_dir: str | Path):
+    """The SLQ density of an analysed run as a ``landscape.DensityResult``."""
+    from landscape.spectrum import Convergence, DensityResult, SpectrumSettings
+
+    d = load_analysis(run_dir).get("density")
+    if d is None:
+        raise FileNotFoundError(f"{run_dir} was analysed without a density (density=False)")
+    return DensityResult(d["nodes"], d["weights"], d["n"], SpectrumSettings(**d["settings"]),
+                         Convergence(**d["convergence"]))
+
+
+__all__ = ["LoadedRun", "analysis_batches", "analyze_run", "ce_loss", "load_analysis", "load_density",
+           "load_run", "load_surface", "run_label"]

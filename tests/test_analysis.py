@@ -1,0 +1,77 @@
+"""Landscape analysis of run folders (dpflat.analysis) and the `landscape` CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dpflat import analysis
+from dpflat.cli import main
+from dpflat.config import apply_variant
+from dpflat.train import train
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory, shared_data):
+    from tests.conftest import tiny_run_config
+
+    out = tmp_path_factory.mktemp("runs")
+    base = tiny_run_config(out, shared_data)
+    dp = train(base)
+    nonpriv = train(apply_variant(base, "nonprivate"))
+    return out, dp, nonpriv
+
+
+def test_analyze_run_writes_results_next_to_run_and_into_table(finished_runs):
+    out, dp, _ = finished_runs
+    s = analysis.analyze_run(dp["run_dir"], top_k=2, grid=5, n_examples=32, progress=False)
+    assert len(s["eigenvalues"]) == 2 and s["eigenvalues"][0] >= s["eigenvalues"][1]
+    assert s["top_eigenvalue"] == pytest.approx(s["eigenvalues"][0])
+    assert s["guarantee"] == dp["guarantee"] and "ε=" in s["label"]
+    # the surface centre is the model's own loss on the same subset
+    run = analysis.load_run(dp["run_dir"])
+    batches = analysis.analysis_batches(run, 32)
+    import landscape as ls
+
+    surf = analysis.load_surface(dp["run_dir"])
+    assert surf.losses.shape == (5, 5)
+    assert surf.center_loss == pytest.approx(ls.dataset_loss(run.model, analysis.ce_loss, batches), rel=1e-5)
+    dens = analysis.load_density(dp["run_dir"])
+    assert dens.mean * dens.n == pytest.approx(dens.trace_estimate)
+    row = pd.read_parquet(out / "results.parquet").set_index("run_id").loc[dp["run_id"]]
+    assert row["top_eigenvalue"] == pytest.approx(s["top_eigenvalue"])
+    assert np.isfinite(row["sam_sharpness"]) and row["sam_sharpness"] >= 0
+
+
+def test_analysis_is_cached_unless_settings_change(finished_runs):
+    _, dp, _ = finished_runs
+    a = analysis.analyze_run(dp["run_dir"], top_k=2, grid=5, n_examples=32, progress=False)
+    f = analysis.SUBDIR
+    mtime = (__import__("pathlib").Path(dp["run_dir"]) / f / "landscape.json").stat().st_mtime_ns
+    b = analysis.analyze_run(dp["run_dir"], top_k=2, grid=5, n_examples=32, progress=False)
+    assert a == b
+    assert (__import__("pathlib").Path(dp["run_dir"]) / f / "landscape.json").stat().st_mtime_ns == mtime
+
+
+def test_nonprivate_label_never_shows_an_epsilon(finished_runs):
+    _, _, nonpriv = finished_runs
+    run = analysis.load_run(nonpriv["run_dir"])
+    assert "ε=" not in run.label and "not DP" in run.label
+
+
+def test_landscape_cli(finished_runs, capsys):
+    _, _, nonpriv = finished_runs
+    assert main(["landscape", nonpriv["run_dir"], "--top-k", "1", "--grid", "3", "--n-examples", "16",
+                 "--no-surface"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["guarantee"].startswith("not DP") and printed["top_eigenvalue"] > 0
+
+
+def test_landscape_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["landscape", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dpflat: error:")
+    assert main(["landscape", str(tmp_path), "--grid", "1"]) == 2
