@@ -13,8 +13,21 @@ MODEL_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The keys the model takes, on ``device`` (labels/idx stay out)."""
-    return {k: batch[k].to(device) for k in MODEL_KEYS if k in batch}
+    """The keys the model takes, on ``device`` (labels/idx stay out).
+
+    Trailing columns that are padding in every row are cut: the tokeniser pads to
+    ``max_length`` (so cached tensors stack), but SST-2 sentences use a third of it,
+    and attention cost grows with the padded length. Masked positions do not change
+    the outputs, so this is exact (up to float summation order).
+    """
+    out = {k: batch[k] for k in MODEL_KEYS if k in batch}
+    mask = out.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and mask.shape[1] > 1:
+        used = mask.bool().any(0).nonzero()
+        width = int(used.max()) + 1 if len(used) else 1
+        if width < mask.shape[1]:
+            out = {k: (v[:, :width] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v) for k, v in out.items()}
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def batches(dataset, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:

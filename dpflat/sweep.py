@@ -12,6 +12,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .config import MODES, VARIANTS, ConfigError, RunConfig, apply_variant
+from .privacy import DP
 from .runs import RunDir, load_results
 
 
@@ -78,11 +79,16 @@ def summarize(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
 
 def markdown(summary: pd.DataFrame, metric: str = "accuracy") -> str:
     """The summary as a markdown table (for benchmarks/RESULTS.md)."""
-    lines = [f"| variant | target ε | guarantee | seeds | {metric} (mean ± std) | ε spent (max) |",
+    lines = [f"| variant | target ε | guarantee | seeds | {metric} (mean ± std) | ε claimed (max) |",
              "|---|---|---|---|---|---|"]
     for r in summary.itertuples(index=False):
         eps = "∞" if r.target_epsilon == float("inf") else f"{r.target_epsilon:g}"
-        spent = "—" if pd.isna(r.epsilon_spent) else f"{r.epsilon_spent:.2f}"
+        if pd.isna(r.epsilon_spent):
+            spent = "—"
+        elif r.guarantee == DP:
+            spent = f"{r.epsilon_spent:.2f}"
+        else:  # the DP-SGD part alone; the run as a whole has no ε
+            spent = f"none (DP-SGD part alone: {r.epsilon_spent:.2f})"
         lines.append(f"| {r.variant} | {eps} | {r.guarantee} | {r.n_seeds} | {r.mean:.4f} ± {r.std:.4f} | {spent} |")
     return "\n".join(lines)
 
