@@ -118,6 +118,8 @@ def analyze_run(
     density: bool = True,
     split: str = "eval",
     rho: float = 0.05,
+    trace_matvecs: int = 30,
+    density_iter: int = 60,
     progress: bool = True,
     force: bool = False,
 ) -> dict[str, Any]:
@@ -127,11 +129,12 @@ def analyze_run(
     """
     import landscape as ls
 
-    if top_k < 1 or grid < 3 or span <= 0 or n_examples < 1:
-        raise ConfigError("need top_k >= 1, grid >= 3, span > 0 and n_examples >= 1")
+    if top_k < 1 or grid < 3 or span <= 0 or n_examples < 1 or trace_matvecs < 3 or density_iter < 2:
+        raise ConfigError("need top_k >= 1, grid >= 3, span > 0, n_examples >= 1, trace_matvecs >= 3, density_iter >= 2")
     out_dir = Path(run_dir) / SUBDIR
     settings = {"top_k": top_k, "grid": grid, "span": span, "n_examples": n_examples, "seed": seed,
-                "surface": surface, "density": density, "split": split, "rho": rho}
+                "surface": surface, "density": density, "split": split, "rho": rho,
+                "trace_matvecs": trace_matvecs, "density_iter": density_iter}
     summary_file = out_dir / "landscape.json"
     if summary_file.exists() and not force:
         old = json.loads(summary_file.read_text())
@@ -150,11 +153,11 @@ def analyze_run(
 
     with ls.HessianOperator(model, ce_loss, batches, params=params) as H:
         eig = ls.top_eigenvalues(H, k=top_k, seed=seed)
-        tr = ls.trace(H, seed=seed, n_matvecs=30)
+        tr = ls.trace(H, seed=seed, n_matvecs=trace_matvecs)
         summary.update(top_eigenvalue=eig.top, eigenvalues=eig.eigenvalues.tolist(), hessian_trace=tr.trace,
                        spectrum=eig.to_dict(), trace=tr.to_dict(), n_params=H.n)
         if density:
-            dens = ls.slq_density(H, n_iter=min(60, H.n), seed=seed)
+            dens = ls.slq_density(H, n_iter=min(density_iter, H.n), seed=seed)
             summary["density"] = dens.to_dict()
     sam = ls.sam_sharpness(model, ce_loss, batches, rho=rho, params=params, relative=True, seed=seed)
     summary.update(sam_sharpness=sam.value, sam=sam.to_dict())

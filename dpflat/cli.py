@@ -1,4 +1,4 @@
-"""``python -m dpflat train|sweep|landscape|tasks``: the library without a notebook.
+"""``python -m dpflat train|sweep|landscape|demo|report|tasks``: the library without a notebook.
 
 Every config field is a flag, generated from the dataclasses so the CLI can never
 drift from the config. Bad input exits with status 2 and one line, no traceback.
@@ -128,6 +128,33 @@ def _parser() -> argparse.ArgumentParser:
     la.add_argument("--seed", type=int, default=0)
     la.add_argument("--no-surface", action="store_true")
 
+    d = sub.add_parser("demo", help="the main job: small sweep + landscapes + report.html (a few minutes on a CPU)")
+    d.add_argument("--output-dir", default="out/demo")
+    d.add_argument("--epsilons", default="1,8", help="comma-separated target ε")
+    d.add_argument("--seeds", default="0", help="comma-separated seeds")
+    d.add_argument("--train-size", type=int, default=512, help="private training examples")
+    d.add_argument("--epochs", type=float, default=2.0)
+    d.add_argument("--backbone", default="minilm")
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--data-dir", default=None)
+    d.add_argument("--grid", type=int, default=11, help="points per axis of each 2D surface")
+
+    r = sub.add_parser("report", help="write report.html for the runs of an output folder")
+    r.add_argument("output_dir")
+    r.add_argument("--title", default="dpflat report")
+
+    au = sub.add_parser("audit", help="privacy evaluation of a finished run: membership inference, accountant "
+                        "cross-check, optional canary audit; writes mia.json into the run folder")
+    au.add_argument("run_dir")
+    au.add_argument("--reference", default="init",
+                    help="calibration reference: init (the run's model before training), a run folder, or none")
+    au.add_argument("--max-examples", type=int, default=None, help="members (= non-members) attacked; default all")
+    au.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--canaries", type=int, default=0,
+                    help="also run a one-run canary audit with this many canaries (retrains the run's config)")
+    au.add_argument("--device", default="cpu")
+
     sub.add_parser("tasks", help="list the registered tasks and where their data is found")
     return p
 
@@ -167,6 +194,49 @@ def _cmd_landscape(ns) -> int:
     return 0
 
 
+def _cmd_demo(ns) -> int:
+    from .demo import run_demo
+
+    split = lambda s, f: tuple(f(x) for x in str(s).split(",") if x.strip())  # noqa: E731
+    try:
+        eps, seeds = split(ns.epsilons, float), split(ns.seeds, int)
+    except ValueError:
+        raise ConfigError("--epsilons and --seeds take comma-separated numbers") from None
+    out = run_demo(ns.output_dir, eps, seeds, train_size=ns.train_size, epochs=ns.epochs, backbone=ns.backbone,
+                   device=ns.device, data_dir=ns.data_dir, grid=ns.grid)
+    print(out["table"])
+    print(f"report: {out['report']}  (results table: {out['results']}; {out['minutes']} min)")
+    return 0
+
+
+def _cmd_report(ns) -> int:
+    from .report import build_report
+
+    print(build_report(ns.output_dir, title=ns.title))
+    return 0
+
+
+def _cmd_audit(ns) -> int:
+    from .accountants import from_ledger
+    from .mia import attack_run, save_result
+
+    ref = None if str(ns.reference).lower() == "none" else ns.reference
+    res = attack_run(ns.run_dir, reference=ref, max_per_side=ns.max_examples, n_bootstrap=ns.bootstrap,
+                     seed=ns.seed, device=ns.device)
+    path = save_result(res)
+    print(res.table())
+    try:
+        print("\naccountants (same q, σ, steps, δ):\n" + from_ledger(ns.run_dir).table())
+    except ValueError as e:  # non-private run: no mechanism to account
+        print(f"\naccountants: {e}")
+    if ns.canaries:
+        from .audit import audit_run
+
+        print("\n" + audit_run(ns.run_dir, canaries=ns.canaries, seed=ns.seed).table())
+    print(f"\nwrote {path}")
+    return 0
+
+
 def _cmd_tasks(ns) -> int:
     from . import data
 
@@ -192,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
 
-    handlers = {"train": _cmd_train, "sweep": _cmd_sweep, "landscape": _cmd_landscape, "tasks": _cmd_tasks}
+    handlers = {"train": _cmd_train, "sweep": _cmd_sweep, "landscape": _cmd_landscape, "tasks": _cmd_tasks,
+                "demo": _cmd_demo, "report": _cmd_report, "audit": _cmd_audit}
     try:
         return handlers[ns.cmd](ns)
     except (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError) as e:

@@ -1,0 +1,161 @@
+"""A self-contained HTML report of a sweep: sharpness vs ε, accuracy, surfaces, spectra.
+
+One file (plotly inlined once) that opens offline in any browser. Every model is
+labelled with the guarantee from its ledger, never with a claim computed here.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .analysis import load_analysis, load_density, load_surface, run_label
+from .privacy import DP
+from .runs import load_results
+
+METRICS = {
+    "top_eigenvalue": "top Hessian eigenvalue (λ_max)",
+    "hessian_trace": "Hessian trace",
+    "sam_sharpness": "SAM sharpness (relative ρ=0.05)",
+    "accuracy": "eval accuracy",
+}
+
+
+def _series_name(variant: str, guarantee: str) -> str:
+    return f"{variant} · {guarantee}"
+
+
+def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_eigenvalue", "sam_sharpness", "accuracy")):
+    """Metric (mean ± std over seeds) against target ε, one line per variant.
+
+    Non-private runs have no ε: they are a dashed horizontal band at their mean.
+    Paper-mode runs sit at the ε of their DP-SGD part but are named "not DP".
+    """
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    metrics = tuple(m for m in metrics if m in table.columns and table[m].notna().any())
+    if not metrics:
+        raise ValueError("the results table has none of the requested metric columns; run the landscape analysis first")
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRICS.get(m, m) for m in metrics])
+    colors = qualitative.Plotly
+    variants = sorted(table["variant"].unique(), key=lambda v: (v != "nonprivate", v))
+    eps_all = table["target_epsilon"].dropna()
+    x_lo, x_hi = (float(eps_all.min()), float(eps_all.max())) if len(eps_all) else (0.0, 1.0)
+    for vi, v in enumerate(variants):
+        sub = table[table["variant"] == v]
+        name = _series_name(v, " / ".join(sorted(set(sub["guarantee"]))))
+        color = colors[vi % len(colors)]
+        for mi, m in enumerate(metrics, start=1):
+            if v == "nonprivate" or sub["target_epsilon"].isna().all():
+                mu, sd = float(sub[m].mean()), float(sub[m].std(ddof=1)) if len(sub) > 1 else 0.0
+                fig.add_trace(go.Scatter(x=[x_lo, x_hi], y=[mu, mu], mode="lines", name=name, legendgroup=name,
+                                         showlegend=mi == 1, line=dict(color=color, dash="dash"),
+                                         hovertemplate=f"{name}<br>{m}={mu:.4g} ± {sd:.2g}<extra></extra>"),
+                              row=1, col=mi)
+                continue
+            g = sub.groupby("target_epsilon")[m].agg(["mean", "std", "count"]).reset_index().sort_values("target_epsilon")
+            fig.add_trace(go.Scatter(
+                x=g["target_epsilon"], y=g["mean"], error_y=dict(type="data", array=g["std"].fillna(0.0)),
+                mode="lines+markers", name=name, legendgroup=name, showlegend=mi == 1,
+                line=dict(color=color, dash="solid" if DP in name else "dot"),
+                marker=dict(symbol="circle" if DP in name else "circle-open", size=9),
+                customdata=g["count"], hovertemplate=f"{name}<br>ε=%{{x}}<br>{m}=%{{y:.4g}} (n=%{{customdata}})<extra></extra>",
+            ), row=1, col=mi)
+        for mi in range(1, len(metrics) + 1):
+            fig.update_xaxes(title_text="target ε", row=1, col=mi)
+    fig.update_layout(title="Sharpness and accuracy against the privacy budget ε (mean ± std over seeds)",
+                      height=430, width=max(700, 430 * len(metrics)), legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def _table_html(table: pd.DataFrame) -> str:
+    cols = [c for c in ["variant", "guarantee", "target_epsilon", "epsilon", "seed", "accuracy", "top_eigenvalue",
+                        "hessian_trace", "sam_sharpness", "sigma", "steps", "keep_layers", "run_id"] if c in table.columns]
+    t = table[cols].sort_values([c for c in ("variant", "target_epsilon", "seed") if c in cols])
+    t = t.rename(columns={"epsilon": "ε claimed", "target_epsilon": "target ε"})
+    return t.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="—", border=0, classes="results")
+
+
+def build_report(output_dir: str | Path, title: str = "dpflat report", notes: list[str] | None = None,
+                 path: str | Path | None = None) -> Path:
+    """Write ``report.html`` for the runs of ``output_dir`` (analysed ones get surfaces and spectra)."""
+    import landscape.plots as lp
+
+    out = Path(output_dir)
+    table = load_results(out)
+    if table.empty:
+        raise FileNotFoundError(f"no results table in {out}: train some runs first")
+    table = table[table.get("finished", True) == True]  # noqa: E712
+    parts: list[str] = []
+    first = True
+
+    def add(fig) -> None:
+        nonlocal first
+        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
+        first = False
+
+    if any(c in table.columns for c in ("top_eigenvalue", "sam_sharpness")):
+        add(sharpness_vs_epsilon(table))
+    else:
+        add(sharpness_vs_epsilon(table, ("accuracy",)))
+
+    surfaces, densities, spectra = [], [], []
+    order = table.sort_values(["variant", "target_epsilon", "seed"], na_position="first")
+    for row in order.to_dict("records"):
+        run_dir = out / row["run_id"]
+        lab = run_label(row) + f" · seed {row['seed']}"
+        try:
+            a = load_analysis(run_dir)
+        except FileNotFoundError:
+            continue
+        spectra.append((lab, a))
+        if a.get("surface_path"):
+            surfaces.append((lab, load_surface(run_dir)))
+        if a.get("density"):
+            densities.append((lab, load_density(run_dir)))
+    if surfaces:
+        for i in range(0, len(surfaces), 3):  # three panels per row keep the contours legible
+            chunk = surfaces[i : i + 3]
+            add(lp.plot_contour([s for _, s in chunk], labels=[l for l, _ in chunk],
+                                title="2D loss contours (filter-normalised random directions, eval subset)"))
+        pick = [surfaces[0]] + ([surfaces[-1]] if len(surfaces) > 1 else [])
+        add(lp.plot_surface_3d([s for _, s in pick], labels=[l for l, _ in pick], title="Loss surfaces in 3D"))
+    if densities:
+        add(lp.plot_density([d for _, d in densities], labels=[l for l, _ in densities],
+                            title="Hessian eigenvalue density (SLQ)"))
+    if spectra:
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for lab, a in spectra:
+            ev = a["eigenvalues"]
+            fig.add_trace(go.Bar(x=[f"λ{i + 1}" for i in range(len(ev))], y=ev, name=lab))
+        fig.update_layout(title="Top Hessian eigenvalues (Lanczos)", barmode="group", yaxis_title="eigenvalue",
+                          legend=dict(orientation="h", y=-0.3), height=450)
+        add(fig)
+
+    n_dp = int((table["guarantee"] == DP).sum())
+    notes = list(notes or [])
+    notes.append(f"{len(table)} runs, {n_dp} of them (ε, δ)-DP by their ledgers. A run labelled "
+                 "\"not DP\" never claims an ε; for paper-mode runs the plotted ε is that of their DP-SGD part only.")
+    body = "\n".join(f"<div class='fig'>{p}</div>" for p in parts)
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1500px}} table.results{{border-collapse:collapse;font-size:13px}}
+table.results td,table.results th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}} .fig{{margin:1.5em 0}}</style>
+</head><body><h1>{html.escape(title)}</h1>
+<ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
+{body}
+<h2>Results table</h2>{_table_html(table)}
+</body></html>"""
+    target = Path(path) if path else out / "report.html"
+    target.write_text(doc, encoding="utf-8")
+    return target
+
+
+__all__ = ["build_report", "sharpness_vs_epsilon"]
