@@ -165,7 +165,7 @@ def _cmd_train(ns) -> int:
     base = RunConfig.load(ns.config) if ns.config else None
     cfg = config_from_args(ns, base)
     res = train(cfg, resume=not ns.no_resume, max_steps=ns.max_steps)
-    print(json.dumps({k: v for k, v in res.items() if k != "info"}, default=str))
+    print(json.dumps({k: v for k, v in res.items() if k != "info"}, default=str, ensure_ascii=False))
     return 0
 
 
@@ -190,7 +190,7 @@ def _cmd_landscape(ns) -> int:
 
     out = analyze_run(ns.run_dir, top_k=ns.top_k, grid=ns.grid, span=ns.span, n_examples=ns.n_examples,
                       seed=ns.seed, surface=not ns.no_surface)
-    print(json.dumps(out, default=str))
+    print(json.dumps(out, default=str, ensure_ascii=False))
     return 0
 
 

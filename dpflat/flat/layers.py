@@ -62,10 +62,12 @@ def greedy_drop(model, batches, n_drop: int, rho: float, n_random: int, seed: in
                 stop_early: bool = False, on_eval=None) -> tuple[list[bool], list[dict[str, Any]]]:
     """Greedy elimination; returns the keep-mask and the trace (S of every candidate per round)."""
     L = model.n_layers
-    if n_drop >= L:
-        raise ConfigError(f"n_drop={n_drop} would remove every prefix: the backbone has {L} layers")
     keep = model.prefix.keep_mask.tolist()
+    if n_drop >= sum(keep):
+        raise ConfigError(f"n_drop={n_drop} would remove every prefix: {sum(keep)} of the backbone's {L} layers have one")
     current = indicator(model, batches, keep, rho, n_random, seed)
+    if on_eval:
+        on_eval()
     trace: list[dict[str, Any]] = [{"round": 0, "dropped": None, "S": current, "candidates": {}}]
     for rnd in range(1, n_drop + 1):
         cands: dict[int, float] = {}
