@@ -43,7 +43,7 @@ def base_config(a: argparse.Namespace) -> RunConfig:
         flat=FlatConfig(awp_epochs=0.5, n_drop=2, layers_warmup_steps=8, layers_examples=64, layers_directions=1,
                         teacher_epochs=1.0, distill_lambda=0.01),
         train=TrainConfig(epochs=a.epochs, batch_size=64, physical_batch_size=64, lr=1e-2, output_dir=a.output_dir,
-                          eval_every=0, checkpoint_every=8, progress=False),
+                          eval_every=0, checkpoint_every=8, progress=False, num_threads=a.threads),
     )
 
 
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--backbone", default="minilm")
     p.add_argument("--data-dir", default=os.environ.get("DPFLAT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--output-dir", default=str(ROOT / "out" / "ablation"))
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per run (0: torch's default); 1 avoids thrashing when other jobs share the cores")
     p.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     a = p.parse_args(argv)
     quiet_libraries()
