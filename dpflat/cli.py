@@ -261,12 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     from .data import DataError
     from .models import ModelError
+    from .runs import RunLocked
 
     handlers = {"train": _cmd_train, "sweep": _cmd_sweep, "landscape": _cmd_landscape, "tasks": _cmd_tasks,
                 "demo": _cmd_demo, "report": _cmd_report, "audit": _cmd_audit}
     try:
         return handlers[ns.cmd](ns)
-    except (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError, RunLocked) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"dpflat: error: {msg}", file=sys.stderr)
         return 2

@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,6 +37,20 @@ def run_id(cfg: RunConfig) -> str:
     h = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
     eps = f"eps{cfg.privacy.epsilon:g}" if cfg.privacy.enabled else "nonpriv"
     return f"{cfg.variant}_{cfg.data.task}_{eps}_s{cfg.train.seed}_{h}"
+
+
+class RunLocked(RuntimeError):
+    """Another live process is training this run (two notebooks, two sweeps)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 class RunDir:
@@ -71,6 +86,31 @@ class RunDir:
                 raise FileExistsError(f"{self.path} holds a run with a different config; choose another --run-name")
         else:
             atomic_write_text(self.config_file, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive training of this run; a lock left by a killed process is taken over."""
+        f = self.path / ".lock"
+        for _ in range(2):
+            try:
+                fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                try:
+                    pid = int(f.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise RunLocked(f"{self.path} is being trained by process {pid}") from None
+                f.unlink(missing_ok=True)
+        else:  # pragma: no cover - lost a race twice
+            raise RunLocked(f"{self.path} is being trained by another process")
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        try:
+            yield
+        finally:
+            f.unlink(missing_ok=True)
 
     def config(self) -> RunConfig:
         return RunConfig.load(self.config_file)
@@ -147,7 +187,7 @@ def append_result(output_dir: str | Path, row: dict[str, Any]) -> Path:
         old = pd.read_parquet(path)
         old = old[old["run_id"] != row["run_id"]]
         new = pd.concat([old, new], ignore_index=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent sweeps must not share a temp file
     new.to_parquet(tmp, index=False)
     os.replace(tmp, path)
     return path
@@ -162,4 +202,4 @@ def load_results(output_dir: str | Path):
     return pd.read_parquet(path)
 
 
-__all__ = ["RESULTS", "RunDir", "append_result", "atomic_write_text", "load_results", "run_id"]
+__all__ = ["RESULTS", "RunDir", "RunLocked", "append_result", "atomic_write_text", "load_results", "run_id"]

@@ -6,6 +6,7 @@ sweep picks up where it stopped and a notebook can ask for "the missing cells".
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import pandas as pd
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .config import MODES, VARIANTS, ConfigError, RunConfig, apply_variant
 from .privacy import DP
-from .runs import RunDir, load_results
+from .runs import RunDir, RunLocked, append_result, load_results
 
 
 def cells(base: RunConfig, variants: list[str], epsilons: list[float], seeds: list[int],
@@ -49,13 +50,25 @@ def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
     todo = [c for c in grid if not RunDir.for_config(c).done]
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="sweep", disable=not progress)
     for c in todo:
-        res = train(c.replace(train={"progress": progress and c.train.progress}))
+        try:
+            res = train(c.replace(train={"progress": progress and c.train.progress}))
+        except RunLocked as e:  # another process trains it; its row appears when it finishes
+            warnings.warn(f"skipped: {e}")
+            bar.update(1)
+            continue
         bar.update(1)
         if on_cell:
             on_cell(res)
     bar.close()
     ids = {RunDir.for_config(c).path.name for c in grid}
     table = load_results(base.train.output_dir)
+    have = set(table["run_id"]) if len(table) else set()
+    for c in grid:  # a row lost to a crash or a concurrent writer is restored from result.json
+        rd = RunDir.for_config(c)
+        if rd.done and rd.path.name not in have:
+            res = rd.result()
+            append_result(base.train.output_dir, {k: v for k, v in res.items() if k != "info"})
+            table = load_results(base.train.output_dir)
     return table[table["run_id"].isin(ids)].reset_index(drop=True) if len(table) else table
 
 

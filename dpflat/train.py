@@ -91,6 +91,13 @@ def train(
         append_result(cfg.train.output_dir, {k: v for k, v in res.items() if k != "info"})  # idempotent
         return res
     rd.create(cfg)
+    with rd.lock():
+        return _train(cfg, rd, resume, max_steps, on_step)
+
+
+def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
+           on_step: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """The body of :func:`train`, run while holding the run folder's lock."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = torch.device(cfg.train.device)

@@ -82,3 +82,25 @@ def test_resume_after_sigkill_gives_same_epsilon_and_one_row(tmp_path, make_cfg)
     rows = [json.loads(x)["step"] for x in rd.metrics_file.read_text().splitlines()]
     assert rows == list(range(1, 33))  # no duplicated or missing steps in the log
     assert len(load_results(cfg.train.output_dir)) == 1
+
+
+def test_a_run_trained_by_a_live_process_is_locked_and_a_stale_lock_is_taken_over(tiny_cfg):
+    """Two notebooks or two sweeps must never write the same run folder at once."""
+    import subprocess
+    import sys
+
+    from dpflat.runs import RunDir, RunLocked
+
+    cfg = tiny_cfg.replace(train={"epochs": 1})
+    rd = RunDir.for_config(cfg)
+    rd.create(cfg)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (rd.path / ".lock").write_text(str(other.pid))
+        with pytest.raises(RunLocked):
+            train(cfg)
+    finally:
+        other.kill()
+        other.wait()
+    res = train(cfg)  # the holder is dead: its lock is stale
+    assert res["finished"] and not (rd.path / ".lock").exists()
