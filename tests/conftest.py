@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,9 @@ from dpflat.config import DataConfig, ModelConfig, PrivacyConfig, RunConfig, Tra
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the tests use tiny models, where threading costs more than it gains, and
+# on a shared 2-core machine two threads per process made tiny runs 5-10x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
