@@ -3,13 +3,18 @@
 The public API (what notebooks and users import)::
 
     import dpflat as dp
+    from dpflat.train import train
+    from dpflat.sweep import sweep
     cfg = dp.apply_variant(dp.RunConfig(), "dpflat", mode="safe").replace(privacy={"epsilon": 3})
-    row = dp.train(cfg)                       # run folder + results row
-    table = dp.sweep(cfg, ["dp", "dpflat"], [3, 8], [0, 1])
+    row = train(cfg)                          # run folder + results row
+    table = sweep(cfg, ["dp", "dpflat"], [3, 8], [0, 1])
     dp.summarize(table)                       # mean ± std per variant x ε, with guarantees
     dp.analyze_run(row["run_dir"])            # Hessian spectrum + 2D surface of a run
 
-Heavy modules load on first use, so ``import dpflat`` stays fast.
+Heavy modules load on first use, so ``import dpflat`` stays fast. ``train``, ``sweep``
+and ``evaluate`` are submodules (``dpflat.train`` is the module), so their functions
+are imported from them, never as package attributes that a submodule import would
+shadow.
 """
 
 from __future__ import annotations
@@ -34,16 +39,14 @@ from .config import (  # noqa: F401  (light: dataclasses only)
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": ("train", "train"),
     "prepare_data": ("train", "prepare_data"),
-    "sweep": ("sweep", "sweep"),
     "cells": ("sweep", "cells"),
     "summarize": ("sweep", "summarize"),
     "load_results": ("runs", "load_results"),
     "RunDir": ("runs", "RunDir"),
     "build_model": ("models", "build_model"),
     "load_tokenizer": ("models", "load_tokenizer"),
-    "evaluate": ("evaluate", "evaluate"),
+    "evaluate_model": ("evaluate", "evaluate"),
     "per_example_losses": ("evaluate", "per_example_losses"),
     "PrivacyLedger": ("privacy", "PrivacyLedger"),
     "epsilon_for": ("privacy", "epsilon_for"),

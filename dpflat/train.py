@@ -232,9 +232,11 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
                         new_step = True
                         bar.update(1)
                         row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach())}
-                        if step % eval_every == 0 or step == total_steps:
+                        milestone = step % eval_every == 0 or step == total_steps
+                        if milestone:
                             row.update({f"eval_{k}": v for k, v in run_eval().items()})
-                        if dp:
+                        if dp and (milestone or step % cfg.train.checkpoint_every == 0):
+                            # ε so far; not every step: one accountant call costs up to ~0.5 s
                             row["epsilon"] = float(dp.engine.accountant.get_epsilon(delta=dp.delta))
                         row["examples_per_s"] = seen / max(time.time() - t0, 1e-9)
                         rd.log(row)

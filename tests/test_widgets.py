@@ -1,0 +1,378 @@
+"""The notebook panels, driven headlessly: set a control, read the figure.
+
+Why: a widget callback that silently stops updating (or plots the wrong column, or
+drops a guarantee from a label) is invisible in a notebook test that only checks
+for cell errors. Here every control is moved and the figure data is checked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+
+from dpflat import widgets as W
+from dpflat.config import PAPER_AWP_GAMMA, FlatConfig
+from dpflat.privacy import DP, NOT_DP_NONPRIVATE, NOT_DP_PAPER, epsilon_for
+
+# Opacus hints that larger RDP orders could tighten ε at some slider settings: expected here
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+
+
+# --------------------------------------------------------------------------- privacy sliders
+def test_epsilon_curve_is_the_accountants_number_at_every_step():
+    q, sigma, T, delta = 0.02, 0.9, 300, 1e-5
+    ts, eps = W.epsilon_curve(sigma, q, T, delta, n_points=8)
+    assert ts[0] == 1 and ts[-1] == T and np.all(np.diff(eps) > 0)
+    for t, e in zip(ts[[0, 3, -1]], eps[[0, 3, -1]]):
+        assert e == pytest.approx(epsilon_for("rdp", q, sigma, int(t), delta), rel=1e-9)
+
+
+def test_privacy_panel_recomputes_epsilon_when_sliders_move():
+    p = W.privacy_panel(sigma=1.0, sample_rate=0.01, steps=1000, delta_exp=-5, n_points=10)
+    c, curve = p.controls, lambda: np.array(p.figure.data[0].y)
+    e0, y0 = p.epsilon, curve()
+    assert e0 == pytest.approx(epsilon_for("rdp", 0.01, 1.0, 1000, 1e-5), rel=1e-9)
+    assert y0[-1] == pytest.approx(e0) and f"{e0:.3g}" in c["readout"].value
+
+    c["sigma"].value = 2.0  # more noise: less privacy spent
+    assert p.epsilon < e0 and np.all(curve() < y0)
+    c["sigma"].value = 1.0
+    c["delta_exp"].value = -8  # smaller δ: larger ε
+    assert p.epsilon > e0
+    c["delta_exp"].value = -5
+    c["steps"].value = 4000  # longer training: larger ε, curve reaches the new step count
+    assert p.epsilon > e0 and p.figure.data[0].x[-1] == 4000 and p.figure.data[1].x[0] == 4000
+    c["steps"].value = 1000
+    c["sample_rate"].value = 0.05  # larger batches per step: larger ε
+    assert p.epsilon > e0
+    c["sample_rate"].value = 0.01
+    assert p.epsilon == pytest.approx(e0)
+
+    y_before = curve()
+    c["clip"].value = 3.0  # C does not enter ε; the readout shows the noise scale σ·C
+    assert np.array_equal(curve(), y_before) and "σ·C = 3" in c["readout"].value
+
+    c["accountant"].value = "prv"  # another accountant: a different but close number
+    assert p.epsilon != e0 and p.epsilon == pytest.approx(e0, rel=0.3)
+
+
+def test_panels_work_without_anywidget(monkeypatch):
+    """plotly's FigureWidget needs anywidget; without it the panel keeps a plain Figure."""
+    import ipywidgets as w
+
+    monkeypatch.setattr(W, "figure_widget_available", lambda: False)
+    p = W.privacy_panel(n_points=6)
+    assert type(p.figure) is go.Figure
+    assert any(isinstance(ch, w.Output) for ch in p.widget.children)
+    y0 = np.array(p.figure.data[0].y)
+    p.controls["sigma"].value = 3.0
+    assert np.all(np.array(p.figure.data[0].y) < y0)
+
+
+# --------------------------------------------------------------------------- results explorer
+def _rows() -> pd.DataFrame:
+    """A results table as train() + analyze_run() + an audit would leave it (two seeds)."""
+    rows = []
+    for variant, guarantee in (("dp", DP), ("dpflat-safe", DP), ("dpflat-paper", NOT_DP_PAPER)):
+        for eps in (1.0, 3.0, 8.0):
+            for seed in (0, 1):
+                rows.append(dict(
+                    run_id=f"{variant}_{eps:g}_{seed}", variant=variant, target_epsilon=eps, seed=seed,
+                    guarantee=guarantee, epsilon=eps * 0.99 if guarantee == DP else None, epsilon_spent=eps * 0.99,
+                    accuracy=0.5 + 0.02 * eps + 0.01 * seed + (0.05 if "flat" in variant else 0.0),
+                    eval_loss=0.7 - 0.01 * eps, top_eigenvalue=10.0 / eps + seed, hessian_trace=100.0 / eps,
+                    sam_sharpness=0.1 / eps, mia_auc=np.nan,
+                ))
+    for seed in (0, 1):
+        rows.append(dict(run_id=f"np_{seed}", variant="nonprivate", target_epsilon=None, seed=seed,
+                         guarantee=NOT_DP_NONPRIVATE, epsilon=None, epsilon_spent=None, accuracy=0.9 + 0.01 * seed,
+                         eval_loss=0.3, top_eigenvalue=1.0, hessian_trace=5.0, sam_sharpness=0.01, mia_auc=np.nan))
+    return pd.DataFrame(rows)
+
+
+def _by_name(fig) -> dict[str, object]:
+    return {t.name: t for t in fig.data}
+
+
+def test_explorer_labels_every_line_with_the_rows_guarantee():
+    ex = W.explorer(_rows())
+    names = set(_by_name(ex.figure))
+    assert names == {f"dp · {DP}", f"dpflat-safe · {DP}", f"dpflat-paper · {NOT_DP_PAPER}",
+                     f"nonprivate · {NOT_DP_NONPRIVATE}"}
+    t = _by_name(ex.figure)
+    # a paper-mode point says it claims nothing; a DP point shows its claimed ε (max over seeds)
+    assert all("no ε claim" in str(cd[1]) for cd in t[f"dpflat-paper · {NOT_DP_PAPER}"].customdata)
+    assert [cd[1] for cd in t[f"dp · {DP}"].customdata] == ["claimed ε = 0.99", "claimed ε = 2.97", "claimed ε = 7.92"]
+    ref = t[f"nonprivate · {NOT_DP_NONPRIVATE}"]
+    assert ref.line.dash == "dash" and list(ref.x) == [1.0, 8.0] and ref.y[0] == pytest.approx(0.905)
+
+
+def test_explorer_metric_dropdown_changes_the_plotted_values():
+    ex = W.explorer(_rows())
+    dp_line = lambda: _by_name(ex.figure)[f"dp · {DP}"]  # noqa: E731
+    assert list(dp_line().y) == pytest.approx([0.525, 0.565, 0.665])  # accuracy, mean of two seeds
+    assert list(dp_line().error_y.array) == pytest.approx([np.std([0.52, 0.53], ddof=1)] * 3)
+    assert "mia_auc" not in ex.controls["metric"].options  # an all-empty column is not offered
+    ex.controls["metric"].value = "top_eigenvalue"
+    assert list(dp_line().y) == pytest.approx([10.5, 10 / 3 + 0.5, 10 / 8 + 0.5])
+    assert ex.figure.layout.yaxis.title.text == W.METRICS["top_eigenvalue"]
+    # the linked per-run figure follows: y = the metric for every run, x = the "versus" column
+    runs = _by_name(ex.figures["runs"])[f"dp · {DP}"]
+    assert sorted(runs.y) == pytest.approx(sorted(_rows().query("variant == 'dp'")["top_eigenvalue"]))
+    ex.controls["versus"].value = "hessian_trace"
+    runs = _by_name(ex.figures["runs"])[f"dp · {DP}"]
+    assert sorted(runs.x) == pytest.approx(sorted(_rows().query("variant == 'dp'")["hessian_trace"]))
+    ex.controls["metric"].value = "hessian_trace"  # never plotted against itself
+    assert ex.controls["versus"].value == "accuracy"
+    runs = _by_name(ex.figures["runs"])[f"dp · {DP}"]
+    assert sorted(runs.x) == pytest.approx(sorted(_rows().query("variant == 'dp'")["accuracy"]))
+
+
+def test_explorer_variant_toggles_and_epsilon_range_filter_traces():
+    ex = W.explorer(_rows())
+    ex.controls["variants"].value = ("dp", "nonprivate")
+    assert set(_by_name(ex.figure)) == {f"dp · {DP}", f"nonprivate · {NOT_DP_NONPRIVATE}"}
+    assert set(ex.selection["variant"]) == {"dp", "nonprivate"}
+    ex.controls["eps_range"].value = (2.0, 8.0)
+    dp_line = _by_name(ex.figure)[f"dp · {DP}"]
+    assert list(dp_line.x) == [3.0, 8.0]
+    assert list(_by_name(ex.figure)[f"nonprivate · {NOT_DP_NONPRIVATE}"].x) == [3.0, 8.0]  # spans what is shown
+    summary = ex.summary()
+    assert set(summary["variant"]) == {"dp", "nonprivate"} and 1.0 not in set(summary["target_epsilon"])
+    assert list(summary["claimed_epsilon"].round(2)[:2]) == [2.97, 7.92] and summary["claimed_epsilon"].isna().iloc[2]
+    ex.controls["variants"].value = ("dpflat-paper",)
+    assert ex.summary()["claimed_epsilon"].isna().all()  # spent noise, claims nothing
+
+
+def test_explorer_picks_up_new_rows_and_metric_columns():
+    table = _rows()
+    ex = W.explorer(table[table["variant"] != "dpflat-paper"])
+    ex.controls["variants"].value = ("dp",)
+    new = table.copy()
+    new["mia_auc"] = 0.5 + 0.01 * new["target_epsilon"].fillna(20)  # an audit added a column
+    ex.set_table(new, metric="mia_auc")
+    assert "mia_auc" in ex.controls["metric"].options and ex.controls["metric"].value == "mia_auc"
+    assert ex.controls["variants"].value == ("dp",)  # the selection survives a refresh
+    assert list(_by_name(ex.figure)[f"dp · {DP}"].y) == pytest.approx([0.51, 0.53, 0.58])
+    assert "dpflat-paper" in ex.controls["variants"].options
+
+
+def test_explorer_on_an_empty_table_says_so():
+    ex = W.explorer(pd.DataFrame())
+    assert len(ex.figure.data) == 0 and "no results" in ex.figure.layout.title.text
+    ex.set_table(_rows())
+    assert len(ex.figure.data) == 4
+
+
+def test_static_figures_and_tables_take_labels_from_the_rows():
+    t = _rows()
+    paper = t[t["variant"] == "dpflat-paper"].iloc[0].to_dict()
+    dp_row = t[t["variant"] == "dp"].iloc[0].to_dict()
+    table = W.comparison_table([dp_row, paper])
+    assert table.loc[1, "guarantee"] == NOT_DP_PAPER and table.loc[1, "claimed ε"] == "none"
+    assert NOT_DP_PAPER in table.loc[1, "model"] and "ε=" not in table.loc[1, "model"]
+    assert "ε=0.99" in table.loc[0, "model"] and DP in table.loc[0, "model"]
+    bars = W.accuracy_bars([dp_row, paper])
+    assert [b.x[0] for b in bars.data] == list(table["model"])
+    fig = W.metric_vs_epsilon(t, "sam_sharpness")
+    assert {tr.name for tr in fig.data} == set(_by_name(W.explorer(t).figure))
+
+
+# --------------------------------------------------------------------------- ablations
+def test_ablation_names_are_presets_or_spell_out_the_mix():
+    d = FlatConfig()
+    assert W.ablation_name({}) == "dp"
+    assert W.ablation_name({"awp": True, "awp_mode": "safe", "awp_gamma": d.awp_gamma}) == "dp+awp-safe"
+    assert W.ablation_name({"awp": True, "awp_mode": "paper", "awp_gamma": PAPER_AWP_GAMMA}) == "dp+awp-paper"
+    every = {"awp": True, "layers": True, "distill": True, "awp_mode": "safe", "layers_mode": "safe",
+             "distill_mode": "safe", "awp_gamma": d.awp_gamma, "n_drop": d.n_drop, "distill_lambda": d.distill_lambda}
+    assert W.ablation_name(every) == "dpflat-safe"
+    assert W.ablation_name({**every, "layers_mode": "paper"}) == "dp+awp.safe+layers.paper+distill.safe"
+    assert W.ablation_name({**every, "awp_gamma": 0.05, "n_drop": 1}) == "dpflat-safe_g0.05_k1"
+    assert W.ablation_name({"distill": True, "distill_lambda": 0.1}) == "dp+distill-safe_l0.1"
+
+
+@pytest.fixture
+def tiny_base(tmp_path, shared_data):
+    return W.base_config(out_dir=tmp_path / "runs", backbone="tiny-bert", data_dir=str(shared_data), train_size=128,
+                         eval_size=64, public_size=64, max_length=24, prefix_len=4, batch_size=32,
+                         physical_batch_size=32, epochs=1.0, lr=0.05, epsilon=1.0, progress=False,
+                         checkpoint_every=100, flat={"layers_warmup_steps": 2, "layers_examples": 32,
+                                                     "layers_directions": 1, "teacher_epochs": 0.5})
+
+
+def test_ablation_controls_build_the_config(tiny_base):
+    p = W.ablation_panel(tiny_base, epsilon=2.0)
+    c = p.controls
+    assert p.config().variant == "dp" and p.config().privacy.epsilon == 2.0
+    assert c["awp_gamma"].disabled and c["n_drop"].max == 2  # tiny-bert: 3 layers
+    c["awp"].value = True
+    assert not c["awp_gamma"].disabled and p.config().flat.awp and p.config().variant == "dp+awp-safe"
+    c["awp_mode"].value = "paper"  # the paper's γ comes with the paper's mode
+    assert c["awp_gamma"].value == pytest.approx(PAPER_AWP_GAMMA)
+    assert p.config().flat.paper_levels == ["awp"] and "not DP" in c["name"].value
+    c["awp_mode"].value = "safe"
+    assert c["awp_gamma"].value == pytest.approx(FlatConfig().awp_gamma) and "not DP" not in c["name"].value
+    c["layers"].value, c["n_drop"].value = True, 1
+    c["distill"].value, c["distill_lambda"].value = True, 0.1
+    cfg = p.config()
+    assert (cfg.flat.layers, cfg.flat.n_drop, cfg.flat.distill) == (True, 1, True)
+    assert cfg.flat.distill_lambda == pytest.approx(0.1) and cfg.variant == "dpflat-safe_k1_l0.1"
+    assert cfg.privacy.enabled and cfg.model == tiny_base.model and cfg.train == tiny_base.train
+
+
+def test_ablation_live_figure_follows_on_step(tiny_base):
+    p = W.ablation_panel(tiny_base)
+    p.on_step({"step": 1, "epoch": 0.25, "loss": 0.9, "epsilon": 0.4})
+    p.on_step({"step": 2, "epoch": 0.5, "loss": 0.7, "eval_accuracy": 0.6, "epsilon": 0.6})
+    loss, acc = p.figures["live"].data
+    assert list(loss.x) == [1, 2] and list(loss.y) == [0.9, 0.7]
+    assert list(acc.x) == [2] and list(acc.y) == [0.6]
+    assert p.controls["progress"].max == 4 and p.controls["progress"].value == 2  # 2 steps = half an epoch
+    assert "0.6" in p.controls["status"].value
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread; on a busy machine it costs ~2x."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_ablation_launch_trains_live_and_compares(tiny_base, one_thread):
+    from dpflat.config import apply_variant
+    from dpflat.train import train
+
+    baseline = train(apply_variant(tiny_base, "nonprivate"))  # a run already in the results table
+    p = W.ablation_panel(tiny_base)
+    assert [b.x[0] for b in p.figures["compare"].data] == [W.run_label(baseline)]
+    p.controls["awp"].value = True
+    p.controls["awp_mode"].value = "paper"
+    row = p.launch()
+    assert row["variant"] == "dp+awp-paper" and row["guarantee"] == NOT_DP_PAPER and row["epsilon"] is None
+    loss = p.figures["live"].data[0]
+    assert list(loss.x) == list(range(1, row["steps"] + 1))  # one point per optimiser step, live
+    assert p.figures["live"].layout.title.text.endswith(f"dp+awp-paper · {NOT_DP_PAPER}")
+    assert p.controls["progress"].value == p.controls["progress"].max == row["steps"]
+    bars = {b.x[0]: b for b in p.figures["compare"].data}
+    assert set(bars) == {W.run_label(baseline), f"dp+awp-paper · {NOT_DP_PAPER}"}
+    assert bars[f"dp+awp-paper · {NOT_DP_PAPER}"].marker.line.width > 0  # the new run is outlined
+    assert bars[W.run_label(baseline)].marker.line.width == 0
+
+
+# --------------------------------------------------------------------------- sweep runner
+def test_sweep_runner_trains_missing_cells_then_analyses(tiny_base, monkeypatch, one_thread):
+    import importlib
+    from pathlib import Path
+
+    A = importlib.import_module("dpflat.analysis")
+    analysed: list[str] = []
+
+    def fake_analyze(run_dir, **kw):  # the real one is tested in test_analysis; here: who gets analysed
+        analysed.append(str(run_dir))
+        (Path(run_dir) / "landscape").mkdir(exist_ok=True)
+        (Path(run_dir) / "landscape" / "landscape.json").write_text("{}")
+        assert kw == {"top_k": 1}
+
+    monkeypatch.setattr(A, "analyze_run", fake_analyze)
+    seen: list[pd.DataFrame] = []
+    # non-private cells: the runner's logic without the accountant's cost
+    r = W.sweep_runner(tiny_base, ["nonprivate"], [1.0], [0, 1], analyze_kwargs={"top_k": 1}, on_done=seen.append)
+    c = r.controls
+    assert len(r.grid) == 2 and len(r.missing()) == 2 and c["progress"].value == 0
+    table = r.run()
+    assert r.missing() == [] and c["progress"].value == 2 and c["analysis"].value == 2
+    assert sorted(table["seed"]) == [0, 1] and seen and seen[0] is table
+    assert sorted(analysed) == sorted(map(str, r.run_dirs()))
+    assert "2/2 runs finished, 2 analysed" in c["status"].value
+
+    T = importlib.import_module("dpflat.train")
+    monkeypatch.setattr(T, "train", lambda *a, **k: pytest.fail("a finished cell was retrained"))
+    again = r.run()  # nothing missing: no training, no re-analysis
+    assert len(analysed) == 2 and list(again["run_id"]) == list(table["run_id"])
+
+
+def test_sweep_runner_attack_records_mia_columns_the_explorer_offers(tiny_base, monkeypatch, one_thread):
+    import importlib
+    import json
+    from types import SimpleNamespace
+
+    M = importlib.import_module("dpflat.mia")
+    calls: list[str] = []
+
+    def fake_attack(run_dir, **kw):  # the attack itself is tested in test_mia
+        calls.append(str(run_dir))
+        assert kw == {"max_per_side": 8}
+        loss = SimpleNamespace(auc=0.5 + 0.1 * len(calls), tpr_at_1_fpr=0.01, accuracy=0.55)
+        return SimpleNamespace(run_dir=str(run_dir), loss=loss, calibrated=None)
+
+    monkeypatch.setattr(M, "attack_run", fake_attack)
+    monkeypatch.setattr(M, "save_result", lambda res, p: (p / M.MIA_FILE).write_text(json.dumps({"auc": res.loss.auc})))
+    r = W.sweep_runner(tiny_base, ["nonprivate"], [1.0], [0, 1], analyze=False, attack=True,
+                       attack_kwargs={"max_per_side": 8})
+    table = r.run()
+    assert len(calls) == 2 and sorted(table["mia_auc"]) == pytest.approx([0.6, 0.7])
+    assert "mia_auc" in W.explorer(table).controls["metric"].options
+    r.run()  # attacked runs are not attacked again
+    assert len(calls) == 2
+
+
+def test_dp_roc_bound_is_the_hypothesis_testing_region():
+    fpr, tpr = W.dp_roc_bound(1.0, 1e-5)
+    assert tpr[0] == pytest.approx(1e-5) and tpr[-1] == 1.0 and np.all(np.diff(tpr) >= 0)
+    i = np.searchsorted(fpr, 0.01)
+    assert tpr[i] == pytest.approx(min(math.e * fpr[i] + 1e-5, 1 - (1 - 1e-5 - fpr[i]) / math.e))
+    assert np.all(tpr >= fpr - 1e-12)  # never below chance
+
+
+# --------------------------------------------------------------------------- surfaces
+def _surface(scale: float, label: str):
+    from landscape import Surface
+
+    xs = np.linspace(-1, 1, 5)
+    return Surface([xs, xs], scale * (1 + np.add.outer(xs**2, xs**2)), {"label": label})
+
+
+def test_surface_panel_switches_model_view_and_scale():
+    s = {"flat · (ε, δ)-DP": _surface(1.0, "a"), "sharp · not DP (paper mode)": _surface(10.0, "b")}
+    p = W.surface_panel(s)
+    c, z = p.controls, lambda: np.asarray(p.figure.data[0].z)
+    assert p.figure.data[0].type == "contour" and z().max() == pytest.approx(3.0)
+    assert "flat · (ε, δ)-DP" in p.figure.layout.title.text or "flat · (ε, δ)-DP" in str(p.figure.layout.annotations)
+    c["model"].value = "sharp · not DP (paper mode)"
+    assert z().max() == pytest.approx(30.0)
+    c["log"].value = True
+    assert z().max() == pytest.approx(math.log10(30.0))
+    c["kind"].value = "3d"
+    assert p.figure.data[0].type == "surface" and np.asarray(p.figure.data[0].z).max() == pytest.approx(math.log10(30.0))
+
+
+def test_landscape_bars_one_bar_per_model_and_quantity():
+    a = {"dp · ε=3 · (ε, δ)-DP": {"top_eigenvalue": 2.0, "hessian_trace": 9.0, "sam_sharpness": 0.1, "guarantee": DP},
+         "nonprivate · not DP (non-private)": {"top_eigenvalue": 1.0, "hessian_trace": 4.0, "sam_sharpness": 0.05,
+                                               "guarantee": NOT_DP_NONPRIVATE}}
+    fig = W.landscape_bars(a)
+    assert len(fig.data) == 6
+    assert [t.y[0] for t in fig.data if t.xaxis == "x"] == [2.0, 1.0]
+    assert [t.y[0] for t in fig.data if t.xaxis == "x2"] == [9.0, 4.0]
+    assert {t.name for t in fig.data} == set(a)
+
+
+# --------------------------------------------------------------------------- set-up
+def test_setup_resolves_relative_output_dirs_from_the_project_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DPFLAT_DATA_DIR", raising=False)
+    rel = "out/test-widgets-setup"
+    out, data_dir = W.setup_notebook(rel, data_dir="/some/where")
+    try:
+        assert out == W.project_root() / rel and out.is_dir() and data_dir == "/some/where"
+    finally:
+        out.rmdir()
