@@ -29,15 +29,18 @@ class DataConfig:
     task: str = "sst2"
     data_dir: str | None = None  # explicit dir; else $DPFLAT_DATA_DIR, data/, then the hub
     max_length: int = 64  # tokens per example (padding and truncation)
-    train_size: int | None = None  # subsample the private split (CPU runs)
+    # CPU-sized defaults (minutes on 2 cores); the README gives the GPU-scale values
+    train_size: int | None = 2000  # subsample the private split (None: all of it)
     eval_size: int | None = None  # subsample the eval split
-    public_size: float = 0.1  # fraction (<1) or count (>=1) of train carved out as public
+    public_size: float = 500  # fraction (<1) or count (>=1) of train carved out as public
     cache_dir: str | None = None  # tokenisation cache; None = in-process only
 
     def __post_init__(self) -> None:
         _check(isinstance(self.task, str) and bool(self.task), "task must be a non-empty name")
         _check(8 <= self.max_length <= 4096, f"max_length must be in [8, 4096], got {self.max_length}")
         for name in ("train_size", "eval_size"):
+            if getattr(self, name) == 0:  # the CLI's way to say "all of it"
+                setattr(self, name, None)
             v = getattr(self, name)
             _check(v is None or v >= 1, f"{name} must be >= 1 when given, got {v}")
         _check(self.public_size >= 0, f"public_size must be >= 0, got {self.public_size}")
@@ -166,10 +169,10 @@ class FlatConfig:
 class TrainConfig:
     """Optimisation, evaluation, checkpoints and where the run goes."""
 
-    epochs: float = 3.0
-    batch_size: int = 64  # logical (expected) batch size; q = batch_size / N
-    physical_batch_size: int = 32  # what fits in memory (BatchMemoryManager)
-    lr: float = 1e-2
+    epochs: float = 2.0
+    batch_size: int = 128  # logical (expected) batch size; q = batch_size / N
+    physical_batch_size: int = 64  # what fits in memory (BatchMemoryManager)
+    lr: float = 2e-2
     optimizer: Literal["adamw", "sgd"] = "adamw"
     weight_decay: float = 0.0
     eval_every: int = 0  # steps; 0 = once per epoch
