@@ -130,14 +130,14 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: small sweep + landscapes + report.html (a few minutes on a CPU)")
     d.add_argument("--output-dir", default="out/demo")
-    d.add_argument("--epsilons", default="1,8", help="comma-separated target ε")
+    d.add_argument("--epsilons", default="2,8", help="comma-separated target ε")
     d.add_argument("--seeds", default="0", help="comma-separated seeds")
-    d.add_argument("--train-size", type=int, default=512, help="private training examples")
+    d.add_argument("--train-size", type=int, default=1500, help="private training examples")
     d.add_argument("--epochs", type=float, default=2.0)
     d.add_argument("--backbone", default="minilm")
     d.add_argument("--device", default="cpu")
     d.add_argument("--data-dir", default=None)
-    d.add_argument("--grid", type=int, default=11, help="points per axis of each 2D surface")
+    d.add_argument("--grid", type=int, default=9, help="points per axis of each 2D surface")
 
     r = sub.add_parser("report", help="write report.html for the runs of an output folder")
     r.add_argument("output_dir")

@@ -1,6 +1,6 @@
 """The main job (`make demo`): a small sweep, its landscapes, and one HTML report.
 
-Sized for a 2-core CPU in a few minutes: MiniLM-L6 (shipped offline), SST-2, 512
+Sized for a 2-core CPU in under 10 minutes: MiniLM-L6 (shipped offline), SST-2, 1500
 private examples, nonprivate / dp / dpflat (safe mode) at two ε. Every step is cached
 (finished runs and analyses are skipped), so an interrupted demo picks up where it
 stopped. On a GPU, pass larger sizes (``--train-size``, ``--epochs``, ``--device cuda``).
@@ -20,10 +20,10 @@ from .config import DataConfig, FlatConfig, ModelConfig, PrivacyConfig, RunConfi
 # Few Hessian-vector products: the demo's budget is minutes on 2 CPU cores; the trace
 # and density are rough at this size (their settings are stored with each result).
 TRACE_MATVECS = 6
-DENSITY_ITER = 16
+DENSITY_ITER = 12
 
 
-def demo_config(output_dir: str, train_size: int = 512, epochs: float = 2.0, backbone: str = "minilm",
+def demo_config(output_dir: str, train_size: int = 1500, epochs: float = 2.0, backbone: str = "minilm",
                 device: str = "cpu", data_dir: str | None = None) -> RunConfig:
     """The demo's base config (variants and ε are applied by the sweep)."""
     return RunConfig(
@@ -33,15 +33,15 @@ def demo_config(output_dir: str, train_size: int = 512, epochs: float = 2.0, bac
         privacy=PrivacyConfig(max_grad_norm=1.0),
         flat=FlatConfig(n_drop=2, layers_warmup_steps=4, layers_examples=32, layers_directions=1,
                         teacher_epochs=1.0),
-        train=TrainConfig(epochs=epochs, batch_size=64, physical_batch_size=64, lr=1e-2, output_dir=output_dir,
+        train=TrainConfig(epochs=epochs, batch_size=128, physical_batch_size=64, lr=2e-2, output_dir=output_dir,
                           eval_every=0, checkpoint_every=4, device=device, progress=False),
     )
 
 
-def run_demo(output_dir: str = "out/demo", epsilons: tuple[float, ...] = (1.0, 8.0), seeds: tuple[int, ...] = (0,),
-             variants: tuple[str, ...] = ("nonprivate", "dp", "dpflat"), train_size: int = 512, epochs: float = 2.0,
-             backbone: str = "minilm", device: str = "cpu", data_dir: str | None = None, grid: int = 11,
-             n_examples: int = 48, progress: bool = True) -> dict[str, Any]:
+def run_demo(output_dir: str = "out/demo", epsilons: tuple[float, ...] = (2.0, 8.0), seeds: tuple[int, ...] = (0,),
+             variants: tuple[str, ...] = ("nonprivate", "dp", "dpflat"), train_size: int = 1500, epochs: float = 2.0,
+             backbone: str = "minilm", device: str = "cpu", data_dir: str | None = None, grid: int = 9,
+             n_examples: int = 32, progress: bool = True) -> dict[str, Any]:
     """Sweep -> landscape analysis of each run -> report.html; returns paths and the summary."""
     from .analysis import analyze_run
     from .report import build_report
@@ -55,7 +55,7 @@ def run_demo(output_dir: str = "out/demo", epsilons: tuple[float, ...] = (1.0, 8
                     density_iter=DENSITY_ITER, progress=False)
     t_runs = time.time() - t0
     notes = [
-        f"SST-2, backbone {backbone}, {train_size} private training examples, {epochs:g} epochs, batch 64, "
+        f"SST-2, backbone {backbone}, {train_size} private training examples, {epochs:g} epochs, batch 128, "
         f"prefix length 16; variants {', '.join(variants)} (flattening in DP-safe mode) at ε ∈ {list(epsilons)}, "
         f"seeds {list(seeds)}.",
         f"Landscapes on the first {n_examples} eval examples over the trainable parameters (prefix + head): "
