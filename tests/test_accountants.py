@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
@@ -14,25 +13,19 @@ from dpflat.config import PrivacyConfig
 from dpflat.privacy import noise_for_target
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on two cores shared with other jobs thrash (6x slower); one does not."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _check_agreement(c) -> None:
     e = c.epsilons
     rdp, rdp2, prv, pld = e["opacus_rdp"], e["dp_accounting_rdp"], e["opacus_prv"], e["dp_accounting_pld"]
     # Same RDP analysis, two code bases. Integer orders agree exactly. At fractional orders
     # and large q dp_accounting is more conservative (Opacus matches a direct numerical
     # integration there): <= ~1% above Opacus below ε = 12 in our scans, ~5% at ε 15-20,
-    # far more at ε ~ 100. Below ε ~ 0.5 the best order passes Opacus' largest (63) and
-    # dp_accounting's extra orders (128..1024) make it tighter, up to ~2x.
-    if 0.5 <= rdp <= 12:
+    # far more at ε ~ 100. At small ε (seen up to ~0.9: q=0.0054, σ=1.07, 148 steps) the best
+    # order passes Opacus' largest (63) and dp_accounting's extra orders (128..1024) make
+    # it tighter, up to ~2x; from ε = 2 on, the best order is well inside both grids.
+    if 2 <= rdp <= 12:
         assert rdp * (1 - 2e-3) <= rdp2 <= rdp * 1.03
+    elif 0.5 <= rdp < 2:
+        assert rdp / 2.2 <= rdp2 <= rdp * 1.03
     elif rdp > 12:
         assert rdp2 >= rdp * (1 - 2e-3)
     else:

@@ -23,15 +23,6 @@ from dpflat.audit import (
 from dpflat.privacy import DP, NOT_DP_NONPRIVATE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on two cores shared with other jobs thrash (6x slower); one does not."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- the bound
 @pytest.mark.parametrize("r,v", [(10, 10), (32, 30), (64, 50), (100, 70)])
 def test_delta_zero_bound_is_the_clopper_pearson_logit(r, v):

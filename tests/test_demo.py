@@ -15,7 +15,7 @@ from dpflat.privacy import DP, NOT_DP_NONPRIVATE
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory, shared_data):
     out = tmp_path_factory.mktemp("demo")
-    res = run_demo(str(out), epsilons=(2.0, 8.0), variants=("nonprivate", "dp"), train_size=96, epochs=1,
+    res = run_demo(str(out), epsilons=(2.0, 8.0), variants=("nonprivate", "dp"), train_size=192, epochs=1,
                    backbone="tiny-bert", data_dir=str(shared_data), grid=3, n_examples=16, progress=False)
     return out, res
 

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from dpflat.config import ConfigError
 from dpflat.mia import (
@@ -21,15 +20,6 @@ from dpflat.mia import (
 )
 from dpflat.privacy import DP, NOT_DP_NONPRIVATE
 from dpflat.train import train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on two cores shared with other jobs thrash (6x slower); one does not."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --------------------------------------------------------------------------- metrics
