@@ -106,6 +106,10 @@ class PrivacyConfig:
             self.grad_sample_mode in ("hooks", "ghost", "functorch"),
             f"grad_sample_mode must be hooks|ghost|functorch, got {self.grad_sample_mode}",
         )
+        # Opacus' ghost clipping returns a loss wrapper that the backward pass must go
+        # through; the loop does not do that yet, so refuse it clearly instead of crashing.
+        _check(self.grad_sample_mode != "ghost",
+               "grad_sample_mode ghost is not wired into the training loop yet; use hooks (default) or functorch")
 
     def resolve_delta(self, n_private: int) -> float:
         """δ = 1/N^1.1 by default: smaller than 1/N, the usual rule of thumb."""

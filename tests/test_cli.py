@@ -40,6 +40,7 @@ CASES = {
     "batch_larger_than_data": (["--batch-size", "1000"], "larger than the private training split"),
     "bad_mode": (["--awp-mode", "sometimes"], "awp_mode must be safe|paper"),
     "bad_device": (["--device", "tpu"], "device must be"),
+    "ghost_not_wired": (["--grad-sample-mode", "ghost"], "ghost is not wired"),
 }
 
 

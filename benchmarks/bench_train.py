@@ -1,0 +1,384 @@
+"""Cost of one training step: non-private vs DP-SGD (hooks / ghost) vs safe AWP vs DP-Flat (safe).
+
+One configuration (SST-2, MiniLM-L6 prefix model m=16, logical batch 64, physical 64,
+max_length 64 -- dpflat trims the all-padding columns of each batch), all variants in
+ONE process, back to back. Each variant runs the real loop, ``dpflat.train.train``
+with ``max_steps`` and an ``on_step`` callback that records a timestamp per logical
+step; the step time is the interval between consecutive callbacks (it includes the
+levels' perturb / forward / backward / restore / optimizer step / step_end exactly as
+train.py runs them, plus a one-line metrics write). The first ``--warmup`` steps are
+dropped and the median of the next ``--steps`` intervals is reported. For DP-Flat the
+one-off setup (layer selection, teacher) is timed separately by wrapping the levels'
+``setup`` methods, and reported as setup seconds, not per-step cost.
+
+Memory: tracemalloc does not see torch's allocator, so a background thread samples
+the process RSS (psutil) every 5 ms; we report the peak RSS during the timed steps
+minus the RSS just before the variant started, and the process ``ru_maxrss``.
+
+Evaluation throughput: ``dpflat.evaluate.evaluate`` (eval mode + torch.inference_mode)
+on the eval split vs the same forward in training mode with autograd on (same batches,
+batch 256), both medians over repeats.
+
+    python benchmarks/bench_train.py            # default: 3 warm-up + 10 timed steps (~5-10 min on 2 cores)
+    python benchmarks/bench_train.py --quick    # 1 warm-up + 3 timed steps, no RESULTS.md unless --append
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import _report  # noqa: E402
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from dpflat import privacy as privacy_mod  # noqa: E402
+from dpflat.cli import quiet_libraries  # noqa: E402
+from dpflat.config import DataConfig, FlatConfig, ModelConfig, PrivacyConfig, RunConfig, TrainConfig  # noqa: E402
+from dpflat.evaluate import batches, evaluate, model_inputs  # noqa: E402
+from dpflat.flat.distill import Distillation  # noqa: E402
+from dpflat.flat.layers import LayerSelection  # noqa: E402
+from dpflat.models import build_model, load_tokenizer  # noqa: E402
+from dpflat.train import prepare_data, train  # noqa: E402
+
+PROC = psutil.Process()
+
+
+class RSSPeak:
+    """Background sampler of the process RSS; ``reset()`` starts a new peak window."""
+
+    def __init__(self, every: float = 0.005):
+        self.every, self.peak, self._stop = every, PROC.memory_info().rss, threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            r = PROC.memory_info().rss
+            if r > self.peak:
+                self.peak = r
+            time.sleep(self.every)
+
+    def reset(self):
+        self.peak = PROC.memory_info().rss
+
+    def stop(self):
+        self._stop.set()
+        self._t.join()
+
+
+# ---- counting examples per logical step (Poisson batches vary in size): wrap the ledger gate
+_EXAMPLES = [0]
+_orig_count = privacy_mod.PrivateSplit.count
+
+
+def _counting(self, who, how, accounted, examples):
+    if who in ("train/dp-sgd", "train/non-private"):
+        _EXAMPLES[0] += int(examples)
+    return _orig_count(self, who, how, accounted, examples)
+
+
+privacy_mod.PrivateSplit.count = _counting
+
+# ---- timing the one-off setup of the levels
+SETUP_S: dict[str, float] = {}
+
+
+def _timed_setup(cls, key):
+    orig = cls.setup
+
+    def setup(self, ctx):
+        t = time.perf_counter()
+        try:
+            return orig(self, ctx)
+        finally:
+            SETUP_S[key] = SETUP_S.get(key, 0.0) + time.perf_counter() - t
+
+    cls.setup = setup
+
+
+_timed_setup(LayerSelection, "layers")
+_timed_setup(Distillation, "distill")
+
+VARIANTS = [
+    # key, label, privacy, flat
+    ("nonprivate", "non-private prefix tuning", {"enabled": False}, {}),
+    ("dp", "DP-SGD, Opacus hooks", {"enabled": True, "grad_sample_mode": "hooks"}, {}),
+    ("ghost", "DP-SGD, Opacus ghost clipping", {"enabled": True, "grad_sample_mode": "ghost"}, {}),
+    ("dp+awp", "DP + AWP (safe)", {"enabled": True}, {"awp": True}),
+    ("dpflat", "DP-Flat (safe: layers + distill + AWP)", {"enabled": True},
+     {"awp": True, "layers": True, "distill": True}),
+]
+
+
+def base_config(a, out: str) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(task="sst2", data_dir=a.data_dir, max_length=64, train_size=a.train_size, public_size=500),
+        model=ModelConfig(backbone=a.backbone, prefix_len=16),
+        privacy=PrivacyConfig(epsilon=8.0, max_grad_norm=1.0),
+        # awp_epochs=1 (with 2 epochs): AWP is active on every measured step; the rest are the defaults
+        flat=FlatConfig(awp_epochs=1.0, awp_mode="safe", layers_mode="safe", distill_mode="safe"),
+        train=TrainConfig(epochs=2.0, batch_size=64, physical_batch_size=64, lr=1e-2, output_dir=out,
+                          checkpoint_every=10**6, eval_every=0, progress=False, seed=0),
+    )
+
+
+def run_variant(cfg: RunConfig, a, rss: RSSPeak) -> dict:
+    W, T, P = a.warmup, a.steps, a.profile_steps
+    stamps, examples, state = [], [], {}
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+
+    def on_step(row):
+        stamps.append(time.perf_counter())
+        examples.append(_EXAMPLES[0])
+        _EXAMPLES[0] = 0
+        s = row["step"]
+        if s == W:
+            state["rss_before_steps"] = PROC.memory_info().rss
+            rss.reset()
+        if s == W + T:
+            state["rss_peak_steps"] = rss.peak
+            if P:
+                prof.start()
+        if P and s == W + T + P:
+            prof.stop()
+
+    gc.collect()
+    rss0 = PROC.memory_info().rss
+    rss.reset()
+    SETUP_S.clear()
+    _EXAMPLES[0] = 0
+    t0 = time.perf_counter()
+    try:
+        train(cfg, resume=False, max_steps=W + T + P, on_step=on_step)
+    except Exception as e:  # noqa: BLE001 -- a variant that cannot run is reported, not fatal
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return {"error": msg[:200]}
+    iv = [stamps[k] - stamps[k - 1] for k in range(W, W + T)]  # intervals of steps W+1..W+T
+    ex = examples[W : W + T]
+    out = {
+        "step_s": statistics.median(iv),
+        "steps_s": iv,
+        "ex_per_s": sum(ex) / sum(iv),
+        "mean_batch": sum(ex) / len(ex),
+        "first_step_at": stamps[0] - t0,
+        "setup": dict(SETUP_S),
+        "rss_delta_mb": (state["rss_peak_steps"] - rss0) / 2**20,
+        "rss_peak_mb": state["rss_peak_steps"] / 2**20,
+        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if P:
+        out["profile"] = {
+            e.key: (e.self_cpu_time_total / 1e3 / P, e.count / P) for e in prof.key_averages()
+        }
+    return out
+
+
+def eval_vs_forward(cfg: RunConfig, a) -> dict:
+    tok = load_tokenizer(cfg.model)
+    card, _, tokd = prepare_data(cfg, tok)
+    model = build_model(cfg.model, len(card.labels), seed=0)
+    ds = tokd["eval"]
+    n = len(ds)
+    bs = cfg.train.eval_batch_size
+
+    def train_forward():
+        model.train()
+        for b in batches(ds, bs):
+            logits = model(**model_inputs(b, "cpu"))
+            loss = torch.nn.functional.cross_entropy(logits.float(), b["labels"])
+            del logits, loss
+
+    def eval_pass():
+        evaluate(model, ds, bs, "cpu")
+
+    res = {"n": n, "batch": bs}
+    for name, fn in (("eval", eval_pass), ("train_fwd", train_forward)):
+        fn()  # warm-up
+        ts = []
+        for _ in range(a.eval_repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        res[name] = n / statistics.median(ts)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        res[name + "_profile"] = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()}
+    return res
+
+
+def profile_table(slow: dict, base: dict | None, slow_name: str, base_name: str | None, k: int = 10,
+                  unit: str = "step") -> list[str]:
+    top = sorted(slow.items(), key=lambda kv: -kv[1][0])[:k]
+    tot = sum(v[0] for v in slow.values())
+    hdr = f"| op (top {k} by self CPU, {slow_name}) | self CPU ms/{unit} | % | calls/{unit} |"
+    sep = "|---|---|---|---|"
+    if base is not None:
+        hdr += f" {base_name}: self CPU ms/{unit} |"
+        sep += "---|"
+    lines = [hdr, sep]
+    for key, (ms, calls) in top:
+        row = f"| `{key}` | {ms:.1f} | {100 * ms / tot:.1f} | {calls:g} |"
+        if base is not None:
+            row += f" {base.get(key, (0.0, 0))[0]:.1f} |"
+        lines.append(row)
+    btot = f"; {base_name}: {sum(v[0] for v in base.values()):.0f} ms" if base is not None else ""
+    lines.append(f"\nTotal self CPU per {unit}: {slow_name}: {tot:.0f} ms{btot}.")
+    return lines
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps, 1 profiled step, 2 eval repeats")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3; quick 1; >= 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; quick 3)")
+    p.add_argument("--profile-steps", type=int, default=None, help="profiled steps after the timed ones (default 2)")
+    p.add_argument("--eval-repeats", type=int, default=None, help="eval/forward passes timed (default 3)")
+    p.add_argument("--train-size", type=int, default=2000)
+    p.add_argument("--backbone", default="minilm")
+    p.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    p.add_argument("--data-dir", default=os.environ.get("DPFLAT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--append", action="store_true", help="append to RESULTS.md even with --quick")
+    p.add_argument("--no-append", action="store_true", help="print only")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.warmup = max(1, a.warmup if a.warmup is not None else (1 if q else 3))
+    a.steps = a.steps if a.steps is not None else (3 if q else 10)
+    a.profile_steps = a.profile_steps if a.profile_steps is not None else (1 if q else 2)
+    a.eval_repeats = a.eval_repeats if a.eval_repeats is not None else (2 if q else 3)
+    quiet_libraries()
+
+    load0, t_all = os.getloadavg(), time.time()
+    rss = RSSPeak()
+    res: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as out:
+        base = base_config(a, out)
+        wanted = a.variants.split(",")
+        for key, label, priv, flat in VARIANTS:
+            if key not in wanted:
+                continue
+            cfg = base.replace(privacy=priv, flat={"awp": False, "layers": False, "distill": False, **flat},
+                               train={"run_name": key}, variant=key)
+            t = time.time()
+            res[key] = run_variant(cfg, a, rss)
+            r = res[key]
+            if "error" in r:
+                print(f"{key}: FAILED {r['error']}", flush=True)
+            else:
+                print(f"{key}: median step {r['step_s']:.3f} s, {r['ex_per_s']:.1f} ex/s, "
+                      f"mean batch {r['mean_batch']:.1f}, first step at {r['first_step_at']:.1f} s, "
+                      f"setup {r['setup']}, peak RSS +{r['rss_delta_mb']:.0f} MB ({time.time() - t:.0f} s)",
+                      flush=True)
+        ev = eval_vs_forward(base, a)
+        print(f"eval {ev['eval']:.1f} ex/s vs training-mode forward {ev['train_fwd']:.1f} ex/s", flush=True)
+    rss.stop()
+    load1, wall = os.getloadavg(), time.time() - t_all
+
+    # ---- table
+    npv = res.get("nonprivate", {})
+    lines_tab = ["| configuration | median step (s) | examples/s | mean batch | step time / non-private | "
+                 "examples/s vs non-private | peak RSS during steps (MB; + over pre-variant RSS) | "
+                 "time to first step (s) | one-off setup (s) |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+    for key, label, _, _ in VARIANTS:
+        if key not in res:
+            continue
+        r = res[key]
+        if "error" in r:
+            lines_tab.append(f"| {label} | not run: `{r['error']}` | — | — | — | — | — | — | — |")
+            continue
+        ratio = f"{r['step_s'] / npv['step_s']:.2f}×" if "step_s" in npv else "—"
+        eratio = f"{r['ex_per_s'] / npv['ex_per_s']:.2f}×" if "ex_per_s" in npv else "—"
+        setup = ", ".join(f"{k} {v:.1f}" for k, v in r["setup"].items()) or "—"
+        lines_tab.append(
+            f"| {label} | {r['step_s']:.3f} | {r['ex_per_s']:.1f} | {r['mean_batch']:.1f} | {ratio} | {eratio} | "
+            f"{r['rss_peak_mb']:.0f} (+{r['rss_delta_mb']:.0f}) | {r['first_step_at']:.1f} | {setup} |")
+
+    goals, profiles = [], []
+
+    def ok(x):
+        return "met" if x else "NOT met"
+
+    fl, dp, aw = res.get("dpflat", {}), res.get("dp", {}), res.get("dp+awp", {})
+    if "step_s" in fl and "step_s" in npv:
+        r1 = fl["step_s"] / npv["step_s"]
+        goals.append(f"- DP-Flat(safe) step / non-private step = **{r1:.2f}×** (goal ≤ 1.15×): **{ok(r1 <= 1.15)}**; "
+                     f"per example: {npv['ex_per_s'] / fl['ex_per_s']:.2f}×")
+        if r1 > 1.15 and "profile" in fl:
+            profiles += ["", "Profile of the DP-Flat(safe) step (slower) vs the non-private step, torch.profiler CPU, "
+                         f"{a.profile_steps} step(s) after the timed ones:", ""]
+            profiles += profile_table(fl["profile"], npv.get("profile"), "DP-Flat(safe)", "non-private")
+    if "step_s" in aw and "step_s" in dp:
+        r2 = aw["step_s"] / dp["step_s"]
+        goals.append(f"- safe AWP step / plain DP step = **{r2:.2f}×** (goal ≤ 1.05×): **{ok(r2 <= 1.05)}**; "
+                     f"per example: {dp['ex_per_s'] / aw['ex_per_s']:.2f}×")
+        if r2 > 1.05 and "profile" in aw:
+            profiles += ["", "Profile of the DP+AWP(safe) step (slower) vs the plain DP step:", ""]
+            profiles += profile_table(aw["profile"], dp.get("profile"), "DP+AWP(safe)", "DP")
+    r3 = ev["eval"] / ev["train_fwd"]
+    goals.append(f"- evaluation ({ev['eval']:.1f} ex/s) / training-mode forward ({ev['train_fwd']:.1f} ex/s) = "
+                 f"**{r3:.2f}×** (goal ≥ 2×): **{ok(r3 >= 2)}**")
+    if r3 < 2:
+        profiles += ["", f"Profile of one training-mode forward pass over the {ev['n']} eval sentences (slower) vs "
+                     "one evaluate() pass (totals per pass, not per step):", ""]
+        profiles += profile_table(ev["train_fwd_profile"], ev["eval_profile"], "train-mode fwd", "evaluate", unit="pass")
+    if "step_s" in dp and "step_s" in npv:
+        goals.append(f"- (info) plain DP (hooks) / non-private step: {dp['step_s'] / npv['step_s']:.2f}×")
+
+    per_step = []
+    for key in res:
+        if "steps_s" in res[key]:
+            per_step.append(f"{key}: " + ", ".join(f"{x:.2f}" for x in res[key]["steps_s"]))
+
+    lines = [
+        f"- command: `{_report.command()}`",
+        f"- machine: {_report.machine()}; load average (1 min) {load0[0]:.2f} at start, {load1[0]:.2f} at end; "
+        f"wall time {wall / 60:.1f} min",
+        f"- setting: SST-2 from ../shared/data, {a.train_size} private examples (public 500), backbone {a.backbone}, "
+        "prefix m=16, max_length 64 (all-padding columns trimmed per batch), logical batch 64 (Poisson for DP, so "
+        "the DP batch size varies and a batch > 64 takes 2 physical steps of BatchMemoryManager), physical 64, "
+        "AdamW, ε=8, C=1; FlatConfig defaults otherwise (AWP γ=0.01 active on every measured step; layers drop 2 "
+        "of 6 with 30 public warm-up steps, 128 examples, 3 random directions; teacher 1 epoch on public)",
+        f"- method: `dpflat.train.train(cfg, max_steps=..., on_step=...)` per variant, back to back in one process; "
+        f"step time = interval between consecutive on_step callbacks; {a.warmup} warm-up step(s) dropped, median of "
+        f"{a.steps} timed steps; examples/s = examples in the timed steps / their total time. The DP variants see "
+        "the same Poisson batches (the loop reseeds per step); non-private sees shuffled batches of exactly 64",
+        "- memory: RSS sampled every 5 ms by a psutil thread (tracemalloc does not see torch); 'peak RSS during "
+        "steps' is the peak over the timed steps, '+' is that minus the RSS just before the variant started "
+        f"(process ru_maxrss at the end: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)",
+        "- one-off setup: the layers / distill levels' `setup` wall time (not in the per-step cost); "
+        "'time to first step' includes data loading, tokenisation, model build, make_private, setup and step 1",
+        f"- evaluation: `dpflat.evaluate.evaluate` (eval mode, inference_mode) vs the same model in train mode with "
+        f"autograd on (forward + CE loss, no backward), {ev['n']} eval sentences in batches of {ev['batch']}, "
+        f"median of {a.eval_repeats} passes after one warm-up",
+        "",
+        *lines_tab,
+        "",
+        "Goals:",
+        *goals,
+        "",
+        "Per-step times (s): " + "; ".join(per_step),
+        *profiles,
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not a.no_append and (not q or a.append):
+        _report.append("bench_train: step cost of non-private / DP / AWP / DP-Flat, and evaluation throughput", lines)
+    return text
+
+
+if __name__ == "__main__":
+    main()
