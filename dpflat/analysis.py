@@ -149,7 +149,9 @@ def analyze_run(
     summary: dict[str, Any] = {"run_id": run.run_dir.name, "label": run.label, "guarantee": run.guarantee,
                                "epsilon": run.result.get("epsilon"), "variant": run.result.get("variant"),
                                "settings": settings, "params": params,
-                               "data": f"{split} split, first {sum(len(b['labels']) for b in batches)} examples"}
+                               "data": f"{split} split, first {sum(len(b['labels']) for b in batches)} examples",
+                               # figures computed on private examples are not covered by the run's guarantee
+                               "covered_by_guarantee": split != "private"}
 
     with ls.HessianOperator(model, ce_loss, batches, params=params) as H:
         eig = ls.top_eigenvalues(H, k=top_k, seed=seed)

@@ -11,6 +11,12 @@ would measure the distribution shift, not memorisation. Only when the run used
 so (``nonmember_source = "eval"``). The two sides are balanced (same count; seeded
 subsample of the larger side).
 
+Privacy of the attack itself. The attack is an auditor's tool: it reads the run's
+private examples *after* training, to measure leakage. That read is outside the run
+(its ledger, which describes how the released model was made, is unchanged), and the
+attack's numbers are not covered by the run's (ε, δ) guarantee: treat ``mia.json`` as
+private to whoever holds the data.
+
 Scores (higher = "more likely a member"):
 - ``loss``: minus the cross-entropy of the true label (Yeom et al. 2018).
 - ``calibrated``: minus (loss - reference loss) (Watson et al. 2022 "difficulty

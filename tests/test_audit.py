@@ -137,7 +137,6 @@ def test_dp_run_bound_stays_below_the_claimed_epsilon(tmp_path, shared_data):
     assert "lower bound" in r.table()
 
 
-@pytest.mark.slow
 def test_audit_catches_dp_sgd_without_noise(tmp_path, shared_data, monkeypatch):
     """A silent bug: the optimizer adds no noise, yet the accountant still books σ, so the
     ledger claims ε=1. Clipping alone does not stop memorisation: the audit refutes the claim."""
