@@ -193,16 +193,29 @@ def make_private(
     total_steps: int,
     n_private: int,
 ) -> DPSetup:
-    """Wrap model/optimizer/loader with Opacus for DP-SGD at the config's target ε."""
+    """Wrap model/optimizer/loader with Opacus for DP-SGD at the config's target ε.
+
+    Under torchrun the model is wrapped in Opacus' DPDDP first, which makes Opacus
+    pick its ``DistributedDPOptimizer`` (clipped sums all-reduced, noise added once on
+    rank 0) and distributed Poisson sampling; q, σ and the accountant stay those of
+    the global logical batch (``dpflat/distributed.py``).
+    """
     from opacus import PrivacyEngine
+
+    from .distributed import is_distributed, rank_poisson_loader
 
     q = 1.0 / len(loader)  # Opacus' sample rate for Poisson sampling of this loader
     delta = cfg.resolve_delta(n_private)
     sigma = noise_for_target(cfg, q, total_steps, delta)
     engine = PrivacyEngine(accountant=cfg.accountant)
     model.train()
+    module = model
+    if is_distributed():
+        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+
+        module = DPDDP(model)  # broadcasts rank 0's parameters
     dp_model, dp_opt, dp_loader = engine.make_private(
-        module=model,
+        module=module,
         optimizer=optimizer,
         data_loader=loader,
         noise_multiplier=sigma,
@@ -210,6 +223,8 @@ def make_private(
         poisson_sampling=cfg.poisson,
         grad_sample_mode=cfg.grad_sample_mode,
     )
+    if is_distributed():
+        dp_loader = rank_poisson_loader(dp_loader)  # every rank yields every step (see its docstring)
     return DPSetup(dp_model, dp_opt, dp_loader, engine, sigma, q, delta)
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import distributed as dist_mod
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate, model_inputs
 from .flat import build_levels
@@ -84,15 +85,21 @@ def train(
     A finished run is returned as is; an unfinished one resumes from its last
     checkpoint (same accountant state, so the same final ε). ``max_steps`` stops
     early without finishing (tests and interactive use).
+
+    Under ``torchrun`` every rank calls this with the same config: rank 0 alone
+    writes the run folder and holds its lock, the others learn its outcome
+    (``dpflat/distributed.py``); ``on_step`` runs on every rank.
     """
-    rd = RunDir.for_config(cfg)
-    if resume and rd.done:
-        res = rd.result()
-        append_result(cfg.train.output_dir, {k: v for k, v in res.items() if k != "info"})  # idempotent
-        return res
-    rd.create(cfg)
-    with rd.lock():
-        return _train(cfg, rd, resume, max_steps, on_step)
+    with dist_mod.process_group(cfg.train.device):
+        cfg = dist_mod.rank_config(cfg)  # under torchrun: this rank's GPU
+        rd = RunDir.for_config(cfg)
+        res = dist_mod.on_main(lambda: rd.result() if resume and rd.done else None)
+        if res is not None:
+            dist_mod.on_main(append_result, cfg.train.output_dir, {k: v for k, v in res.items() if k != "info"})  # idempotent
+            return res
+        dist_mod.on_main(rd.create, cfg)
+        with dist_mod.main_only(rd.lock):
+            return _train(cfg, rd, resume, max_steps, on_step)
 
 
 def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
@@ -118,10 +125,12 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     ctx = TrainContext(cfg, model, private, tokd["public"], tokd["eval"], ledger, device)
     levels = build_levels(cfg)
 
-    ckpt = rd.latest_checkpoint() if resume else None
+    ckpt = dist_mod.on_main(lambda: rd.latest_checkpoint() if resume else None)  # the same one on every rank
     if ckpt is None:
-        for lv in levels:
-            lv.setup(ctx)  # may set the keep-mask, train a teacher (reads go through the ledger)
+        if dist_mod.is_main():
+            for lv in levels:
+                lv.setup(ctx)  # may set the keep-mask, train a teacher (reads go through the ledger)
+        dist_mod.share_levels(levels, ctx)  # torchrun: the other ranks load rank 0's outcome
 
     # --- optimiser and privacy
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,6 +152,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
         train_model, opt, loader = dp.model, dp.optimizer, dp.loader
     else:
         train_model = model
+        dist_mod.broadcast_parameters(model)  # torchrun: DPDDP does this on the private path
     ctx.optimizer, ctx.dp = opt, dp
 
     # --- resume
@@ -156,9 +166,11 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
         step, best = state["step"], state["best"]
         restored = PrivacyLedger.from_dict(state["ledger"])
         ledger.reads = restored.reads
+        dist_mod.keep_counts_on_main(ledger)  # torchrun: the saved counts are totals over ranks
         for lv in levels:
             lv.load_state_dict(state["levels"].get(lv.name, {}), ctx)
-        rd.truncate_metrics(step)
+        if dist_mod.is_main():
+            rd.truncate_metrics(step)
     best_file = rd.path / "best.safetensors"
 
     def checkpoint() -> None:
@@ -167,10 +179,12 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
             "optimizer": (opt.original_optimizer if dp else opt).state_dict(),
             "accountant": dp.engine.accountant.state_dict() if dp else None,
             "best": best,
-            "ledger": ledger.to_dict(),
+            "ledger": dist_mod.merged_ledger(ledger).to_dict(),
             "levels": {lv.name: lv.state_dict() for lv in levels},
         }
-        rd.save_checkpoint(step, model.trainable_state(), state)
+        if dist_mod.is_main():
+            rd.save_checkpoint(step, model.trainable_state(), state)
+        dist_mod.barrier()
 
     def run_eval() -> dict[str, Any]:
         nonlocal best
@@ -182,7 +196,8 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
 
     eval_every = cfg.train.eval_every or steps_per_epoch
     P = min(cfg.train.physical_batch_size, B)
-    bar = tqdm(total=total_steps, initial=step, desc=rd.path.name, disable=not cfg.train.progress, leave=False)
+    main = dist_mod.is_main()  # under torchrun only rank 0 evaluates, logs and writes
+    bar = tqdm(total=total_steps, initial=step, desc=rd.path.name, disable=not (cfg.train.progress and main), leave=False)
     t0, seen = time.time(), 0
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
     try:
@@ -197,12 +212,13 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
             with mem as it:
                 new_step = True
                 for batch in it:
-                    chunks = [batch] if dp else list(_chunks(batch, P))
+                    chunks = [batch] if dp else list(_chunks(dist_mod.shard(batch), P))
                     for i, chunk in enumerate(chunks):
                         nb = len(chunk["labels"])
                         if new_step:
                             for lv in levels:
                                 lv.step_begin(ctx, step, chunk)
+                            dist_mod.share_step_state(levels, ctx)
                             new_step = False
                         for lv in levels:
                             lv.perturb(ctx)
@@ -220,6 +236,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
                         else:
                             stepped = i == len(chunks) - 1
                             if stepped:
+                                dist_mod.sum_gradients(params)  # torchrun: the ranks' shares of the batch
                                 opt.step()
                         if stepped:
                             for lv in levels:
@@ -232,14 +249,15 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
                         new_step = True
                         bar.update(1)
                         row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach())}
-                        milestone = step % eval_every == 0 or step == total_steps
+                        milestone = main and (step % eval_every == 0 or step == total_steps)
                         if milestone:
                             row.update({f"eval_{k}": v for k, v in run_eval().items()})
-                        if dp and (milestone or step % cfg.train.checkpoint_every == 0):
+                        if main and dp and (milestone or step % cfg.train.checkpoint_every == 0):
                             # ε so far; not every step: one accountant call costs up to ~0.5 s
                             row["epsilon"] = float(dp.engine.accountant.get_epsilon(delta=dp.delta))
-                        row["examples_per_s"] = seen / max(time.time() - t0, 1e-9)
-                        rd.log(row)
+                        row["examples_per_s"] = seen / max(time.time() - t0, 1e-9)  # this rank's
+                        if main:
+                            rd.log(row)
                         bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ("loss", "eval_accuracy", "epsilon")})
                         if on_step:
                             on_step(row)
@@ -256,7 +274,8 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     if step < total_steps:
         fill_ledger(ledger, cfg.privacy, dp, step)
         return {"run_id": rd.path.name, "finished": False, "step": step, "run_dir": str(rd.path)}
-    return _finish(cfg, rd, ctx, model, ledger, dp, best, best_file, step, card)
+    ledger = dist_mod.merged_ledger(ledger)  # torchrun: every rank's reads, counted once
+    return dist_mod.on_main(_finish, cfg, rd, ctx, model, ledger, dp, best, best_file, step, card)
 
 
 def _finish(cfg, rd: RunDir, ctx: TrainContext, model, ledger, dp, best, best_file, step, card) -> dict[str, Any]:
