@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
+import pickle
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
@@ -142,14 +142,20 @@ def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     if not is_distributed():
         return fn(*args, **kwargs)
     out: tuple[str, Any] = ("ok", None)
+    error: Exception | None = None
     if is_main():
         try:
             out = ("ok", fn(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-            out = ("err", e)
+            error = e
+            try:
+                pickle.dumps(e)
+                out = ("err", e)
+            except Exception:  # noqa: BLE001 - an exception that does not pickle still has to travel
+                out = ("err", RuntimeError(f"rank 0: {type(e).__name__}: {e}"))
     kind, val = broadcast(out)
     if kind == "err":
-        raise val
+        raise error if error is not None else val
     return val
 
 
@@ -164,9 +170,12 @@ def main_only(make_cm: Callable[[], Any]) -> Iterator[None]:
     on_main(lambda: cm.__enter__())
     try:
         yield
-    finally:
+    except BaseException as e:
         if cm is not None:
-            cm.__exit__(*sys.exc_info())
+            cm.__exit__(type(e), e, e.__traceback__)
+        raise
+    if cm is not None:
+        cm.__exit__(None, None, None)
 
 
 # --- flattening levels: one state on every rank

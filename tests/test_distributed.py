@@ -24,7 +24,7 @@ from conftest import tiny_run_config
 from dpflat import distributed as dist_mod
 from dpflat import train as train_mod
 from dpflat.privacy import DP, NOT_DP_PAPER, PrivacyLedger
-from dpflat.runs import RunDir, load_results
+from dpflat.runs import RunDir, RunLocked, load_results
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -91,6 +91,25 @@ def _clip_check(cfg, rank: int) -> dict:
             "optimizer": type(dp.optimizer).__name__, "sampler": type(dp.loader.batch_sampler).__name__}
 
 
+def _rank0_errors(cfg) -> list[str]:
+    """Errors raised on rank 0 alone (a failing call, a run locked by a live process) reach every rank."""
+    seen = []
+    try:
+        dist_mod.on_main(lambda: 1 / 0)
+    except ZeroDivisionError:
+        seen.append("on_main")
+    rd = RunDir.for_config(cfg)
+    if dist_mod.is_main():
+        rd.create(cfg)
+        (rd.path / ".lock").write_text(str(os.getppid()))  # the pytest process: alive
+    dist.barrier()
+    try:
+        train_mod.train(cfg)
+    except RunLocked:
+        seen.append("locked")
+    return seen
+
+
 def _names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
@@ -105,7 +124,8 @@ def _worker(rank: int, port: int, out: str, data: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     cfgs = _configs(Path(out), Path(data))
-    seen: dict = {"clip": _clip_check(cfgs["dpflat"].replace(model={"head_dropout": 0.0}), rank)}
+    seen: dict = {"errors": _rank0_errors(cfgs["resume"].replace(train={"output_dir": str(Path(out) / "locked")}))}
+    seen.update({"clip": _clip_check(cfgs["dpflat"].replace(model={"head_dropout": 0.0}), rank)})
     model_box, level_box, tally = [], [], {"examples": 0}
     orig_build, orig_levels, orig_record = train_mod.build_model, train_mod.build_levels, PrivacyLedger.record
 
@@ -226,6 +246,10 @@ def test_clipped_sum_matches_one_process_and_noise_is_added_once(two_ranks):
     sd = r0["sigma"] * r0["C"]
     assert noise.numel() > 500
     assert noise.std().item() == pytest.approx(sd, rel=0.12)  # twice the noise would be 1.41 sd
+
+
+def test_rank0_errors_and_the_run_lock_reach_every_rank(two_ranks):
+    assert [r["errors"] for r in two_ranks["ranks"]] == [["on_main", "locked"]] * WORLD
 
 
 def test_same_seed_same_epsilon_as_one_process(two_ranks):
