@@ -22,6 +22,17 @@ How a product is computed (``method``):
   BERT-style models double backward won in our measurements (0.64 s vs 1.17 s per
   batch of 16 for MiniLM-L6), on tiny MLPs ``func`` may win.
 
+Precision (``precision``): ``"fp32"`` (default) runs the loss as the model is.
+``"bf16"`` / ``"fp16"`` run every loss evaluation under ``torch.autocast``, so the
+matmuls of the forward, backward and double backward run in half precision with fp32
+accumulation: the Hessian is then that of the autocast model, not the fp32 one. Why
+offer it: an exact HVP costs two matmul passes (a tangent forward and an adjoint
+backward) and that bound is reached already, so lower-precision matmuls (AMX/AVX-512
+bf16 on recent CPUs, tensor cores on GPUs) are the one remaining big lever; we measured
+1.9x per top eigenvalue on MiniLM on a 2-core Xeon with the value 0.2% off the fp32 one
+(benchmarks/RESULTS.md). Use it for landscape surveys; compare against fp32 when a
+third digit matters. ``fp16`` may underflow in the double backward; prefer bf16.
+
 Attention needs ``attn_implementation="eager"`` on CPU: SDPA has no double backward.
 """
 
@@ -48,6 +59,24 @@ from ._params import (
 )
 
 Method = Literal["auto", "double_backward", "func"]
+Precision = Literal["fp32", "bf16", "fp16"]
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_loss(loss_fn: LossFn, precision: Precision, device_type: str) -> LossFn:
+    """``loss_fn`` evaluated under ``torch.autocast`` (returns an fp32 scalar); fp32: as is."""
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise LandscapeError(f"precision must be fp32|bf16|fp16, got {precision!r}")
+    if precision == "fp32":
+        return loss_fn
+    dtype = _AUTOCAST[precision]
+
+    def wrapped(model: nn.Module, batch: Batch) -> torch.Tensor:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            out = loss_fn(model, batch)
+        return out.float()
+
+    return wrapped
 
 
 # --------------------------------------------------------------------------- operators
@@ -174,14 +203,16 @@ class HessianOperator(LinearOperator):
         *,
         method: Method = "auto",
         cache_graph: bool = True,
+        precision: Precision = "fp32",
     ):
         if method not in ("auto", "double_backward", "func"):
             raise LandscapeError(f"method must be auto|double_backward|func, got {method!r}")
         self.model = model
-        self.loss_fn = loss_fn
         self.batches = as_batch_list(batches)
         self.weights = batch_weights(self.batches)
         self.pset = ParamSet.from_model(model, params)
+        self.precision = precision
+        self.loss_fn = autocast_loss(loss_fn, precision, self.pset.device.type)
         self.n = self.pset.n
         self.dtype = self.pset.dtype
         self.device = self.pset.device
@@ -199,7 +230,8 @@ class HessianOperator(LinearOperator):
 
     # -- bookkeeping
     def info(self) -> dict[str, Any]:
-        d = {"n_params": self.n, "method": self.method_used or self.method, "cache_graph": self.cache_graph}
+        d = {"n_params": self.n, "method": self.method_used or self.method, "cache_graph": self.cache_graph,
+             "precision": self.precision}
         d.update(data_info(self.batches))
         return d
 
@@ -436,9 +468,10 @@ def hvp(
     v: torch.Tensor | Sequence[torch.Tensor],
     params: ParamSpec = None,
     method: Method = "auto",
+    precision: Precision = "fp32",
 ) -> torch.Tensor:
     """One Hessian-vector product (flat ``v`` or a list shaped like the parameters)."""
-    op = HessianOperator(model, loss_fn, batches, params, method=method, cache_graph=False)
+    op = HessianOperator(model, loss_fn, batches, params, method=method, cache_graph=False, precision=precision)
     if not isinstance(v, torch.Tensor):
         v = op.pset.flatten(list(v))
     return op.matvec(v)
@@ -450,5 +483,6 @@ __all__ = [
     "HessianOperator",
     "LinearOperator",
     "RestrictedOperator",
+    "autocast_loss",
     "hvp",
 ]

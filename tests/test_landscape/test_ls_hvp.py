@@ -175,3 +175,27 @@ def test_auto_without_cache_times_both_and_keeps_one():
         torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-9, atol=1e-10)
     assert set(op.timings) == {"double_backward_s", "func_s"}
     assert op.method_used in ("func", "double_backward") and op.info()["method"] == op.method_used
+
+
+def test_bf16_precision_is_autocast_and_close_to_fp32():
+    """bf16 runs the matmuls in bfloat16 (the product differs from fp32: the path is live)
+    and stays close: the top eigenvalue within 2%, the product within a few percent."""
+    from landscape import lanczos
+
+    m = tiny_bert(0, dtype=torch.float32, dropout=0.0)
+    bs = bert_batches(0)
+    seen = []
+    m.head.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    exact = HessianOperator(m, bert_loss, bs)
+    fast = HessianOperator(m, bert_loss, bs, precision="bf16")
+    v = torch.randn(exact.n, generator=torch.Generator().manual_seed(3))
+    hv, hv16 = exact.matvec(v), fast.matvec(v)
+    assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16
+    rel = float((hv16 - hv).norm() / hv.norm())
+    assert 0 < rel < 0.05
+    assert fast.info()["precision"] == "bf16" and exact.info()["precision"] == "fp32"
+    top = lanczos(exact, k=1, tol=1e-8, max_iter=200, which="LM").eigenvalues[0]
+    top16 = lanczos(fast, k=1, tol=1e-8, max_iter=200, which="LM").eigenvalues[0]
+    assert top16 == pytest.approx(top, rel=0.02)
+    with pytest.raises(LandscapeError, match="precision"):
+        HessianOperator(m, bert_loss, bs, precision="int8")
