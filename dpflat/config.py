@@ -90,6 +90,9 @@ class PrivacyConfig:
     delta: float | None = None  # None: 1 / N^1.1 for N private examples
     max_grad_norm: float = 1.0  # C: per-example clip
     accountant: Literal["rdp", "prv"] = "rdp"
+    # hooks: per-example gradients by module hooks (the fastest here: a prefix's per-example
+    # gradient is small); ghost: Opacus' ghost clipping (per-example norms without
+    # per-example gradients, two backward passes); functorch: vmap'd per-example gradients
     grad_sample_mode: Literal["hooks", "ghost", "functorch"] = "hooks"
     poisson: bool = True
 
@@ -106,10 +109,6 @@ class PrivacyConfig:
             self.grad_sample_mode in ("hooks", "ghost", "functorch"),
             f"grad_sample_mode must be hooks|ghost|functorch, got {self.grad_sample_mode}",
         )
-        # Opacus' ghost clipping returns a loss wrapper that the backward pass must go
-        # through; the loop does not do that yet, so refuse it clearly instead of crashing.
-        _check(self.grad_sample_mode != "ghost",
-               "grad_sample_mode ghost is not wired into the training loop yet; use hooks (default) or functorch")
 
     def resolve_delta(self, n_private: int) -> float:
         """δ = 1/N^1.1 by default: smaller than 1/N, the usual rule of thumb."""
@@ -188,9 +187,14 @@ class TrainConfig:
     run_name: str | None = None  # default: derived from the config
     num_threads: int | None = None
     progress: bool = True
+    # matmul precision of forward/backward: auto = bf16 autocast on a CUDA GPU that has it
+    # (the frozen backbone dominates the cost; tensor cores), fp32 elsewhere. Clipping, noise,
+    # the optimizer and the trainable weights stay fp32 in every case.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        _check(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto|fp32|bf16, got {self.precision}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.physical_batch_size >= 1, f"physical_batch_size must be >= 1, got {self.physical_batch_size}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -203,6 +207,16 @@ class TrainConfig:
             dev == "cpu" or dev == "mps" or dev.startswith("cuda"),
             f"device must be cpu, cuda[:N] or mps, got {self.device}",
         )
+
+    def resolved_precision(self) -> str:
+        """fp32 or bf16: what ``auto`` means on this run's device."""
+        if self.precision != "auto":
+            return self.precision
+        if str(self.device).startswith("cuda"):
+            import torch
+
+            return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        return "fp32"
 
 
 @dataclass

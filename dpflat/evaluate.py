@@ -36,9 +36,14 @@ def batches(dataset, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
     yield from loader
 
 
+def autocast(device: str | torch.device, precision: str):
+    """bf16 autocast on ``device`` when ``precision`` is bf16; a no-op context for fp32."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.inference_mode()
 def per_example_losses(
-    model: nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu"
+    model: nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu", precision: str = "fp32"
 ) -> dict[str, np.ndarray]:
     """Cross-entropy, prediction and correctness per example (for MIA and reports)."""
     was = model.training
@@ -46,7 +51,9 @@ def per_example_losses(
     losses, preds, labels, idx = [], [], [], []
     try:
         for b in batches(dataset, batch_size):
-            logits = model(**model_inputs(b, device)).float()
+            with autocast(device, precision):
+                logits = model(**model_inputs(b, device))
+            logits = logits.float()
             y = b["labels"].to(logits.device)
             losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
             preds.append(logits.argmax(-1).cpu())
@@ -65,13 +72,14 @@ def per_example_losses(
     return out
 
 
-def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu") -> dict[str, Any]:
+def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu",
+             precision: str = "fp32") -> dict[str, Any]:
     """Mean loss and accuracy on ``dataset``."""
-    r = per_example_losses(model, dataset, batch_size, device)
+    r = per_example_losses(model, dataset, batch_size, device, precision)
     n = len(r["loss"])
     if n == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "n": 0}
     return {"loss": float(r["loss"].mean()), "accuracy": float((r["pred"] == r["label"]).mean()), "n": n}
 
 
-__all__ = ["MODEL_KEYS", "batches", "evaluate", "model_inputs", "per_example_losses"]
+__all__ = ["MODEL_KEYS", "autocast", "batches", "evaluate", "model_inputs", "per_example_losses"]

@@ -190,7 +190,8 @@ class PrefixEncoder(nn.Module):
 
     def forward(self, batch_size: int) -> torch.Tensor:
         """(B, m, L*2*H): one copy per example so Opacus sees per-example activations."""
-        idx = self.prefix_tokens.unsqueeze(0).expand(batch_size, -1)
+        # contiguous: Opacus' ghost-clipping norm sampler for embeddings views the indices flat
+        idx = self.prefix_tokens.unsqueeze(0).expand(batch_size, -1).contiguous()
         return self.embedding(idx)
 
     def split(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor] | None]:

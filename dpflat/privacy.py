@@ -183,6 +183,7 @@ class DPSetup:
     sigma: float
     sample_rate: float
     delta: float
+    ghost: bool = False  # ghost clipping: the loss must go through ``backward_private``
 
 
 def make_private(
@@ -214,7 +215,10 @@ def make_private(
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
         module = DPDDP(model)  # broadcasts rank 0's parameters
-    dp_model, dp_opt, dp_loader = engine.make_private(
+    ghost = cfg.grad_sample_mode == "ghost"
+    if ghost and is_distributed():
+        raise ConfigError("grad_sample_mode ghost is not supported under torchrun; use hooks (the default)")
+    wrapped = engine.make_private(
         module=module,
         optimizer=optimizer,
         data_loader=loader,
@@ -222,10 +226,32 @@ def make_private(
         max_grad_norm=cfg.max_grad_norm,
         poisson_sampling=cfg.poisson,
         grad_sample_mode=cfg.grad_sample_mode,
+        **({"criterion": nn.CrossEntropyLoss()} if ghost else {}),
     )
+    # ghost returns (module, optimizer, criterion, loader); we build the loss wrapper
+    # ourselves from per-example losses (CE + the levels' terms), see backward_private
+    dp_model, dp_opt, dp_loader = (wrapped[0], wrapped[1], wrapped[3]) if ghost else wrapped
     if is_distributed():
         dp_loader = rank_poisson_loader(dp_loader)  # every rank yields every step (see its docstring)
-    return DPSetup(dp_model, dp_opt, dp_loader, engine, sigma, q, delta)
+    return DPSetup(dp_model, dp_opt, dp_loader, engine, sigma, q, delta, ghost)
+
+
+def backward_private(setup: DPSetup | None, per_example_loss: torch.Tensor) -> torch.Tensor:
+    """Backward of the mean per-example loss, the way the DP mode needs it.
+
+    hooks / functorch / non-private: a plain ``mean().backward()`` (Opacus clips in the
+    optimizer step). ghost: Opacus' two-pass backward -- the first pass computes each
+    example's gradient norm without materialising the gradient, the second back-propagates
+    the loss re-weighted by each example's clipping coefficient.
+    """
+    loss = per_example_loss.mean() if per_example_loss.numel() else per_example_loss.sum()
+    if setup is not None and setup.ghost:
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        DPTensorFastGradientClipping(setup.model, setup.optimizer, per_example_loss, "mean").backward()
+    else:
+        loss.backward()
+    return loss.detach()
 
 
 def fill_ledger(ledger: PrivacyLedger, cfg: PrivacyConfig, setup: DPSetup | None, steps: int) -> None:
@@ -257,6 +283,7 @@ __all__ = [
     "default_delta",
     "epsilon_for",
     "fill_ledger",
+    "backward_private",
     "make_private",
     "noise_for_target",
 ]

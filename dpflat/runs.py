@@ -34,6 +34,8 @@ def run_id(cfg: RunConfig) -> str:
     """Readable and unique: variant, task, ε, seed, plus a hash of the whole config."""
     d = cfg.to_dict()
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("output_dir", "run_name", "progress", "device", "num_threads")}
+    if d["train"].get("precision") == "auto":  # the default: run ids from before the field stay valid
+        d["train"].pop("precision")
     h = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
     eps = f"eps{cfg.privacy.epsilon:g}" if cfg.privacy.enabled else "nonpriv"
     return f"{cfg.variant}_{cfg.data.task}_{eps}_s{cfg.train.seed}_{h}"

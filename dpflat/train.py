@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import distributed as dist_mod
 from .config import ConfigError, RunConfig
-from .evaluate import evaluate, model_inputs
+from .evaluate import autocast, evaluate, model_inputs
 from .flat import build_levels
 from .flat.base import FlatLevel, TrainContext
 from .models import build_model, load_tokenizer
-from .privacy import PrivacyLedger, PrivateSplit, fill_ledger, make_private
+from .privacy import PrivacyLedger, PrivateSplit, backward_private, fill_ledger, make_private
 from .runs import RunDir, append_result
 
 TRAIN_WHO = "train/dp-sgd"
@@ -62,14 +62,21 @@ def _chunks(batch: dict[str, torch.Tensor], size: int):
         yield {k: v[i : i + size] for k, v in batch.items()}
 
 
-def _forward_loss(ctx: TrainContext, model, levels: list[FlatLevel], batch) -> torch.Tensor:
-    """Mean over the chunk of each example's loss: CE plus the levels' per-example terms."""
-    logits, prefix_out = model(**model_inputs(batch, ctx.device), return_prefix=True)
+def _per_example_loss(ctx: TrainContext, model, levels: list[FlatLevel], batch) -> torch.Tensor:
+    """Each example's loss: CE plus the levels' per-example terms (inside the clip)."""
+    with autocast(ctx.device, ctx.cfg.train.resolved_precision()):
+        logits, prefix_out = model(**model_inputs(batch, ctx.device), return_prefix=True)
     per_ex = F.cross_entropy(logits.float(), batch["labels"].to(ctx.device), reduction="none")
     for lv in levels:
         extra = lv.extra_loss(ctx, prefix_out)
         if extra is not None:
             per_ex = per_ex + extra
+    return per_ex
+
+
+def _forward_loss(ctx: TrainContext, model, levels: list[FlatLevel], batch) -> torch.Tensor:
+    """Mean over the chunk of each example's loss."""
+    per_ex = _per_example_loss(ctx, model, levels, batch)
     return per_ex.mean() if per_ex.numel() else per_ex.sum()
 
 
@@ -124,6 +131,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed).to(device)
     ctx = TrainContext(cfg, model, private, tokd["public"], tokd["eval"], ledger, device)
     levels = build_levels(cfg)
+    ctx.info["precision"] = cfg.train.resolved_precision()  # bf16 autocast or fp32 matmuls
 
     ckpt = dist_mod.on_main(lambda: rd.latest_checkpoint() if resume else None)  # the same one on every rank
     if ckpt is None:
@@ -188,7 +196,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
 
     def run_eval() -> dict[str, Any]:
         nonlocal best
-        r = evaluate(model, ctx.eval, cfg.train.eval_batch_size, device)
+        r = evaluate(model, ctx.eval, cfg.train.eval_batch_size, device, cfg.train.resolved_precision())
         if r["accuracy"] > best["accuracy"]:
             best = {"accuracy": r["accuracy"], "step": step}
             rd.save_tensors(best_file, model.trainable_state())
@@ -222,10 +230,12 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
                             new_step = False
                         for lv in levels:
                             lv.perturb(ctx)
-                        loss = _forward_loss(ctx, train_model, levels, chunk)
-                        if not dp:
-                            loss = loss * (nb / max(len(batch["labels"]), 1))
-                        loss.backward()
+                        per_ex = _per_example_loss(ctx, train_model, levels, chunk)
+                        if dp:
+                            loss = backward_private(dp, per_ex)  # ghost clipping: Opacus' two passes
+                        else:
+                            loss = (per_ex.mean() if nb else per_ex.sum()) * (nb / max(len(batch["labels"]), 1))
+                            loss.backward()
                         for lv in reversed(levels):
                             lv.restore(ctx)
                         private.count(TRAIN_WHO if accounted else "train/non-private", how, accounted, nb)
@@ -287,7 +297,7 @@ def _finish(cfg, rd: RunDir, ctx: TrainContext, model, ledger, dp, best, best_fi
     if best_file.exists():
         model.load_trainable_state({k: v.to(ctx.device) for k, v in load_file(str(best_file)).items()})
     rd.save_tensors(rd.model_file, model.trainable_state())
-    final = evaluate(model, ctx.eval, cfg.train.eval_batch_size, ctx.device)
+    final = evaluate(model, ctx.eval, cfg.train.eval_batch_size, ctx.device, cfg.train.resolved_precision())
     fill_ledger(ledger, cfg.privacy, dp, step)
     rd.write_json(rd.ledger_file, ledger.to_dict())
     row = {

@@ -40,7 +40,8 @@ CASES = {
     "batch_larger_than_data": (["--batch-size", "1000"], "larger than the private training split"),
     "bad_mode": (["--awp-mode", "sometimes"], "awp_mode must be safe|paper"),
     "bad_device": (["--device", "tpu"], "device must be"),
-    "ghost_not_wired": (["--grad-sample-mode", "ghost"], "ghost is not wired"),
+    "bad_precision": (["--precision", "fp8"], "precision must be auto|fp32|bf16"),
+    "bad_grad_sample_mode": (["--grad-sample-mode", "vmap"], "grad_sample_mode must be hooks|ghost|functorch"),
 }
 
 

@@ -1,0 +1,158 @@
+"""Speed work must not change what is computed.
+
+``PINNED`` holds the per-step training losses and final eval loss of fixed tiny-model
+runs, recorded with commit 19bbc60 (before the speed issue's later changes and before
+distributed training). Any later change that alters the numbers (a different batch
+order, a skipped pass, a changed clip, a reordered RNG draw) fails here; a deliberate
+change of the method must regenerate them, and say so in its commit:
+
+    python tests/test_speed_pin.py        # prints the current values as JSON
+
+The tolerance is floating-point noise only: the safe-AWP run differs from the plain
+DP run by ~1e-5 relative, so 5e-6 still tells them apart.
+
+Also here: the exact speed-ups are exact (padding-column trim; evaluation under
+``inference_mode`` in eval mode).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpflat.evaluate as ev_mod
+from dpflat.evaluate import MODEL_KEYS, evaluate
+from dpflat.models import build_model
+from dpflat.train import prepare_data, train
+
+RTOL, ATOL = 5e-6, 1e-7
+
+VARIANTS = {
+    "dp": {},
+    "dp-awp": {"flat": {"awp": True, "awp_epochs": 2.0}},
+    "dpflat": {"flat": {"awp": True, "awp_epochs": 2.0, "layers": True, "distill": True}},
+    "nonprivate": {"privacy": {"enabled": False}},
+}
+
+PINNED = {
+    "dp": {"losses": [0.7673940658569336, 0.8332435488700867, 0.8878566026687622, 0.8490907549858093,
+                      0.9229011535644531, 0.6857113242149353, 0.8529002666473389, 0.6378636956214905],
+           "eval_loss": 0.6801103353500366},
+    "dp-awp": {"losses": [0.7673940658569336, 0.8332538604736328, 0.8878514766693115, 0.8490914702415466,
+                          0.9229006767272949, 0.6857098340988159, 0.8529101014137268, 0.6378822326660156],
+               "eval_loss": 0.6801096200942993},
+    "dpflat": {"losses": [0.7754741311073303, 0.8468360900878906, 0.90501469373703, 0.8698436617851257,
+                          0.9452430605888367, 0.707845151424408, 0.8791787028312683, 0.665461540222168],
+               "eval_loss": 0.6800709962844849},
+    "nonprivate": {"losses": [0.34329870343208313, 0.42453306913375854, 0.3748234808444977, 0.4346383810043335,
+                              0.49608656764030457, 0.33374452590942383, 0.36409977078437805, 0.4203024208545685],
+                   "eval_loss": 0.6933233141899109},
+}
+
+
+def run(cfg) -> dict:
+    losses: list[float] = []
+    res = train(cfg, on_step=lambda r: losses.append(r["loss"]))
+    return {"losses": losses, "eval_loss": res["eval_loss"]}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_losses_are_pinned(name, tmp_path, make_cfg):
+    got = run(make_cfg(tmp_path, **VARIANTS[name]))
+    want = PINNED[name]
+    assert len(got["losses"]) == len(want["losses"])
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=RTOL, atol=ATOL)
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=RTOL, abs=ATOL)
+
+
+def test_pins_tell_awp_from_plain_dp():
+    """The tolerance is tight enough to see γ=0.01 safe AWP (else the pins could not fail)."""
+    a, b = torch.tensor(PINNED["dp"]["losses"]), torch.tensor(PINNED["dp-awp"]["losses"])
+    assert not torch.allclose(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["dp", "dp-awp"])
+def test_ghost_clipping_trains_the_same_run_as_hooks(name, tmp_path, make_cfg):
+    """Ghost clipping computes each example's gradient norm without the gradient; the clipped,
+    noised update (same Poisson batches, same noise draws) and so the run must be the same."""
+    over = VARIANTS[name]
+    hooks = run(make_cfg(tmp_path / "hooks", **over))
+    ghost_cfg = make_cfg(tmp_path / "ghost", **over).replace(privacy={"grad_sample_mode": "ghost"})
+    ghost = run(ghost_cfg)
+    torch.testing.assert_close(torch.tensor(ghost["losses"]), torch.tensor(hooks["losses"]), rtol=1e-4, atol=1e-6)
+    assert ghost["eval_loss"] == pytest.approx(hooks["eval_loss"], rel=1e-4)
+
+
+def test_bf16_autocast_runs_under_opacus_and_stays_close(tmp_path, make_cfg):
+    """precision=bf16 (the GPU default) trains under Opacus' hooks, is recorded with the run,
+    differs from fp32 (the autocast is live) but only by bf16 rounding."""
+    fp32 = run(make_cfg(tmp_path / "fp32", **VARIANTS["dp-awp"]))
+    cfg = make_cfg(tmp_path / "bf16", **VARIANTS["dp-awp"]).replace(train={"precision": "bf16"})
+    losses: list[float] = []
+    res = train(cfg, on_step=lambda r: losses.append(r["loss"]))
+    assert res["info_precision"] == "bf16" and res["guarantee"] == "(ε, δ)-DP"
+    a, b = torch.tensor(losses), torch.tensor(fp32["losses"])
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.02)
+
+
+def test_precision_auto_is_fp32_on_cpu_and_keeps_run_ids(make_cfg, tmp_path):
+    from dpflat.runs import run_id
+
+    cfg = make_cfg(tmp_path)
+    assert cfg.train.precision == "auto" and cfg.train.resolved_precision() == "fp32"
+    assert run_id(cfg) != run_id(cfg.replace(train={"precision": "bf16"}))
+    assert run_id(cfg) == run_id(cfg.replace(train={"precision": "auto", "device": "cuda"}))
+
+
+def _untrimmed(batch, device):
+    return {k: batch[k].to(device) for k in MODEL_KEYS if k in batch}
+
+
+def test_padding_trim_is_exact(tmp_path, make_cfg, monkeypatch):
+    """The all-padding column trim changes the cost, not the losses (up to summation order)."""
+    cfg = make_cfg(tmp_path / "a", **VARIANTS["dp-awp"])
+    trimmed = run(cfg)
+    import dpflat.flat.awp as awp_mod
+    import dpflat.flat.layers as layers_mod
+    import dpflat.train as train_mod
+
+    for mod in (ev_mod, train_mod, awp_mod, layers_mod):
+        if hasattr(mod, "model_inputs"):
+            monkeypatch.setattr(mod, "model_inputs", _untrimmed)
+    full = run(make_cfg(tmp_path / "b", **VARIANTS["dp-awp"]))
+    torch.testing.assert_close(torch.tensor(full["losses"]), torch.tensor(trimmed["losses"]), rtol=1e-5, atol=1e-6)
+    assert full["eval_loss"] == pytest.approx(trimmed["eval_loss"], rel=1e-5)
+
+
+def test_fast_evaluation_equals_a_plain_forward(tmp_path, make_cfg):
+    """evaluate() (inference_mode, trimmed, big batches) = eval-mode forward with autograd, per batch of 7."""
+    cfg = make_cfg(tmp_path)
+    card, _, tokd = prepare_data(cfg)
+    model = build_model(cfg.model, len(card.labels), seed=0)
+    fast = evaluate(model, tokd["eval"], batch_size=256)
+    model.eval()
+    losses = []
+    for b in torch.utils.data.DataLoader(tokd["eval"], batch_size=7):
+        logits = model(**_untrimmed(b, "cpu"))
+        losses.append(torch.nn.functional.cross_entropy(logits, b["labels"], reduction="none").detach())
+    assert fast["loss"] == pytest.approx(float(torch.cat(losses).mean()), rel=1e-5)
+    assert fast["n"] == len(tokd["eval"])
+
+
+if __name__ == "__main__":  # regenerate PINNED (see the module docstring)
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import SHARED_DATA, tiny_run_config
+
+    torch.set_num_threads(1)
+    out = {}
+    for name, over in VARIANTS.items():
+        with tempfile.TemporaryDirectory() as d:
+            out[name] = run(tiny_run_config(Path(d), SHARED_DATA, **over))
+    print(json.dumps(out, indent=1))
