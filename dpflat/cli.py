@@ -52,8 +52,20 @@ HELP = {
     "device": "cpu, cuda[:N] or mps",
     "output_dir": "root folder of runs and results.parquet",
     "run_name": "folder name of the run (default: variant_task_eps_seed_hash)",
+    "active": "black-box path (dpflat/blackbox.py): tune a soft prompt from forward queries only (the bb-* variants set it)",
+    "prompt_tokens": "black box: soft prompt length in tokens",
+    "prompt_dim": "black box: dimension d of z (fixed random projection to the prompt embeddings)",
+    "proj_scale": "black box: prompt shift of a unit-scale z, in word-embedding standard deviations",
+    "zo_mu": "black box: SPSA perturbation size (losses at z +- mu*u)",
+    "zo_lr": "black box: step size on z",
+    "zo_optimizer": "black box: sgd (DPZero), adam, or cma (CMA-ES, non-private only)",
+    "zo_directions": "black box: random directions per step (their k differences are clipped jointly to C)",
+    "readout_template": "black box: label description for the zero-shot readout, e.g. 'a {} review'",
+    "readout_scale": "black box: logit scale of the cosine readout",
+    "readout_bias": "black box: z also carries a per-class logit bias of the readout",
+    "prompt_lambda": "black box with --distill: λ of λ||z - z_teacher||",
 }
-FLAG_NAME = {"enabled": "dp"}
+FLAG_NAME = {"enabled": "dp", "active": "blackbox"}
 
 
 def _type_of(annot: str):
@@ -160,11 +172,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(ns) -> int:
-    from .train import train
+    from .sweep import trainer
 
     base = RunConfig.load(ns.config) if ns.config else None
     cfg = config_from_args(ns, base)
-    res = train(cfg, resume=not ns.no_resume, max_steps=ns.max_steps)
+    res = trainer(cfg)(cfg, resume=not ns.no_resume, max_steps=ns.max_steps)
     print(json.dumps({k: v for k, v in res.items() if k != "info"}, default=str, ensure_ascii=False))
     return 0
 

@@ -219,6 +219,47 @@ class TrainConfig:
         return "fp32"
 
 
+ZOOptimizer = Literal["sgd", "adam", "cma"]
+
+
+@dataclass
+class BlackBoxConfig:
+    """Black-box DP-Flat (``dpflat/blackbox.py``): a soft prompt tuned from forward queries only.
+
+    An all-default section (every white-box run) is left out of ``config.json`` and of
+    the run id, so white-box run folders are unchanged by its existence.
+    """
+
+    active: bool = False  # the black-box path: z -> prompt, zeroth-order (SPSA / DPZero) updates
+    prompt_tokens: int = 8  # soft prompt length (tokens prepended after [CLS])
+    prompt_dim: int = 50  # d: dimension of z (fixed random projection A: R^d -> tokens x hidden)
+    proj_scale: float = 1.0  # per-coordinate std of A z for ||z||^2 = d, in units of the word embeddings' std
+    zo_mu: float = 0.5  # SPSA smoothing: losses at z +- mu * u, u ~ N(0, I_d)
+    zo_lr: float = 0.1  # step size on z
+    # adam: steadier than DPZero's plain SGD at the few hundred steps a CPU affords (post-processing:
+    # the privacy cost is the same); sgd (momentum 0.9); cma (CMA-ES, non-private only)
+    zo_optimizer: ZOOptimizer = "adam"
+    zo_directions: int = 1  # random directions per step (k scalars per example, clipped jointly)
+    readout_template: str | None = None  # label description, e.g. "a {} review"; None: per-task default
+    readout_scale: float = 20.0  # logits = scale * cos(embedding, label-description embedding)
+    readout_bias: bool = True  # z also carries a per-class logit bias of the readout (K numbers, tuned by ZO)
+    prompt_lambda: float = 0.05  # with --distill: λ of λ||z - z_teacher|| (prompt-space --distill-lambda)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.prompt_tokens <= 256, f"prompt_tokens must be in [1, 256], got {self.prompt_tokens}")
+        _check(1 <= self.prompt_dim <= 100_000, f"prompt_dim must be in [1, 100000], got {self.prompt_dim}")
+        _check(self.proj_scale > 0, f"proj_scale must be > 0, got {self.proj_scale}")
+        _check(self.zo_mu > 0, f"zo_mu must be > 0, got {self.zo_mu}")
+        _check(self.zo_lr > 0, f"zo_lr must be > 0, got {self.zo_lr}")
+        _check(self.zo_optimizer in ("sgd", "adam", "cma"), f"zo_optimizer must be sgd|adam|cma, got {self.zo_optimizer}")
+        _check(1 <= self.zo_directions <= 64, f"zo_directions must be in [1, 64], got {self.zo_directions}")
+        _check(self.readout_scale > 0, f"readout_scale must be > 0, got {self.readout_scale}")
+        _check(self.prompt_lambda >= 0, f"prompt_lambda must be >= 0, got {self.prompt_lambda}")
+        if self.readout_template is not None:
+            _check("{}" in self.readout_template,
+                   f"readout_template must contain {{}} for the label name, got {self.readout_template!r}")
+
+
 @dataclass
 class RunConfig:
     """Everything one run needs; serialised as the run folder's config.json."""
@@ -229,9 +270,27 @@ class RunConfig:
     flat: FlatConfig = field(default_factory=FlatConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     variant: str = "custom"
+    blackbox: BlackBoxConfig = field(default_factory=BlackBoxConfig)
+
+    def __post_init__(self) -> None:
+        bb = self.blackbox
+        if not bb.active:
+            return
+        _check(not (self.flat.awp or self.flat.layers),
+               "black-box runs support only cross-model flattening (--distill): --awp and --layers need "
+               "white-box access to the prefix layers")
+        _check(not (self.privacy.enabled and not self.privacy.poisson),
+               "black-box DP needs Poisson sampling (--poisson): the accountant assumes it")
+        _check(not (bb.zo_optimizer == "cma" and self.privacy.enabled),
+               "zo_optimizer cma is non-private only (CMA-ES has no per-example clipping); use sgd or adam with DP")
+        _check(not (bb.zo_optimizer == "cma" and self.flat.distill),
+               "zo_optimizer cma does not take the distillation term; use sgd or adam with --distill")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.blackbox == BlackBoxConfig():  # white-box configs (and their run ids) stay as before
+            d.pop("blackbox")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -260,7 +319,7 @@ class RunConfig:
             if sect == "variant":
                 d["variant"] = changes
             else:
-                d[sect].update(changes)
+                d.setdefault(sect, {}).update(changes)  # "blackbox" is absent from white-box dicts
         return RunConfig.from_dict(d)
 
 
@@ -270,6 +329,7 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
     "flat": FlatConfig,
     "train": TrainConfig,
+    "blackbox": BlackBoxConfig,
 }
 
 
@@ -282,7 +342,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dp+layers": {"privacy": {"enabled": True}, "flat": {"layers": True}},
     "dp+distill": {"privacy": {"enabled": True}, "flat": {"distill": True}},
     "dpflat": {"privacy": {"enabled": True}, "flat": {"awp": True, "layers": True, "distill": True}},
+    # black-box DP-Flat (dpflat/blackbox.py): forward queries only; cross-model flattening (distill)
+    # pulls z toward a teacher prompt with weight blackbox.prompt_lambda
+    "bb-nonprivate": {"privacy": {"enabled": False}, "flat": {}, "blackbox": {"active": True}},
+    "bb-dp": {"privacy": {"enabled": True}, "flat": {}, "blackbox": {"active": True}},
+    "bb-dpflat": {"privacy": {"enabled": True}, "flat": {"distill": True}, "blackbox": {"active": True}},
 }
+#: variants without flattening: their name carries no mode, and sweeps run them once per ε
+NO_MODE_VARIANTS = ("nonprivate", "dp", "bb-nonprivate", "bb-dp")
+#: variants whose result does not depend on ε (one run per seed in a sweep)
+NONPRIVATE_VARIANTS = ("nonprivate", "bb-nonprivate")
 MODES = ("safe", "paper")
 # The authors' AWP perturbation size; our safe mode perturbs along a noisy gradient,
 # whose direction is far less aligned with the true ascent, so it uses a larger gamma.
@@ -291,7 +360,7 @@ PAPER_AWP_GAMMA = 1e-4
 
 def variant_name(variant: str, mode: str) -> str:
     """Display name: flattening variants carry their mode ("dpflat-paper")."""
-    return variant if variant in ("nonprivate", "dp") else f"{variant}-{mode}"
+    return variant if variant in NO_MODE_VARIANTS else f"{variant}-{mode}"
 
 
 def apply_variant(cfg: RunConfig, variant: str, mode: str = "safe") -> RunConfig:
@@ -303,7 +372,8 @@ def apply_variant(cfg: RunConfig, variant: str, mode: str = "safe") -> RunConfig
     flat.update({"awp_mode": mode, "layers_mode": mode, "distill_mode": mode})
     if mode == "paper" and flat["awp"]:
         flat["awp_gamma"] = PAPER_AWP_GAMMA
-    return cfg.replace(privacy=preset["privacy"], flat=flat, variant=variant_name(variant, mode))
+    blackbox = {"active": False, **preset.get("blackbox", {})}
+    return cfg.replace(privacy=preset["privacy"], flat=flat, blackbox=blackbox, variant=variant_name(variant, mode))
 
 
 __all__ = [
@@ -313,10 +383,13 @@ __all__ = [
     "PrivacyConfig",
     "FlatConfig",
     "TrainConfig",
+    "BlackBoxConfig",
     "RunConfig",
     "SECTIONS",
     "VARIANTS",
     "MODES",
+    "NO_MODE_VARIANTS",
+    "NONPRIVATE_VARIANTS",
     "apply_variant",
     "variant_name",
 ]

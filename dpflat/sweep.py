@@ -12,7 +12,7 @@ from typing import Any, Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import MODES, VARIANTS, ConfigError, RunConfig, apply_variant
+from .config import MODES, NO_MODE_VARIANTS, NONPRIVATE_VARIANTS, VARIANTS, ConfigError, RunConfig, apply_variant
 from .privacy import DP
 from .runs import RunDir, RunLocked, append_result, load_results
 
@@ -31,13 +31,27 @@ def cells(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
     out: list[RunConfig] = []
     for seed in seeds:
         for v in variants:
-            if v == "nonprivate":
+            if v in NONPRIVATE_VARIANTS:
                 out.append(apply_variant(base, v).replace(train={"seed": seed}))
                 continue
             for eps in epsilons:
-                for m in (["safe"] if v == "dp" else list(modes)):
+                for m in (["safe"] if v in NO_MODE_VARIANTS else list(modes)):
                     out.append(apply_variant(base, v, m).replace(privacy={"epsilon": float(eps)}, train={"seed": seed}))
     return out
+
+
+def trainer(cfg: RunConfig) -> Callable[..., dict[str, Any]]:
+    """The training function of a config: the black-box loop for ``bb-*`` configs, else the white-box one.
+
+    Both take ``(cfg, resume=, max_steps=, on_step=)`` and return the run's results row.
+    """
+    if cfg.blackbox.active:
+        from .blackbox import train as bb_train
+
+        return bb_train
+    from .train import train
+
+    return train
 
 
 def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: list[int],
@@ -45,13 +59,11 @@ def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
           progress: bool = True) -> pd.DataFrame:
     """Train every missing cell; return the rows of this grid from the results table."""
     grid = cells(base, variants, epsilons, seeds, modes)
-    from .train import train
-
     todo = [c for c in grid if not RunDir.for_config(c).done]
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="sweep", disable=not progress)
     for c in todo:
         try:
-            res = train(c.replace(train={"progress": progress and c.train.progress}))
+            res = trainer(c)(c.replace(train={"progress": progress and c.train.progress}))
         except RunLocked as e:  # another process trains it; its row appears when it finishes
             warnings.warn(f"skipped: {e}")
             bar.update(1)
@@ -106,4 +118,4 @@ def markdown(summary: pd.DataFrame, metric: str = "accuracy") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["cells", "markdown", "summarize", "sweep"]
+__all__ = ["cells", "markdown", "summarize", "sweep", "trainer"]
