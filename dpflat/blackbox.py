@@ -613,6 +613,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
         info.update(st.get("info", {}))
         rd.truncate_metrics(step)
     best_file = rd.path / "best.safetensors"
+    last_eval: dict[str, Any] = {}
 
     def checkpoint() -> None:
         st = {"step": step, "optimizer": state.opt.state_dict(), "best": best, "ledger": ledger.to_dict(),
@@ -623,6 +624,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
         nonlocal best
         model.z.data.copy_(state.param.data)
         r = evaluate_prompt(model, tokd["eval"], tc.eval_batch_size)
+        last_eval.update(r, step=step)
         if r["accuracy"] > best["accuracy"]:
             best = {"accuracy": r["accuracy"], "step": step}
             rd.save_tensors(best_file, {"z": state.param.data})
@@ -682,7 +684,8 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     if step < total_steps:
         fill_ledger(ledger, pc, dp, step)
         return {"run_id": rd.path.name, "finished": False, "step": step, "run_dir": str(rd.path)}
-    return _finish(cfg, rd, model, state.param.data, tokd, card, ledger, dp, best, best_file, step, info)
+    known = dict(last_eval) if last_eval.get("step") == step == best["step"] else None  # z_last is selected
+    return _finish(cfg, rd, model, state.param.data, tokd, card, ledger, dp, best, best_file, step, info, known)
 
 
 def _train_cma(cfg: RunConfig, rd: RunDir, model: PromptModel, private: PrivateSplit, train_ds, tokd, card,
@@ -701,7 +704,7 @@ def _train_cma(cfg: RunConfig, rd: RunDir, model: PromptModel, private: PrivateS
 
 
 def _finish(cfg: RunConfig, rd: RunDir, model: PromptModel, z_last: torch.Tensor, tokd, card, ledger, dp, best,
-            best_file: Path, step: int, info: dict) -> dict[str, Any]:
+            best_file: Path, step: int, info: dict, known: dict[str, Any] | None = None) -> dict[str, Any]:
     """Select the best-on-eval z (as the white-box loop does), write model, ledger, result, row."""
     from safetensors.torch import load_file
 
@@ -709,7 +712,8 @@ def _finish(cfg: RunConfig, rd: RunDir, model: PromptModel, z_last: torch.Tensor
     z = load_file(str(best_file))["z"] if best_file.exists() else z_last
     model.z.data.copy_(z)
     rd.save_tensors(rd.model_file, {"z": model.z.data})
-    final = evaluate_prompt(model, tokd["eval"], cfg.train.eval_batch_size)
+    # ``known``: the evaluation of this same z at the last step (the black box is deterministic)
+    final = known if known is not None else evaluate_prompt(model, tokd["eval"], cfg.train.eval_batch_size)
     fill_ledger(ledger, cfg.privacy, dp, step)
     rd.write_json(rd.ledger_file, ledger.to_dict())
     row = {
