@@ -1,4 +1,4 @@
-"""Cost of one training step: non-private vs DP-SGD (hooks / ghost) vs safe AWP vs DP-Flat (safe).
+"""Cost of one training step: non-private vs DP-SGD (hooks / ghost / functorch) vs safe AWP vs DP-Flat (safe).
 
 One configuration (SST-2, MiniLM-L6 prefix model m=16, logical batch 64, physical 64,
 max_length 64 -- dpflat trims the all-padding columns of each batch), all variants in
@@ -118,6 +118,7 @@ VARIANTS = [
     ("nonprivate", "non-private prefix tuning", {"enabled": False}, {}),
     ("dp", "DP-SGD, Opacus hooks", {"enabled": True, "grad_sample_mode": "hooks"}, {}),
     ("ghost", "DP-SGD, Opacus ghost clipping", {"enabled": True, "grad_sample_mode": "ghost"}, {}),
+    ("functorch", "DP-SGD, Opacus functorch per-example grads", {"enabled": True, "grad_sample_mode": "functorch"}, {}),
     ("dp+awp", "DP + AWP (safe)", {"enabled": True}, {"awp": True}),
     ("dpflat", "DP-Flat (safe: layers + distill + AWP)", {"enabled": True},
      {"awp": True, "layers": True, "distill": True}),
@@ -136,8 +137,38 @@ def base_config(a, out: str) -> RunConfig:
     )
 
 
-def run_variant(cfg: RunConfig, a, rss: RSSPeak) -> dict:
-    W, T, P = a.warmup, a.steps, a.profile_steps
+def pool(runs: list[dict]) -> dict:
+    """One variant's rounds as one result: all timed steps pooled (median), totals summed."""
+    if "error" in runs[0]:
+        return runs[0]
+    steps = [x for r in runs for x in r["steps_s"]]
+    out = dict(runs[-1])
+    out.update({
+        "step_s": statistics.median(steps),
+        "steps_s": steps,
+        "rounds_steps_s": [r["steps_s"] for r in runs],
+        "ex_per_s": sum(r["ex_per_s"] * sum(r["steps_s"]) for r in runs) / sum(steps),
+        "mean_batch": statistics.mean(r["mean_batch"] for r in runs),
+        "first_step_at": statistics.median(r["first_step_at"] for r in runs),
+        "setup": {k: statistics.median(r["setup"][k] for r in runs) for k in runs[0]["setup"]},
+        "rss_delta_mb": max(r["rss_delta_mb"] for r in runs),
+        "rss_peak_mb": max(r["rss_peak_mb"] for r in runs),
+    })
+    return out
+
+
+def paired_ratio(slow: dict, fast: dict) -> float | None:
+    """Median over matched steps of slow/fast step time. The DP variants see the same Poisson
+    batch at the same step index (the loop reseeds per step), so step i of round k of one
+    variant and step i of round k of the other did the same work but for the variant's own cost."""
+    if "rounds_steps_s" not in slow or "rounds_steps_s" not in fast:
+        return None
+    ratios = [s / f for rs, rf in zip(slow["rounds_steps_s"], fast["rounds_steps_s"]) for s, f in zip(rs, rf)]
+    return statistics.median(ratios) if ratios else None
+
+
+def run_variant(cfg: RunConfig, a, rss: RSSPeak, profile: bool = True) -> dict:
+    W, T, P = a.warmup, a.steps, (a.profile_steps if profile else 0)
     stamps, examples, state = [], [], {}
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
@@ -250,7 +281,11 @@ def main(argv=None) -> str:
     p.add_argument("--train-size", type=int, default=2000)
     p.add_argument("--backbone", default="minilm")
     p.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    p.add_argument("--rounds", type=int, default=2,
+                   help="run the variants this many times, alternating the order (ABBA...), and pool the steps: "
+                        "a variant that always runs later in the process would otherwise carry the drift")
     p.add_argument("--data-dir", default=os.environ.get("DPFLAT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--append", action="store_true", help="append to RESULTS.md even with --quick")
     p.add_argument("--no-append", action="store_true", help="print only")
     a = p.parse_args(argv)
@@ -260,6 +295,8 @@ def main(argv=None) -> str:
     a.profile_steps = a.profile_steps if a.profile_steps is not None else (1 if q else 2)
     a.eval_repeats = a.eval_repeats if a.eval_repeats is not None else (2 if q else 3)
     quiet_libraries()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     load0, t_all = os.getloadavg(), time.time()
     rss = RSSPeak()
@@ -267,21 +304,29 @@ def main(argv=None) -> str:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as out:
         base = base_config(a, out)
         wanted = a.variants.split(",")
-        for key, label, priv, flat in VARIANTS:
-            if key not in wanted:
-                continue
-            cfg = base.replace(privacy=priv, flat={"awp": False, "layers": False, "distill": False, **flat},
-                               train={"run_name": key}, variant=key)
-            t = time.time()
-            res[key] = run_variant(cfg, a, rss)
-            r = res[key]
-            if "error" in r:
-                print(f"{key}: FAILED {r['error']}", flush=True)
-            else:
-                print(f"{key}: median step {r['step_s']:.3f} s, {r['ex_per_s']:.1f} ex/s, "
-                      f"mean batch {r['mean_batch']:.1f}, first step at {r['first_step_at']:.1f} s, "
-                      f"setup {r['setup']}, peak RSS +{r['rss_delta_mb']:.0f} MB ({time.time() - t:.0f} s)",
-                      flush=True)
+        chosen = [v for v in VARIANTS if v[0] in wanted]
+        rounds: dict[str, list[dict]] = {}
+        for rnd in range(a.rounds):
+            for key, label, priv, flat in (chosen if rnd % 2 == 0 else chosen[::-1]):
+                if rounds.get(key) and "error" in rounds[key][0]:
+                    continue
+                t = time.time()
+                try:
+                    cfg = base.replace(privacy=priv, flat={"awp": False, "layers": False, "distill": False, **flat},
+                                       train={"run_name": f"{key}_r{rnd}"}, variant=key)
+                except ValueError as e:  # ConfigError: a mode the loop refuses is reported, not fatal
+                    r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"[:200]}
+                else:
+                    r = run_variant(cfg, a, rss, profile=rnd == a.rounds - 1)
+                rounds.setdefault(key, []).append(r)
+                if "error" in r:
+                    print(f"{key}: FAILED {r['error']}", flush=True)
+                else:
+                    print(f"[round {rnd}] {key}: median step {r['step_s']:.3f} s, {r['ex_per_s']:.1f} ex/s, "
+                          f"mean batch {r['mean_batch']:.1f}, first step at {r['first_step_at']:.1f} s, "
+                          f"setup {r['setup']}, peak RSS +{r['rss_delta_mb']:.0f} MB ({time.time() - t:.0f} s)",
+                          flush=True)
+        res = {key: pool(rs) for key, rs in rounds.items()}
         ev = eval_vs_forward(base, a)
         print(f"eval {ev['eval']:.1f} ex/s vs training-mode forward {ev['train_fwd']:.1f} ex/s", flush=True)
     rss.stop()
@@ -323,8 +368,10 @@ def main(argv=None) -> str:
             profiles += profile_table(fl["profile"], npv.get("profile"), "DP-Flat(safe)", "non-private")
     if "step_s" in aw and "step_s" in dp:
         r2 = aw["step_s"] / dp["step_s"]
+        pr = paired_ratio(aw, dp)
         goals.append(f"- safe AWP step / plain DP step = **{r2:.2f}×** (goal ≤ 1.05×): **{ok(r2 <= 1.05)}**; "
-                     f"per example: {dp['ex_per_s'] / aw['ex_per_s']:.2f}×")
+                     f"per example: {dp['ex_per_s'] / aw['ex_per_s']:.2f}×"
+                     + (f"; median of per-step ratios on the same Poisson batches: {pr:.2f}×" if pr else ""))
         if r2 > 1.05 and "profile" in aw:
             profiles += ["", "Profile of the DP+AWP(safe) step (slower) vs the plain DP step:", ""]
             profiles += profile_table(aw["profile"], dp.get("profile"), "DP+AWP(safe)", "DP")
@@ -352,9 +399,10 @@ def main(argv=None) -> str:
         "the DP batch size varies and a batch > 64 takes 2 physical steps of BatchMemoryManager), physical 64, "
         "AdamW, ε=8, C=1; FlatConfig defaults otherwise (AWP γ=0.01 active on every measured step; layers drop 2 "
         "of 6 with 30 public warm-up steps, 128 examples, 3 random directions; teacher 1 epoch on public)",
-        f"- method: `dpflat.train.train(cfg, max_steps=..., on_step=...)` per variant, back to back in one process; "
+        f"- method: `dpflat.train.train(cfg, max_steps=..., on_step=...)` per variant, back to back in one process, "
+        f"{a.rounds} round(s) in alternating order (ABBA...); "
         f"step time = interval between consecutive on_step callbacks; {a.warmup} warm-up step(s) dropped, median of "
-        f"{a.steps} timed steps; examples/s = examples in the timed steps / their total time. The DP variants see "
+        f"{a.steps} timed steps per round, pooled over rounds; examples/s = examples in the timed steps / their total time. The DP variants see "
         "the same Poisson batches (the loop reseeds per step); non-private sees shuffled batches of exactly 64",
         "- memory: RSS sampled every 5 ms by a psutil thread (tracemalloc does not see torch); 'peak RSS during "
         "steps' is the peak over the timed steps, '+' is that minus the RSS just before the variant started "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 from typing import Any, Sequence
@@ -177,7 +178,8 @@ def _cmd_train(ns) -> int:
     base = RunConfig.load(ns.config) if ns.config else None
     cfg = config_from_args(ns, base)
     res = trainer(cfg)(cfg, resume=not ns.no_resume, max_steps=ns.max_steps)
-    print(json.dumps({k: v for k, v in res.items() if k != "info"}, default=str, ensure_ascii=False))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the row: print it once
+        print(json.dumps({k: v for k, v in res.items() if k != "info"}, default=str, ensure_ascii=False))
     return 0
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from dpflat import privacy as privacy_mod
 from dpflat import train as train_mod
 from dpflat.cli import main
-from dpflat.config import ConfigError, FlatConfig, ModelConfig, PrivacyConfig
+from dpflat.config import ConfigError, FlatConfig, ModelConfig, PrivacyConfig, RunConfig
 from dpflat.flat import awp as awp_mod
 from dpflat.flat import distill as distill_mod
 from dpflat.flat import layers as layers_mod
@@ -583,7 +583,7 @@ def dp_distill():
     level = Distillation(FlatConfig(distill=True, distill_lambda=LAM))
     w = model.prefix.embedding.weight.detach()
     level.teacher = w + torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
-    ctx = SimpleNamespace(model=model, device=torch.device("cpu"))
+    ctx = SimpleNamespace(model=model, device=torch.device("cpu"), cfg=RunConfig())
     return model, dp, level, ctx
 
 
