@@ -140,3 +140,8 @@ def test_notebook_runs_end_to_end(path, python3_kernel, shared_data, tmp_path):
     errors = [o for c in _code_cells(ran) for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert (tmp_path / "out" / "results.parquet").is_file(), "the runs went to the out_dir parameter"
+    if path.stem == "04_sharpness_vs_epsilon":  # section 3 trained the black-box variants there too
+        import pandas as pd
+
+        variants = set(pd.read_parquet(tmp_path / "out" / "results.parquet")["variant"])
+        assert {"bb-nonprivate", "bb-dp", "bb-dpflat-safe"} <= variants
