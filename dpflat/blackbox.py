@@ -48,7 +48,6 @@ know; the read's ``how`` says it is DPZero), and a non-DP run claims no ε.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
