@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .privacy import SAMPLED_GAUSSIAN
+
 ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld")
 #: PLD discretisation of the privacy-loss values; pessimistic rounding keeps the
 #: result an upper bound, 1e-3 is ~5x faster than dp_accounting's default 1e-4 and
@@ -179,7 +181,7 @@ def from_ledger(ledger: Mapping[str, Any] | str | Path, names: tuple[str, ...] =
         if p.is_dir():
             p = p / "ledger.json"
         ledger = json.loads(p.read_text())
-    if ledger.get("mechanism") != "dp-sgd" or not ledger.get("noise_multiplier"):
+    if ledger.get("mechanism") not in SAMPLED_GAUSSIAN or not ledger.get("noise_multiplier"):
         raise ValueError(f"no DP-SGD mechanism in this ledger (guarantee: {ledger.get('guarantee', '?')}): nothing to account")
     if not ledger.get("steps"):
         raise ValueError("the ledger records 0 steps: nothing to account")

@@ -42,8 +42,8 @@ mode -> an unaccounted read -> "not DP (paper mode)".
 
 The ledger and the run folder work as in the white-box path: every read of the
 private split goes through ``PrivateSplit``, the ledger's mechanism is recorded as
-"dp-sgd" (the subsampled Gaussian mechanism that ledger and cross-check accountants
-know; the read's ``how`` says it is DPZero), and a non-DP run claims no ε.
+"dpzero" (one of ``privacy.SAMPLED_GAUSSIAN``: the ledger and the cross-check
+accountants treat it as DP-SGD's mechanism), and a non-DP run claims no ε.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ from .config import ConfigError, RunConfig
 from .evaluate import model_inputs, per_example_losses
 from .models import load_backbone, load_tokenizer
 from .privacy import DPSetup, PrivacyLedger, PrivateSplit, fill_ledger, noise_for_target
-from .runs import RunDir, append_result
+from .runs import RunDir, append_result, finish_run
 
 TRAIN_WHO = "train/dpzero"
 TRAIN_HOW = "per-example clipped zeroth-order differences (SPSA) + Gaussian noise (DPZero)"
@@ -557,14 +557,9 @@ def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
 
 def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
            on_step: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    from .train import _seed_all, prepare_data
+    from .train import prepare_data, start_run
 
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    device = torch.device(cfg.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but CUDA is not available on this machine")
-    _seed_all(cfg.train.seed)
+    device = start_run(cfg)
     bb, tc, pc = cfg.blackbox, cfg.train, cfg.privacy
     tokenizer = load_tokenizer(cfg.model)
     card, _splits, tokd = prepare_data(cfg, tokenizer)
@@ -681,7 +676,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     bar.close()
     info["queries"] = info.get("queries", 0) + model.box.queries - q0
     if step < total_steps:
-        fill_ledger(ledger, pc, dp, step)
+        fill_ledger(ledger, pc, dp, step, mechanism="dpzero")
         return {"run_id": rd.path.name, "finished": False, "step": step, "run_dir": str(rd.path)}
     known = dict(last_eval) if last_eval.get("step") == step == best["step"] else None  # z_last is selected
     return _finish(cfg, rd, model, state.param.data, tokd, card, ledger, dp, best, best_file, step, info, known)
@@ -713,35 +708,9 @@ def _finish(cfg: RunConfig, rd: RunDir, model: PromptModel, z_last: torch.Tensor
     rd.save_tensors(rd.model_file, {"z": model.z.data})
     # ``known``: the evaluation of this same z at the last step (the black box is deterministic)
     final = known if known is not None else evaluate_prompt(model, tokd["eval"], cfg.train.eval_batch_size)
-    fill_ledger(ledger, cfg.privacy, dp, step)
+    fill_ledger(ledger, cfg.privacy, dp, step, mechanism="dpzero")
     rd.write_json(rd.ledger_file, ledger.to_dict())
-    row = {
-        "run_id": rd.path.name,
-        "run_dir": str(rd.path),
-        "variant": cfg.variant,
-        "task": cfg.data.task,
-        "metric": card.metric,
-        "seed": cfg.train.seed,
-        "target_epsilon": cfg.privacy.epsilon if cfg.privacy.enabled else None,
-        "epsilon": ledger.claimed_epsilon,
-        "epsilon_spent": ledger.epsilon,
-        "delta": ledger.delta,
-        "sigma": ledger.noise_multiplier,
-        "sample_rate": ledger.sample_rate,
-        "steps": step,
-        "guarantee": ledger.guarantee,
-        "accuracy": final["accuracy"],
-        "eval_loss": final["loss"],
-        "best_step": best["step"],
-        "n_private": ledger.n_private,
-        "n_eval": final["n"],
-        "keep_layers": "",
-        "finished": True,
-        **{f"info_{k}": v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
-    }
-    rd.write_json(rd.result_file, {**row, "info": info})
-    append_result(cfg.train.output_dir, row)
-    return row
+    return finish_run(cfg, rd, card.metric, ledger, final, best["step"], step, "", info)
 
 
 # --------------------------------------------------------------------------- a finished run

@@ -29,6 +29,10 @@ warnings.filterwarnings("ignore", message="Secure RNG turned off", category=User
 DP = "(ε, δ)-DP"
 NOT_DP_PAPER = "not DP (paper mode)"
 NOT_DP_NONPRIVATE = "not DP (non-private)"
+# Both are the Poisson-subsampled Gaussian mechanism (per-example contribution clipped to C,
+# noise σC on the sum), so the same accountants apply: DP-SGD on gradients, DPZero on the
+# scalar finite differences of the black-box path.
+SAMPLED_GAUSSIAN = ("dp-sgd", "dpzero")
 
 
 @dataclass
@@ -79,11 +83,11 @@ class PrivacyLedger:
 
     @property
     def is_dp(self) -> bool:
-        return self.mechanism == "dp-sgd" and not self.unaccounted and self.epsilon is not None
+        return self.mechanism in SAMPLED_GAUSSIAN and not self.unaccounted and self.epsilon is not None
 
     @property
     def guarantee(self) -> str:
-        if self.mechanism != "dp-sgd":
+        if self.mechanism not in SAMPLED_GAUSSIAN:
             return NOT_DP_NONPRIVATE
         if self.unaccounted:
             return NOT_DP_PAPER
@@ -254,14 +258,15 @@ def backward_private(setup: DPSetup | None, per_example_loss: torch.Tensor) -> t
     return loss.detach()
 
 
-def fill_ledger(ledger: PrivacyLedger, cfg: PrivacyConfig, setup: DPSetup | None, steps: int) -> None:
+def fill_ledger(ledger: PrivacyLedger, cfg: PrivacyConfig, setup: DPSetup | None, steps: int,
+                mechanism: str = "dp-sgd") -> None:
     """Write the mechanism and spent ε into the ledger (ε from the live accountant)."""
     ledger.steps = steps
     if setup is None:
         ledger.mechanism = "none"
         ledger.nonprivate = True
         return
-    ledger.mechanism = "dp-sgd"
+    ledger.mechanism = mechanism
     ledger.accountant = cfg.accountant
     ledger.sample_rate = setup.sample_rate
     ledger.noise_multiplier = setup.sigma
@@ -276,6 +281,7 @@ __all__ = [
     "DP",
     "NOT_DP_PAPER",
     "NOT_DP_NONPRIVATE",
+    "SAMPLED_GAUSSIAN",
     "Read",
     "PrivacyLedger",
     "PrivateSplit",

@@ -203,5 +203,41 @@ def load_results(output_dir: str | Path):
         return pd.DataFrame()
     return pd.read_parquet(path)
 
+def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str, Any], best_step: int,
+               steps: int, keep_layers: str, info: dict[str, Any]) -> dict[str, Any]:
+    """Write a finished run's ``result.json`` and its row of the results table; return the row.
 
-__all__ = ["RESULTS", "RunDir", "RunLocked", "append_result", "atomic_write_text", "load_results", "run_id"]
+    One place for the row's columns, so white-box and black-box runs land in the same
+    table the same way (the ledger decides the guarantee and whether an ε is claimed).
+    """
+    row = {
+        "run_id": rd.path.name,
+        "run_dir": str(rd.path),
+        "variant": cfg.variant,
+        "task": cfg.data.task,
+        "metric": metric,
+        "seed": cfg.train.seed,
+        "target_epsilon": cfg.privacy.epsilon if cfg.privacy.enabled else None,
+        "epsilon": ledger.claimed_epsilon,
+        "epsilon_spent": ledger.epsilon,
+        "delta": ledger.delta,
+        "sigma": ledger.noise_multiplier,
+        "sample_rate": ledger.sample_rate,
+        "steps": steps,
+        "guarantee": ledger.guarantee,
+        "accuracy": final["accuracy"],
+        "eval_loss": final["loss"],
+        "best_step": best_step,
+        "n_private": ledger.n_private,
+        "n_eval": final["n"],
+        "keep_layers": keep_layers,
+        "finished": True,
+        **{f"info_{k}": v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
+    }
+    rd.write_json(rd.result_file, {**row, "info": info})
+    append_result(cfg.train.output_dir, row)
+    return row
+
+
+__all__ = [
+    "finish_run","RESULTS", "RunDir", "RunLocked", "append_result", "atomic_write_text", "load_results", "run_id"]

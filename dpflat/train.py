@@ -26,7 +26,7 @@ from .flat import build_levels
 from .flat.base import FlatLevel, TrainContext
 from .models import build_model, load_tokenizer
 from .privacy import PrivacyLedger, PrivateSplit, backward_private, fill_ledger, make_private
-from .runs import RunDir, append_result
+from .runs import RunDir, append_result, finish_run
 
 TRAIN_WHO = "train/dp-sgd"
 
@@ -35,6 +35,17 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def start_run(cfg: RunConfig) -> torch.device:
+    """Threads, device check and seeds: what every training loop does first."""
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    device = torch.device(cfg.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but CUDA is not available on this machine")
+    _seed_all(cfg.train.seed)
+    return device
 
 
 def prepare_data(cfg: RunConfig, tokenizer=None):
@@ -97,6 +108,10 @@ def train(
     writes the run folder and holds its lock, the others learn its outcome
     (``dpflat/distributed.py``); ``on_step`` runs on every rank.
     """
+    if cfg.blackbox.active:  # a bb-* config: the forward-only loop, never a white-box prefix
+        from .blackbox import train as bb_train
+
+        return bb_train(cfg, resume=resume, max_steps=max_steps, on_step=on_step)
     with dist_mod.process_group(cfg.train.device):
         cfg = dist_mod.rank_config(cfg)  # under torchrun: this rank's GPU
         rd = RunDir.for_config(cfg)
@@ -112,12 +127,7 @@ def train(
 def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
            on_step: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     """The body of :func:`train`, run while holding the run folder's lock."""
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    device = torch.device(cfg.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but CUDA is not available on this machine")
-    _seed_all(cfg.train.seed)
+    device = start_run(cfg)
 
     # --- data and model
     tokenizer = load_tokenizer(cfg.model)
@@ -300,33 +310,8 @@ def _finish(cfg, rd: RunDir, ctx: TrainContext, model, ledger, dp, best, best_fi
     final = evaluate(model, ctx.eval, cfg.train.eval_batch_size, ctx.device, cfg.train.resolved_precision())
     fill_ledger(ledger, cfg.privacy, dp, step)
     rd.write_json(rd.ledger_file, ledger.to_dict())
-    row = {
-        "run_id": rd.path.name,
-        "run_dir": str(rd.path),
-        "variant": cfg.variant,
-        "task": cfg.data.task,
-        "metric": card.metric,
-        "seed": cfg.train.seed,
-        "target_epsilon": cfg.privacy.epsilon if cfg.privacy.enabled else None,
-        "epsilon": ledger.claimed_epsilon,
-        "epsilon_spent": ledger.epsilon,
-        "delta": ledger.delta,
-        "sigma": ledger.noise_multiplier,
-        "sample_rate": ledger.sample_rate,
-        "steps": step,
-        "guarantee": ledger.guarantee,
-        "accuracy": final["accuracy"],
-        "eval_loss": final["loss"],
-        "best_step": best["step"],
-        "n_private": ledger.n_private,
-        "n_eval": final["n"],
-        "keep_layers": ",".join(str(i) for i, k in enumerate(model.prefix.keep_mask.tolist()) if k),
-        "finished": True,
-        **{f"info_{k}": v for k, v in ctx.info.items() if isinstance(v, (int, float, str, bool))},
-    }
-    rd.write_json(rd.result_file, {**row, "info": ctx.info})
-    append_result(cfg.train.output_dir, row)
-    return row
+    keep = ",".join(str(i) for i, k in enumerate(model.prefix.keep_mask.tolist()) if k)
+    return finish_run(cfg, rd, card.metric, ledger, final, best["step"], step, keep, ctx.info)
 
 
 __all__ = ["prepare_data", "train"]

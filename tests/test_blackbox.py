@@ -141,6 +141,7 @@ def test_ledger_and_guarantee_of_every_variant_and_mode(tmp_path, make_cfg):
         ledger = json.loads(Path(r.run_dir, "ledger.json").read_text())
         assert ledger["unaccounted_reads"] == 0 and {x["who"] for x in ledger["reads"]} == {bbm.TRAIN_WHO}
         assert ledger["sample_rate"] == pytest.approx(32 / 128) and ledger["steps"] == 8
+        assert ledger["mechanism"] == "dpzero"  # the sampled Gaussian mechanism, named for what ran
         from dpflat.accountants import from_ledger
 
         assert from_ledger(ledger, names=("opacus_rdp",)).ledger_matches
@@ -199,6 +200,19 @@ def test_variants_dispatch_and_white_box_ids_are_unchanged(make_cfg, tmp_path):
     names = [c.variant for c in grid]
     assert names.count("bb-nonprivate") == 2 and names.count("bb-dp") == 4
     assert names.count("bb-dpflat-safe") == 4 and names.count("bb-dpflat-paper") == 4
+
+
+def test_white_box_train_runs_a_black_box_config_as_black_box(tmp_path, make_cfg):
+    """``dpflat.train.train`` given a bb-* config must not quietly train a prefix model."""
+    from safetensors.torch import load_file
+
+    from dpflat.train import train as wb_train
+
+    cfg = dp.apply_variant(bb_cfg(make_cfg, tmp_path / "runs"), "bb-dp")
+    res = wb_train(cfg, max_steps=1)
+    assert not res["finished"] and res["step"] == 1
+    (ckpt,) = Path(res["run_dir"]).glob("ckpt-*")
+    assert set(load_file(str(ckpt / "trainable.safetensors"))) == {"z"}
 
 
 @pytest.mark.parametrize("over, msg", [
