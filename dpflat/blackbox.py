@@ -66,7 +66,8 @@ from tqdm.auto import tqdm
 from .config import ConfigError, RunConfig
 from .evaluate import model_inputs, per_example_losses
 from .models import load_backbone, load_tokenizer
-from .privacy import DPSetup, PrivacyLedger, PrivateSplit, fill_ledger, noise_for_target
+from .privacy import (MechanismRNG, DPSetup, PrivacyLedger, PrivateSplit, fill_ledger, fill_release, noise_for_target,
+                      spent_epsilon)
 from .runs import RunDir, append_result, finish_run
 
 TRAIN_WHO = "train/dpzero"
@@ -365,15 +366,19 @@ def _take(dataset, idx: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def zo_step(model: PromptModel, state: ZOState, batch: dict[str, torch.Tensor] | None, step_seed: int,
             k: int, mu: float, *, dp: tuple[float, float, float] | None = None,
-            pull: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+            pull: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            noise_generator: torch.Generator | None = None) -> dict[str, float]:
     """One SPSA / DPZero update of z in place; ``dp = (clip, sigma, expected_batch)``.
+
+    ``noise_generator``: the DP noise's secret generator (``privacy.MechanismRNG``); the
+    directions stay a function of the public ``step_seed`` (they are data-independent).
 
     An empty Poisson batch still takes a DP step (noise only), as DP-SGD does: skipping
     it would make the number of releases depend on the data.
     """
     z = state.param.data
     U = directions(step_seed, k, z.numel())
-    g_noise = torch.Generator().manual_seed(int(step_seed) + 7)
+    g_noise = noise_generator if noise_generator is not None else torch.Generator().manual_seed(int(step_seed) + 7)
     nb = 0 if batch is None else len(batch["labels"])
     loss = float("nan")
     if nb:
@@ -537,7 +542,8 @@ def evaluate_prompt(model: PromptModel, dataset, batch_size: int = 256) -> dict[
 
 # --------------------------------------------------------------------------- the run
 def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
-          on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+          on_step: Callable[[dict[str, Any]], None] | None = None, noise_seed: int | None = None,
+          secure_rng: bool = False) -> dict[str, Any]:
     """Tune one black-box run into its folder and return its result row (as ``dpflat.train.train``).
 
     A finished run is returned as is; an unfinished one resumes from its last
@@ -552,12 +558,13 @@ def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
         return res
     rd.create(cfg)
     with rd.lock():
-        return _train(cfg, rd, resume, max_steps, on_step)
+        return _train(cfg, rd, resume, max_steps, on_step, noise_seed, secure_rng)
 
 
 def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
-           on_step: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    from .train import prepare_data, start_run
+           on_step: Callable[[dict[str, Any]], None] | None, noise_seed: int | None = None,
+           secure_rng: bool = False) -> dict[str, Any]:
+    from .train import LOSS_KEY, check_finite, prepare_data, split_overlap, start_run
 
     device = start_run(cfg)
     bb, tc, pc = cfg.blackbox, cfg.train, cfg.privacy
@@ -568,6 +575,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     if B > n:
         raise ConfigError(f"batch_size {B} is larger than the private training split ({n} examples)")
     ledger = PrivacyLedger()
+    ledger.split_overlap = split_overlap(_splits)
     private = PrivateSplit(tokd["private"], ledger)
     model = build_prompt_model(cfg, card, tokenizer, device)
     accounted = pc.enabled
@@ -584,9 +592,16 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
 
         delta = pc.resolve_delta(n)
         sigma = noise_for_target(pc, q, total_steps, delta)
-        dp = DPSetup(None, None, None, SimpleNamespace(accountant=create_accountant(pc.accountant)), sigma, q, delta)
+        # the secret Poisson sampling and DPZero noise (CPU: both are drawn there)
+        rng = MechanismRNG.create(noise_seed, secure_rng, "cpu")
+        dp = DPSetup(None, None, None, SimpleNamespace(accountant=create_accountant(pc.accountant)), sigma, q, delta,
+                     rng=rng)
 
     ckpt = rd.latest_checkpoint() if resume else None
+    best_file = rd.path / "best.safetensors"
+    best_z: torch.Tensor | None = None  # the selected z so far (private state, saved with checkpoints)
+    if ckpt is not None and ckpt[1].get("best_params") is not None:
+        best_z = ckpt[1]["best_params"]["z"]
     info: dict[str, Any] = {"readout": readout_texts(cfg, card), "prompt_dim": bb.prompt_dim,
                             "prompt_tokens": bb.prompt_tokens}
     teacher: torch.Tensor | None = None
@@ -601,27 +616,39 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
         state.opt.load_state_dict(st["optimizer"])
         if dp:
             dp.engine.accountant.load_state_dict(st["accountant"])
+            if st.get("mechanism_rng") is not None:  # replay: the same batches and noise as before the crash
+                dp.rng.load_state_dict(st["mechanism_rng"])
+            elif dp.rng.source == "secure":
+                dp.rng.load_state_dict({"source": "secure"})  # refuses: nothing to replay from
         step, best = st["step"], st["best"]
-        ledger.reads = PrivacyLedger.from_dict(st["ledger"]).reads
+        restored = PrivacyLedger.from_dict(st["ledger"])
+        ledger.reads, ledger.batch_sizes = restored.reads, restored.batch_sizes
+        if st.get("best_params") is not None:  # best.safetensors as of this checkpoint
+            rd.save_tensors(best_file, st["best_params"])
+        else:
+            best_file.unlink(missing_ok=True)
         teacher = st.get("teacher")
         info.update(st.get("info", {}))
         rd.truncate_metrics(step)
-    best_file = rd.path / "best.safetensors"
     last_eval: dict[str, Any] = {}
 
     def checkpoint() -> None:
         st = {"step": step, "optimizer": state.opt.state_dict(), "best": best, "ledger": ledger.to_dict(),
-              "accountant": dp.engine.accountant.state_dict() if dp else None, "teacher": teacher, "info": info}
+              "accountant": dp.engine.accountant.state_dict() if dp else None, "teacher": teacher, "info": info,
+              "best_params": None if best_z is None else {"z": best_z},
+              # secret: the generators' states (never the seed)
+              "mechanism_rng": dp.rng.state_dict() if dp and dp.rng.source != "secure" else None}
         rd.save_checkpoint(step, {"z": state.param.data}, st)
 
     def run_eval() -> dict[str, Any]:
-        nonlocal best
+        nonlocal best, best_z
         model.z.data.copy_(state.param.data)
         r = evaluate_prompt(model, tokd["eval"], tc.eval_batch_size)
         last_eval.update(r, step=step)
         if r["accuracy"] > best["accuracy"]:
             best = {"accuracy": r["accuracy"], "step": step}
-            rd.save_tensors(best_file, {"z": state.param.data})
+            best_z = state.param.data.detach().clone()
+            rd.save_tensors(best_file, {"z": best_z})
         return r
 
     if bb.zo_optimizer == "cma":
@@ -638,21 +665,25 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     t0, seen, q0 = time.time(), 0, model.box.queries
     try:
         while step < stop_at:
-            g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)  # resumable, deterministic sampling
-            if dp:
-                idx = _poisson(n, q, g)
-            else:
+            if dp:  # secret, and continued (not reseeded) across steps; its state is checkpointed
+                idx = _poisson(n, q, dp.rng.sampler)
+            else:  # non-private: public, resumable shuffle
+                g = torch.Generator().manual_seed(tc.seed * 1_000_003 + step)
                 idx = torch.randperm(n, generator=g)[:B]
             batch = _take(train_ds, idx) if len(idx) else None
             out = zo_step(model, state, batch, tc.seed * 1_000_003 + step + 500_009, bb.zo_directions, bb.zo_mu,
-                          dp=(pc.max_grad_norm, dp.sigma, q * n) if dp else None, pull=pull)
+                          dp=(pc.max_grad_norm, dp.sigma, q * n) if dp else None, pull=pull,
+                          noise_generator=dp.rng.noise if dp else None)
             if dp:
                 dp.engine.accountant.step(noise_multiplier=dp.sigma, sample_rate=q)
+                ledger.record_batch(out["batch"])
             private.count(who, how, accounted, out["batch"])
             seen += out["batch"]
             step += 1
+            if out["batch"]:
+                check_finite(out["loss"], step)
             bar.update(1)
-            row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch, "loss": out["loss"],
+            row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch, LOSS_KEY: out["loss"],
                                    "z_norm": float(state.param.data.norm())}
             if dp:
                 row["clipped_fraction"] = out["clipped"]
@@ -660,11 +691,12 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
             if milestone:
                 row.update({f"eval_{k}": v for k, v in run_eval().items()})
             if dp and (milestone or step % tc.checkpoint_every == 0):
-                row["epsilon"] = float(dp.engine.accountant.get_epsilon(delta=dp.delta))
+                row["epsilon" if not ledger.unaccounted else "dpsgd_part_epsilon"] = spent_epsilon(
+                    dp.engine.accountant, dp.delta)
             row["examples_per_s"] = seen / max(time.time() - t0, 1e-9)
             row["queries"] = model.box.queries - q0
             rd.log(row)
-            bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ("loss", "eval_accuracy", "epsilon")
+            bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in (LOSS_KEY, "eval_accuracy", "epsilon")
                              and isinstance(v, float) and math.isfinite(v)})
             if on_step:
                 on_step(row)
@@ -690,7 +722,7 @@ def _train_cma(cfg: RunConfig, rd: RunDir, model: PromptModel, private: PrivateS
     who, how = NONPRIVATE_WHO, "CMA-ES on raw private mini-batch losses (no DP)"
     z, gens = fit_prompt_cma(model, train_ds, evaluations=budget, batch_size=tc.batch_size, sigma0=bb.zo_mu,
                              seed=tc.seed, on_batch=lambda nb: private.count(who, how, False, nb),
-                             on_generation=lambda g, l: rd.log({"step": g, "loss": l}))
+                             on_generation=lambda g, l: rd.log({"step": g, "train_loss_private": l}))
     info["cma_generations"] = gens
     info["queries"] = model.box.queries
     return _finish(cfg, rd, model, z, tokd, card, ledger, None, {"accuracy": -1.0, "step": gens}, best_file,
@@ -709,6 +741,7 @@ def _finish(cfg: RunConfig, rd: RunDir, model: PromptModel, z_last: torch.Tensor
     # ``known``: the evaluation of this same z at the last step (the black box is deterministic)
     final = known if known is not None else evaluate_prompt(model, tokd["eval"], cfg.train.eval_batch_size)
     fill_ledger(ledger, cfg.privacy, dp, step, mechanism="dpzero")
+    fill_release(ledger)
     rd.write_json(rd.ledger_file, ledger.to_dict())
     return finish_run(cfg, rd, card.metric, ledger, final, best["step"], step, "", info)
 

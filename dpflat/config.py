@@ -103,6 +103,8 @@ class PrivacyConfig:
                 f"epsilon must be > 0, got {self.epsilon}",
             )
             _check(self.delta is None or 0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
+            _check(self.poisson, "DP needs Poisson sampling (--poisson): the accountant assumes it; shuffled "
+                   "fixed-size batches (--no-poisson) are not DP, use them only with --no-dp")
         _check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         _check(self.accountant in ("rdp", "prv"), f"accountant must be rdp|prv, got {self.accountant}")
         _check(
@@ -111,8 +113,18 @@ class PrivacyConfig:
         )
 
     def resolve_delta(self, n_private: int) -> float:
-        """δ = 1/N^1.1 by default: smaller than 1/N, the usual rule of thumb."""
-        return self.delta if self.delta is not None else 1.0 / (n_private**1.1)
+        """δ = 1/N^1.1 by default: smaller than 1/N, the usual rule of thumb.
+
+        An explicit δ must be < 1/N: at δ >= 1/N the mechanism that publishes one random
+        record in full is (0, δ)-DP, so such a "guarantee" protects no one. Checked here
+        because only the training loop knows N.
+        """
+        if self.delta is None:
+            return 1.0 / (n_private**1.1)
+        if n_private > 0 and self.delta >= 1.0 / n_private:
+            raise ConfigError(f"delta {self.delta:g} must be < 1/N = {1.0 / n_private:.3g} "
+                              f"(N = {n_private} private examples); omit --delta for the default 1/N^1.1")
+        return self.delta
 
 
 Mode = Literal["safe", "paper"]

@@ -133,6 +133,25 @@ def broadcast(obj: T, src: int = 0) -> T:
     return obj if rank() == src else box[0]
 
 
+def gathered(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order (a collective: all ranks call it); ``[obj]`` alone."""
+    if not is_distributed():
+        return [obj]
+    box: list[Any] = [None] * world_size()
+    dist.all_gather_object(box, _to_cpu(obj))
+    return box
+
+
+def total(x: int) -> int:
+    """The sum of an integer over ranks (e.g. a step's logical batch size); ``x`` alone."""
+    if not is_distributed():
+        return int(x)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(x)], dtype=torch.int64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
 def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``fn`` on rank 0 only; every rank returns its result, or raises its error.
 
@@ -276,28 +295,29 @@ class RankPoissonSampler(Sampler[list[int]]):
     ``sample_rate`` at every step, so the union over ranks is a Poisson sample of the
     whole split at that rate: the sampled Gaussian mechanism the accountant assumes.
     Every rank yields exactly ``steps`` batches, an empty one included, so each rank
-    takes part in every step's all-reduce. Each rank draws from its own generator,
-    seeded (per pass, for resumable runs) from the global RNG, which the training
-    loop seeds identically on every rank, mixed with the rank.
+    takes part in every step's all-reduce. Each rank draws from its own secret
+    generator (``privacy.MechanismRNG``: OS entropy, or ``--noise-seed`` mixed with the
+    rank), never from a public seed; the generator runs on across passes, and its state
+    goes into the checkpoint, so a resumed run replays the same batches.
 
     Not a subclass of Opacus' sampler, so that importing this module does not import
     Opacus (a second per process); ``BatchMemoryManager`` only iterates it.
     """
 
     def __init__(self, *, total_size: int, sample_rate: float, steps: int,
-                 replica: int | None = None, replicas: int | None = None):
+                 replica: int | None = None, replicas: int | None = None, generator: torch.Generator | None = None):
         self.total_size, self.sample_rate, self.num_batches = total_size, sample_rate, steps
         self.num_replicas = world_size() if replicas is None else replicas
         self.rank = rank() if replica is None else replica
         self.num_samples = len(range(self.rank, total_size, self.num_replicas))
+        if generator is None:  # no caller-held generator: a fresh secret one (OS entropy)
+            import secrets
 
-    def _generator(self) -> torch.Generator:
-        base = int(torch.randint(0, 2**62, (1,)))
-        seed = int(np.random.SeedSequence([base, self.rank]).generate_state(1, dtype=np.uint64)[0] % 2**63)
-        return torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.generator = generator
 
     def __iter__(self) -> Iterator[list[int]]:
-        g = self._generator()
+        g = self.generator
         mine = torch.arange(self.rank, self.total_size, self.num_replicas)
         for _ in range(self.num_batches):
             yield mine[torch.rand(self.num_samples, generator=g) < self.sample_rate].tolist()
@@ -320,14 +340,15 @@ class _CollateWithEmpty:
         return default_collate(items) if items else {k: v.clone() for k, v in self.empty.items()}
 
 
-def rank_poisson_loader(loader: DataLoader) -> DataLoader:
+def rank_poisson_loader(loader: DataLoader, generator: torch.Generator | None = None) -> DataLoader:
     """Opacus' distributed DP loader with its sampler replaced by :class:`RankPoissonSampler`.
 
     Same dataset, sample rate and number of steps per pass, so the accountant and the
     optimizer's expected batch size (set by ``make_private``) stay valid.
     """
     ds = loader.dataset
-    sampler = RankPoissonSampler(total_size=len(ds), sample_rate=loader.sample_rate, steps=len(loader))
+    sampler = RankPoissonSampler(total_size=len(ds), sample_rate=loader.sample_rate, steps=len(loader),
+                                 generator=generator)
     return DataLoader(ds, batch_sampler=sampler, collate_fn=_CollateWithEmpty(ds))
 
 
@@ -336,6 +357,8 @@ __all__ = [
     "barrier",
     "broadcast",
     "broadcast_parameters",
+    "gathered",
+    "total",
     "is_distributed",
     "is_main",
     "keep_counts_on_main",

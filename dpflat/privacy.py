@@ -10,10 +10,12 @@ training) makes the run "not DP", and nothing downstream may claim an ε for it.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,10 +25,24 @@ from .config import ConfigError, PrivacyConfig
 # require grad, so Opacus' full backward hooks fire on outputs only (that is all they need).
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 # Opacus reminds on every engine that its RNG is not cryptographically secure; the ledger
-# records that instead (``secure_rng``), once per run.
+# records that instead (``secure_rng``, ``noise_source``), once per run.
 warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
 
+#: RDP orders for Opacus' RDP accountant. Opacus' default grid stops at α = 63, so at small
+#: ε (and many steps at small q) the optimum sits on the grid's edge ("Optimal order is the
+#: largest alpha") and the σ searched for a target ε is larger than it needs to be. This
+#: grid adds orders near 1 (large ε) and up to 4096 (small ε); a larger grid only ever
+#: lowers the bound, and every order is a valid RDP -> (ε, δ) conversion.
+RDP_ALPHAS: list[float] = (
+    [1 + x / 100.0 for x in range(1, 10)]
+    + [1 + x / 10.0 for x in range(1, 100)]
+    + [float(a) for a in range(12, 64)]
+    + [64.0, 72.0, 80.0, 96.0, 112.0, 128.0, 160.0, 192.0, 256.0, 320.0, 384.0, 512.0, 768.0, 1024.0,
+       1536.0, 2048.0, 4096.0]
+)
+
 DP = "(ε, δ)-DP"
+UNKNOWN = "unknown guarantee (no valid ledger)"
 NOT_DP_PAPER = "not DP (paper mode)"
 NOT_DP_NONPRIVATE = "not DP (non-private)"
 # Both are the Poisson-subsampled Gaussian mechanism (per-example contribution clipped to C,
@@ -63,6 +79,22 @@ class PrivacyLedger:
     reads: list[Read] = field(default_factory=list)
     nonprivate: bool = False
     secure_rng: bool = False  # Opacus secure_mode (csprng) off: fine for research, not production
+    # where the mechanism's secret randomness (Poisson sampling, noise) came from:
+    # os-entropy (default), operator-supplied (--noise-seed; reproducible, the operator must keep it
+    # secret) or secure (Opacus secure_mode). Never the seed itself.
+    noise_source: str | None = None
+    # logical batch size per DP step, as count / sum / sum of squares (Poisson check, see accountants.py)
+    batch_sizes: dict[str, float] = field(default_factory=lambda: {"steps": 0, "sum": 0.0, "sumsq": 0.0})
+    # normalised-text duplicates removed between the splits (filled from the data module when it reports them)
+    split_overlap: dict[str, Any] = field(default_factory=dict)
+    release: dict[str, Any] = field(default_factory=dict)  # what the guarantee covers (see RELEASE)
+
+    def record_batch(self, size: int) -> None:
+        """One DP step's logical batch size (the union over ranks under torchrun)."""
+        b = self.batch_sizes
+        b["steps"] = int(b.get("steps", 0)) + 1
+        b["sum"] = float(b.get("sum", 0.0)) + size
+        b["sumsq"] = float(b.get("sumsq", 0.0)) + float(size) ** 2
 
     def record(self, who: str, how: str, accounted: bool, examples: int) -> None:
         for r in self.reads:
@@ -104,18 +136,29 @@ class PrivacyLedger:
             return f"{DP}, ε={self.epsilon:.2f}, δ={self.delta:.1e}"
         return self.guarantee
 
+    @property
+    def dpsgd_part_epsilon(self) -> float | None:
+        """ε of the sampled Gaussian part of a run that is not DP as a whole (paper mode), else None."""
+        return self.epsilon if self.mechanism in SAMPLED_GAUSSIAN and self.guarantee != DP else None
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["guarantee"] = self.guarantee
         d["claimed_epsilon"] = self.claimed_epsilon
         d["unaccounted_reads"] = len(self.unaccounted)
+        if self.guarantee != DP:  # no ε under a name that reads as the run's: only as the DP-SGD part's
+            d["dpsgd_part_epsilon"] = d.pop("epsilon")
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PrivacyLedger":
         d = dict(d)
-        for k in ("guarantee", "claimed_epsilon", "unaccounted_reads"):
+        if "epsilon" not in d and "dpsgd_part_epsilon" in d:
+            d["epsilon"] = d["dpsgd_part_epsilon"]
+        for k in ("guarantee", "claimed_epsilon", "unaccounted_reads", "dpsgd_part_epsilon"):
             d.pop(k, None)
+        known = {f for f in cls.__dataclass_fields__}
+        d = {k: v for k, v in d.items() if k in known}
         d["reads"] = [Read(**r) for r in d.get("reads", [])]
         return cls(**d)
 
@@ -145,12 +188,23 @@ def default_delta(n: int) -> float:
     return 1.0 / (n**1.1)
 
 
+def accountant_kwargs(accountant: str) -> dict[str, Any]:
+    """Extra arguments of ``get_epsilon`` for an Opacus accountant: the wide α grid for RDP."""
+    return {"alphas": RDP_ALPHAS} if accountant == "rdp" else {}
+
+
+def spent_epsilon(accountant: Any, delta: float) -> float:
+    """ε an Opacus accountant has spent so far (RDP over :data:`RDP_ALPHAS`)."""
+    name = accountant.mechanism() if hasattr(accountant, "mechanism") else "rdp"
+    return float(accountant.get_epsilon(delta=delta, **accountant_kwargs(name)))
+
+
 def noise_for_target(cfg: PrivacyConfig, sample_rate: float, steps: int, delta: float) -> float:
     """σ for (target ε, δ) after ``steps`` Poisson steps at rate q, under the chosen accountant.
 
     Why not ``make_private_with_epsilon``: it derives steps as int(epochs / q), which
     for fractional epochs can round to fewer steps than we run and overshoot ε. We
-    pass the exact step count to the same Opacus search instead.
+    pass the exact step count to the same Opacus search instead (with the wide α grid).
     """
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -163,6 +217,7 @@ def noise_for_target(cfg: PrivacyConfig, sample_rate: float, steps: int, delta: 
                 steps=steps,
                 accountant=cfg.accountant,
                 epsilon_tolerance=0.01,
+                **accountant_kwargs(cfg.accountant),
             )
         )
     except ValueError as e:
@@ -175,7 +230,72 @@ def epsilon_for(accountant: str, sample_rate: float, sigma: float, steps: int, d
 
     acc = create_accountant(accountant)
     acc.history = [(sigma, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta))
+    return float(acc.get_epsilon(delta=delta, **accountant_kwargs(accountant)))
+
+
+# --------------------------------------------------------------------------- secret randomness
+OS_ENTROPY, OPERATOR_SUPPLIED, SECURE = "os-entropy", "operator-supplied", "secure"
+
+
+def _derive(master: int, *tag: int) -> int:
+    """A 63-bit seed for one stream (sampler / noise, per rank) from the secret master seed."""
+    return int(np.random.SeedSequence([int(master), *tag]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+class MechanismRNG:
+    """The DP mechanism's secret randomness: Poisson sampling and Gaussian noise.
+
+    Why a dedicated generator: the guarantee assumes the adversary cannot predict the
+    batches or the noise. Everything the project writes down (config, run id, results
+    table, logs) is public, so the default seed is drawn from OS entropy
+    (``secrets.randbits``) and held only in memory; the generators' *state* (not the
+    seed) goes into the checkpoint's private ``state.pt``, so a resumed run continues
+    the same stream and replays lost steps exactly. ``noise_seed`` is for tests and
+    bit-reproducible research; the ledger says which source was used, never the seed.
+
+    Two generators: the sampler's lives on the CPU (Poisson masks are drawn there), the
+    noise's on the training device (Opacus draws the noise next to the gradients).
+    ``secure``: Opacus' ``secure_mode`` (torchcsprng, /dev/urandom); it has no state to
+    checkpoint, so such a run cannot be resumed mid-way (see ``train``).
+    """
+
+    def __init__(self, sampler: torch.Generator | None, noise: torch.Generator | None, source: str):
+        self.sampler, self.noise, self.source = sampler, noise, source
+
+    @classmethod
+    def create(cls, noise_seed: int | None = None, secure: bool = False, device: str | torch.device = "cpu",
+               rank: int = 0) -> "MechanismRNG":
+        if secure:
+            if noise_seed is not None:
+                raise ConfigError("--secure-rng and --noise-seed exclude each other (a secure generator takes no seed)")
+            try:
+                import torchcsprng as csprng
+            except ImportError:
+                raise ConfigError("--secure-rng needs torchcsprng (Opacus secure_mode), which is not installed and "
+                                  "has no build for this torch; the default already seeds the mechanism from OS "
+                                  "entropy") from None
+            g = csprng.create_random_device_generator("/dev/urandom")  # white box: Opacus' engine holds its own
+            return cls(g, g, SECURE)
+        if noise_seed is not None and not (isinstance(noise_seed, int) and 0 <= noise_seed < 2**63):
+            raise ConfigError(f"--noise-seed must be an integer in [0, 2^63), got {noise_seed!r}")
+        master = secrets.randbits(63) if noise_seed is None else int(noise_seed)
+        sampler = torch.Generator().manual_seed(_derive(master, 0, rank))
+        noise = torch.Generator(device=torch.device(device)).manual_seed(_derive(master, 1, rank))
+        return cls(sampler, noise, OS_ENTROPY if noise_seed is None else OPERATOR_SUPPLIED)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generators' states (private run state: the checkpoint's state.pt only)."""
+        if self.source == SECURE:
+            return {"source": SECURE}
+        return {"source": self.source, "sampler": self.sampler.get_state(), "noise": self.noise.get_state()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if d.get("source") == SECURE or self.source == SECURE:
+            raise ConfigError("a --secure-rng run cannot be resumed (its generator has no state to replay lost "
+                              "steps from); train it again with --no-resume")
+        self.source = d["source"]
+        self.sampler.set_state(d["sampler"])
+        self.noise.set_state(d["noise"].to(self.noise.get_state().device))
 
 
 @dataclass
@@ -188,6 +308,7 @@ class DPSetup:
     sample_rate: float
     delta: float
     ghost: bool = False  # ghost clipping: the loss must go through ``backward_private``
+    rng: MechanismRNG | None = None  # the secret sampling / noise generators
 
 
 def make_private(
@@ -197,6 +318,7 @@ def make_private(
     cfg: PrivacyConfig,
     total_steps: int,
     n_private: int,
+    rng: MechanismRNG | None = None,
 ) -> DPSetup:
     """Wrap model/optimizer/loader with Opacus for DP-SGD at the config's target ε.
 
@@ -204,15 +326,22 @@ def make_private(
     pick its ``DistributedDPOptimizer`` (clipped sums all-reduced, noise added once on
     rank 0) and distributed Poisson sampling; q, σ and the accountant stay those of
     the global logical batch (``dpflat/distributed.py``).
+
+    ``rng``: the secret generators (:class:`MechanismRNG`); the loader passed in must
+    already draw from ``rng.sampler`` (Opacus' Poisson loader takes the loader's generator).
     """
     from opacus import PrivacyEngine
 
     from .distributed import is_distributed, rank_poisson_loader
 
+    if not cfg.poisson:
+        raise ConfigError("white-box DP needs Poisson sampling (--poisson): the accountant assumes it; shuffled "
+                          "fixed-size batches are not covered")
+    rng = rng or MechanismRNG.create()
     q = 1.0 / len(loader)  # Opacus' sample rate for Poisson sampling of this loader
     delta = cfg.resolve_delta(n_private)
     sigma = noise_for_target(cfg, q, total_steps, delta)
-    engine = PrivacyEngine(accountant=cfg.accountant)
+    engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=rng.source == SECURE)
     model.train()
     module = model
     if is_distributed():
@@ -230,14 +359,15 @@ def make_private(
         max_grad_norm=cfg.max_grad_norm,
         poisson_sampling=cfg.poisson,
         grad_sample_mode=cfg.grad_sample_mode,
+        noise_generator=None if rng.source == SECURE else rng.noise,  # secure_mode: Opacus' csprng
         **({"criterion": nn.CrossEntropyLoss()} if ghost else {}),
     )
     # ghost returns (module, optimizer, criterion, loader); we build the loss wrapper
     # ourselves from per-example losses (CE + the levels' terms), see backward_private
     dp_model, dp_opt, dp_loader = (wrapped[0], wrapped[1], wrapped[3]) if ghost else wrapped
     if is_distributed():
-        dp_loader = rank_poisson_loader(dp_loader)  # every rank yields every step (see its docstring)
-    return DPSetup(dp_model, dp_opt, dp_loader, engine, sigma, q, delta, ghost)
+        dp_loader = rank_poisson_loader(dp_loader, rng.sampler)  # every rank yields every step (see its docstring)
+    return DPSetup(dp_model, dp_opt, dp_loader, engine, sigma, q, delta, ghost, rng)
 
 
 def backward_private(setup: DPSetup | None, per_example_loss: torch.Tensor) -> torch.Tensor:
@@ -273,12 +403,48 @@ def fill_ledger(ledger: PrivacyLedger, cfg: PrivacyConfig, setup: DPSetup | None
     ledger.max_grad_norm = cfg.max_grad_norm
     ledger.target_epsilon = cfg.epsilon
     ledger.delta = setup.delta
-    eps = float(setup.engine.accountant.get_epsilon(delta=setup.delta)) if steps > 0 else 0.0
+    eps = spent_epsilon(setup.engine.accountant, setup.delta) if steps > 0 else 0.0
     ledger.epsilon = eps if math.isfinite(eps) else None
+    if setup.rng is not None:
+        ledger.noise_source = setup.rng.source
+        ledger.secure_rng = setup.rng.source == SECURE
+
+
+#: what a run's (ε, δ) covers, and what it does not (ledger.json "release", README)
+RELEASE = {
+    "covered": [
+        "model.safetensors (the selected parameters; post-processing of the DP training)",
+        "eval-split metrics of the selected model (result.json, results table: accuracy, eval_loss)",
+        "config.json, ledger.json (public inputs and the accounting)",
+    ],
+    "private_diagnostics_not_covered": [
+        "metrics.jsonl train_loss_private (raw loss of private batches, per step)",
+        "checkpoints (ckpt-*/: parameters and the secret generator state in state.pt), best.safetensors, "
+        "last.safetensors",
+        "loss landscapes and Hessians computed on the private split",
+        "membership-inference reads (mia.json) and canary audits",
+    ],
+    "note": "release only the covered artifacts; the others read private data outside the accountant",
+}
+
+
+def fill_release(ledger: PrivacyLedger) -> None:
+    """The release boundary, stated in the ledger (for every run; a non-DP run covers nothing)."""
+    ledger.release = {**RELEASE, "guarantee": ledger.guarantee} if ledger.guarantee == DP else {
+        "covered": [], "guarantee": ledger.guarantee,
+        "private_diagnostics_not_covered": RELEASE["private_diagnostics_not_covered"],
+        "note": "this run makes no DP claim: nothing it writes is covered"}
 
 
 __all__ = [
     "DP",
+    "UNKNOWN",
+    "RDP_ALPHAS",
+    "RELEASE",
+    "MechanismRNG",
+    "accountant_kwargs",
+    "fill_release",
+    "spent_epsilon",
     "NOT_DP_PAPER",
     "NOT_DP_NONPRIVATE",
     "SAMPLED_GAUSSIAN",

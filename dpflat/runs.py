@@ -218,8 +218,9 @@ def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str,
         "metric": metric,
         "seed": cfg.train.seed,
         "target_epsilon": cfg.privacy.epsilon if cfg.privacy.enabled else None,
-        "epsilon": ledger.claimed_epsilon,
-        "epsilon_spent": ledger.epsilon,
+        "epsilon": ledger.claimed_epsilon,  # None unless the run is (ε, δ)-DP
+        "dpsgd_part_epsilon": ledger.dpsgd_part_epsilon,  # paper mode: the DP-SGD part alone, not the run's
+        "noise_source": ledger.noise_source,
         "delta": ledger.delta,
         "sigma": ledger.noise_multiplier,
         "sample_rate": ledger.sample_rate,

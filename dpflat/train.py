@@ -25,10 +25,37 @@ from .evaluate import autocast, evaluate, model_inputs
 from .flat import build_levels
 from .flat.base import FlatLevel, TrainContext
 from .models import build_model, load_tokenizer
-from .privacy import PrivacyLedger, PrivateSplit, backward_private, fill_ledger, make_private
+from .privacy import (DP, MechanismRNG, PrivacyLedger, PrivateSplit, backward_private, fill_ledger, fill_release,
+                      make_private, spent_epsilon)
 from .runs import RunDir, append_result, finish_run
 
 TRAIN_WHO = "train/dp-sgd"
+#: the per-step loss of private batches: a private diagnostic, not covered by the guarantee
+LOSS_KEY = "train_loss_private"
+
+
+class NonFiniteLoss(ConfigError):
+    """The training loss became NaN or inf: the run stops, and no result is written."""
+
+
+def check_finite(loss: float, step: int) -> None:
+    """Stop a diverged run with one line (an argmax of NaN logits is not a result)."""
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"training loss became non-finite ({loss}) at step {step}; lower --lr "
+                            f"(the run is left unfinished, no result written)")
+
+
+def split_overlap(splits) -> dict[str, Any]:
+    """Duplicate counts the data module reports between the splits (empty if it reports none)."""
+    summary = getattr(splits, "summary", None)
+    d = summary() if callable(summary) else {}
+    return {k: v for k, v in dict(d or {}).items() if "dup" in k or "overlap" in k}
+
+
+def reseed_step(seed: int, step: int) -> None:
+    """Per step, so a resumed run replays dropout exactly; public randomness only (the
+    mechanism's sampling and noise come from the secret ``MechanismRNG``)."""
+    torch.manual_seed(seed * 1_000_003 + step)
 
 
 def _seed_all(seed: int) -> None:
@@ -97,6 +124,8 @@ def train(
     resume: bool = True,
     max_steps: int | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    noise_seed: int | None = None,
+    secure_rng: bool = False,
 ) -> dict[str, Any]:
     """Train one run into its folder and return its result row.
 
@@ -107,11 +136,16 @@ def train(
     Under ``torchrun`` every rank calls this with the same config: rank 0 alone
     writes the run folder and holds its lock, the others learn its outcome
     (``dpflat/distributed.py``); ``on_step`` runs on every rank.
+
+    The DP mechanism's randomness (Poisson sampling, noise) is secret: seeded from OS
+    entropy, or from ``noise_seed`` (tests, reproducible research; not part of the config
+    or the run id, never written to the run folder). ``secure_rng``: Opacus' secure_mode.
     """
     if cfg.blackbox.active:  # a bb-* config: the forward-only loop, never a white-box prefix
         from .blackbox import train as bb_train
 
-        return bb_train(cfg, resume=resume, max_steps=max_steps, on_step=on_step)
+        return bb_train(cfg, resume=resume, max_steps=max_steps, on_step=on_step, noise_seed=noise_seed,
+                        secure_rng=secure_rng)
     with dist_mod.process_group(cfg.train.device):
         cfg = dist_mod.rank_config(cfg)  # under torchrun: this rank's GPU
         rd = RunDir.for_config(cfg)
@@ -121,11 +155,12 @@ def train(
             return res
         dist_mod.on_main(rd.create, cfg)
         with dist_mod.main_only(rd.lock):
-            return _train(cfg, rd, resume, max_steps, on_step)
+            return _train(cfg, rd, resume, max_steps, on_step, noise_seed, secure_rng)
 
 
 def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
-           on_step: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+           on_step: Callable[[dict[str, Any]], None] | None, noise_seed: int | None = None,
+           secure_rng: bool = False) -> dict[str, Any]:
     """The body of :func:`train`, run while holding the run folder's lock."""
     device = start_run(cfg)
 
@@ -137,6 +172,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     if B > n:
         raise ConfigError(f"batch_size {B} is larger than the private training split ({n} examples)")
     ledger = PrivacyLedger()
+    ledger.split_overlap = split_overlap(splits)
     private = PrivateSplit(tokd["private"], ledger)
     model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed).to(device)
     ctx = TrainContext(cfg, model, private, tokd["public"], tokd["eval"], ledger, device)
@@ -159,14 +195,16 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     accounted = cfg.privacy.enabled
     how = "per-example clipped gradients + Gaussian noise" if accounted else "plain gradients (no DP)"
     train_ds = private.read(TRAIN_WHO if accounted else "train/non-private", how, accounted=accounted)
-    loader = torch.utils.data.DataLoader(train_ds, batch_size=B, shuffle=True)
+    rng = MechanismRNG.create(noise_seed, secure_rng, device, rank=dist_mod.rank()) if accounted else None
+    # DP: Opacus' Poisson loader draws from this loader's generator, the secret sampler
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=B, shuffle=True, generator=rng.sampler if rng else None)
     steps_per_epoch = len(loader)
     total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
     ctx.total_steps, ctx.steps_per_epoch = total_steps, steps_per_epoch
     dp = None
     if accounted:
         model.train()
-        dp = make_private(model, opt, loader, cfg.privacy, total_steps, n)
+        dp = make_private(model, opt, loader, cfg.privacy, total_steps, n, rng)
         train_model, opt, loader = dp.model, dp.optimizer, dp.loader
     else:
         train_model = model
@@ -175,23 +213,36 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
 
     # --- resume
     step, best = 0, {"accuracy": -1.0, "step": 0}
+    best_params: dict[str, torch.Tensor] | None = None  # the selected parameters so far (private state)
+    best_file = rd.path / "best.safetensors"
     if ckpt is not None:
         trainable, state = ckpt
         model.load_trainable_state({k: v.to(device) for k, v in trainable.items()})
         (opt.original_optimizer if dp else opt).load_state_dict(state["optimizer"])
         if dp:
             dp.engine.accountant.load_state_dict(state["accountant"])
+            if state.get("mechanism_rng") is not None:  # replay: the same batches and noise as before the crash
+                rng.load_state_dict(state["mechanism_rng"][dist_mod.rank()])
+            elif rng.source == "secure":
+                rng.load_state_dict({"source": "secure"})  # refuses: nothing to replay from
         step, best = state["step"], state["best"]
+        best_params = state.get("best_params")
         restored = PrivacyLedger.from_dict(state["ledger"])
         ledger.reads = restored.reads
+        ledger.batch_sizes = restored.batch_sizes
         dist_mod.keep_counts_on_main(ledger)  # torchrun: the saved counts are totals over ranks
         for lv in levels:
             lv.load_state_dict(state["levels"].get(lv.name, {}), ctx)
         if dist_mod.is_main():
             rd.truncate_metrics(step)
-    best_file = rd.path / "best.safetensors"
+            # best.safetensors as of this checkpoint: one written by the discarded steps must not survive
+            if best_params is not None:
+                rd.save_tensors(best_file, best_params)
+            else:
+                best_file.unlink(missing_ok=True)
 
     def checkpoint() -> None:
+        rng_states = dist_mod.gathered(rng.state_dict()) if dp and rng.source != "secure" else None
         state = {
             "step": step,
             "optimizer": (opt.original_optimizer if dp else opt).state_dict(),
@@ -199,17 +250,20 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
             "best": best,
             "ledger": dist_mod.merged_ledger(ledger).to_dict(),
             "levels": {lv.name: lv.state_dict() for lv in levels},
+            "best_params": best_params,
+            "mechanism_rng": rng_states,  # secret: the generator states, per rank (never the seed)
         }
         if dist_mod.is_main():
             rd.save_checkpoint(step, model.trainable_state(), state)
         dist_mod.barrier()
 
     def run_eval() -> dict[str, Any]:
-        nonlocal best
+        nonlocal best, best_params
         r = evaluate(model, ctx.eval, cfg.train.eval_batch_size, device, cfg.train.resolved_precision())
         if r["accuracy"] > best["accuracy"]:
             best = {"accuracy": r["accuracy"], "step": step}
-            rd.save_tensors(best_file, model.trainable_state())
+            best_params = {k: v.detach().cpu().clone() for k, v in model.trainable_state().items()}
+            rd.save_tensors(best_file, best_params)
         return r
 
     eval_every = cfg.train.eval_every or steps_per_epoch
@@ -220,7 +274,9 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
     try:
         while step < stop_at:
-            torch.manual_seed(cfg.train.seed * 1_000_003 + step)  # resumable, deterministic sampling
+            # public randomness of the pass (the non-private loader's shuffle); DP batches and noise
+            # come from the secret generators, dropout is reseeded per step (reseed_step)
+            torch.manual_seed(cfg.train.seed * 1_000_003 + step)
             if dp:
                 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -228,12 +284,13 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
             else:
                 mem = nullcontext(loader)
             with mem as it:
-                new_step = True
+                new_step, step_examples, finite = True, 0, True
                 for batch in it:
                     chunks = [batch] if dp else list(_chunks(dist_mod.shard(batch), P))
                     for i, chunk in enumerate(chunks):
                         nb = len(chunk["labels"])
                         if new_step:
+                            reseed_step(cfg.train.seed, step)
                             for lv in levels:
                                 lv.step_begin(ctx, step, chunk)
                             dist_mod.share_step_state(levels, ctx)
@@ -250,6 +307,8 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
                             lv.restore(ctx)
                         private.count(TRAIN_WHO if accounted else "train/non-private", how, accounted, nb)
                         seen += nb
+                        step_examples += nb
+                        finite = finite and math.isfinite(float(loss.detach()))
                         if dp:
                             opt.step()
                             stepped = not opt._is_last_step_skipped
@@ -266,19 +325,24 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
                         if not stepped:
                             continue
                         step += 1
-                        new_step = True
+                        if dp:  # the logical batch (over ranks): the ledger's Poisson check
+                            ledger.record_batch(dist_mod.total(step_examples))
+                        check_finite(float(loss.detach()) if dist_mod.total(0 if finite else 1) == 0 else math.nan, step)
+                        new_step, step_examples, finite = True, 0, True
                         bar.update(1)
-                        row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch, "loss": float(loss.detach())}
+                        row: dict[str, Any] = {"step": step, "epoch": step / steps_per_epoch, LOSS_KEY: float(loss.detach())}
                         milestone = main and (step % eval_every == 0 or step == total_steps)
                         if milestone:
                             row.update({f"eval_{k}": v for k, v in run_eval().items()})
                         if main and dp and (milestone or step % cfg.train.checkpoint_every == 0):
-                            # ε so far; not every step: one accountant call costs up to ~0.5 s
-                            row["epsilon"] = float(dp.engine.accountant.get_epsilon(delta=dp.delta))
+                            # ε so far; not every step: one accountant call costs up to ~0.5 s. A run that
+                            # is not DP as a whole (paper mode) shows it only as the DP-SGD part's
+                            key = "epsilon" if not ledger.unaccounted else "dpsgd_part_epsilon"
+                            row[key] = spent_epsilon(dp.engine.accountant, dp.delta)
                         row["examples_per_s"] = seen / max(time.time() - t0, 1e-9)  # this rank's
                         if main:
                             rd.log(row)
-                        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in ("loss", "eval_accuracy", "epsilon")})
+                        bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in (LOSS_KEY, "eval_accuracy", "epsilon")})
                         if on_step:
                             on_step(row)
                         if step % cfg.train.checkpoint_every == 0 or step == total_steps:
@@ -309,9 +373,10 @@ def _finish(cfg, rd: RunDir, ctx: TrainContext, model, ledger, dp, best, best_fi
     rd.save_tensors(rd.model_file, model.trainable_state())
     final = evaluate(model, ctx.eval, cfg.train.eval_batch_size, ctx.device, cfg.train.resolved_precision())
     fill_ledger(ledger, cfg.privacy, dp, step)
+    fill_release(ledger)
     rd.write_json(rd.ledger_file, ledger.to_dict())
     keep = ",".join(str(i) for i, k in enumerate(model.prefix.keep_mask.tolist()) if k)
     return finish_run(cfg, rd, card.metric, ledger, final, best["step"], step, keep, ctx.info)
 
 
-__all__ = ["prepare_data", "train"]
+__all__ = ["LOSS_KEY", "NonFiniteLoss", "check_finite", "prepare_data", "reseed_step", "split_overlap", "train"]
