@@ -43,17 +43,28 @@ class LoadedRun:
 
     @property
     def guarantee(self) -> str:
-        return str(self.result.get("guarantee") or self.ledger.get("guarantee"))
+        """From the run's ledger only; a run without a valid ledger.json has an unknown guarantee."""
+        from .privacy import ledger_guarantee
+
+        return ledger_guarantee(self.run_dir)
+
+    @property
+    def claimed_epsilon(self) -> float | None:
+        from .privacy import DP
+
+        return self.result.get("epsilon") if self.guarantee == DP else None
 
     @property
     def label(self) -> str:
         """E.g. "dpflat-safe · ε=3 · (ε, δ)-DP"; a non-DP run never shows an ε."""
-        return run_label(self.result)
+        return run_label({**self.result, "guarantee": self.guarantee, "epsilon": self.claimed_epsilon})
 
 
 def run_label(row: dict[str, Any]) -> str:
     """Plot label of a results row: variant, claimed ε (only when DP) and the guarantee."""
-    eps = row.get("epsilon")
+    from .privacy import DP
+
+    eps = row.get("epsilon") if row.get("guarantee") == DP else None
     parts = [str(row.get("variant", "?"))]
     if eps is not None and not (isinstance(eps, float) and np.isnan(eps)):
         parts.append(f"ε={float(eps):.2g}")
@@ -147,7 +158,7 @@ def analyze_run(
     model, params = run.model, _trainable(run.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"run_id": run.run_dir.name, "label": run.label, "guarantee": run.guarantee,
-                               "epsilon": run.result.get("epsilon"), "variant": run.result.get("variant"),
+                               "epsilon": run.claimed_epsilon, "variant": run.result.get("variant"),
                                "settings": settings, "params": params,
                                "data": f"{split} split, first {sum(len(b['labels']) for b in batches)} examples",
                                # figures computed on private examples are not covered by the run's guarantee

@@ -233,7 +233,7 @@ class AuditResult:
     significance: float  # overall (Bonferroni-corrected across the guess grid)
     delta: float  # δ the bound is stated at (the run's δ; for non-DP runs the config's δ rule)
     claimed_epsilon: float | None
-    epsilon_spent: float | None
+    dpsgd_part_epsilon: float | None  # a run that is not DP as a whole: the DP-SGD part's ε alone
     guarantee: str
     guesses: list[dict[str, Any]]
     canary_auc: float  # informational: AUC of the canary scores (in vs out)
@@ -274,12 +274,13 @@ class AuditResult:
 
 def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path | None = None,
                  significance: float = 0.05, grid_fractions: tuple[float, ...] = DEFAULT_GRID,
-                 resume: bool = True) -> AuditResult:
+                 resume: bool = True, noise_seed: int | None = None, secure_rng: bool = False) -> AuditResult:
     """Train ``cfg`` with canaries injected and bound its ε from below (see module doc).
 
     ``out_dir``: output root of the canary runs (default ``<cfg output_dir>/audit``),
     kept apart from the config's own results table. A finished canary run with the
-    same canaries is reused.
+    same canaries is reused. ``noise_seed`` / ``secure_rng``: the mechanism's randomness
+    (default: OS entropy), as for ``dpflat.train.train``.
     """
     from . import train as train_mod
     from .mia import attack_point_metrics, example_losses, load_run_model
@@ -302,7 +303,7 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
     rd.path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cf, json.dumps(record))
     with inject_private(can_rows.select(np.flatnonzero(included))):
-        res = train_mod.train(acfg, resume=resume)
+        res = train_mod.train(acfg, resume=resume, noise_seed=noise_seed, secure_rng=secure_rng)
     ledger = json.loads((rd.path / "ledger.json").read_text())
     _, model = load_run_model(rd.path)
     tok = load_tokenizer(cfg.model)
@@ -318,7 +319,7 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
     result = AuditResult(
         run_id=rd.path.name, variant=cfg.variant, task=cfg.data.task, canaries=canaries,
         included=int(included.sum()), epsilon_lower_bound=bound, significance=significance, delta=float(delta),
-        claimed_epsilon=ledger.get("claimed_epsilon"), epsilon_spent=ledger.get("epsilon"),
+        claimed_epsilon=ledger.get("claimed_epsilon"), dpsgd_part_epsilon=ledger.get("dpsgd_part_epsilon"),
         guarantee=ledger.get("guarantee", "?"), guesses=rows,
         canary_auc=attack_point_metrics(scores[included], scores[~included])["auc"] if 0 < included.sum() < canaries else math.nan,
         loss_in=float(scored["loss"][included].mean()) if included.any() else math.nan,

@@ -111,6 +111,14 @@ def config_from_args(ns: argparse.Namespace, base: RunConfig | None = None) -> R
     return cfg.replace(**changes) if changes else cfg
 
 
+def add_rng_flags(p: argparse.ArgumentParser) -> None:
+    """The DP mechanism's randomness: not config fields (never in config.json or the run id)."""
+    p.add_argument("--noise-seed", type=int, default=None,
+                   help="seed of the DP sampling and noise, for reproducible runs (default: OS entropy; keep it "
+                        "secret: whoever knows it can replay the noise)")
+    p.add_argument("--secure-rng", action="store_true", help="Opacus secure_mode (needs torchcsprng)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpflat", description="DP-Flat: differentially private prefix-tuning through flatness")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -122,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON config file (flags override it)")
     t.add_argument("--no-resume", action="store_true", help="retrain even if the run folder has a checkpoint")
     t.add_argument("--max-steps", type=int, help="stop after this many steps without finishing")
+    add_rng_flags(t)
     add_config_flags(t)
 
     s = sub.add_parser("sweep", help="variants x epsilons x seeds, skipping finished cells")
@@ -130,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--epsilons", default="3,8", help="comma-separated target ε")
     s.add_argument("--seeds", default="0", help="comma-separated seeds")
     s.add_argument("--config", help="JSON config file (flags override it)")
+    add_rng_flags(s)
     add_config_flags(s)
 
     la = sub.add_parser("landscape", help="Hessian spectrum + 2D loss surface of a finished run")
@@ -167,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--canaries", type=int, default=0,
                     help="also run a one-run canary audit with this many canaries (retrains the run's config)")
     au.add_argument("--device", default="cpu")
+    add_rng_flags(au)
 
     sub.add_parser("tasks", help="list the registered tasks and where their data is found")
     return p
@@ -177,7 +188,8 @@ def _cmd_train(ns) -> int:
 
     base = RunConfig.load(ns.config) if ns.config else None
     cfg = config_from_args(ns, base)
-    res = trainer(cfg)(cfg, resume=not ns.no_resume, max_steps=ns.max_steps)
+    res = trainer(cfg)(cfg, resume=not ns.no_resume, max_steps=ns.max_steps, noise_seed=ns.noise_seed,
+                       secure_rng=ns.secure_rng)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the row: print it once
         print(json.dumps({k: v for k, v in res.items() if k != "info"}, default=str, ensure_ascii=False))
     return 0
@@ -194,7 +206,8 @@ def _cmd_sweep(ns) -> int:
         seeds = split(ns.seeds, int)
     except ValueError:
         raise ConfigError("--epsilons and --seeds take comma-separated numbers") from None
-    table = sweep(cfg, split(ns.variants, str), eps, seeds, split(ns.modes, str))
+    table = sweep(cfg, split(ns.variants, str), eps, seeds, split(ns.modes, str), noise_seed=ns.noise_seed,
+                  secure_rng=ns.secure_rng)
     print(table.to_string(index=False))
     return 0
 
@@ -246,7 +259,8 @@ def _cmd_audit(ns) -> int:
     if ns.canaries:
         from .audit import audit_run
 
-        print("\n" + audit_run(ns.run_dir, canaries=ns.canaries, seed=ns.seed).table())
+        print("\n" + audit_run(ns.run_dir, canaries=ns.canaries, seed=ns.seed, noise_seed=ns.noise_seed,
+                                secure_rng=ns.secure_rng).table())
     print(f"\nwrote {path}")
     return 0
 

@@ -145,7 +145,7 @@ class MIAResult:
     reference: str | None  # "init", a run folder, or None
     guarantee: str
     claimed_epsilon: float | None  # None unless the whole run is DP
-    epsilon_spent: float | None  # what the DP-SGD accountant spent (paper mode: not a claim)
+    dpsgd_part_epsilon: float | None  # paper mode: what the DP-SGD part alone spent (not the run's ε)
     delta: float | None
     member_accuracy: float  # the model's task accuracy on the attacked members...
     nonmember_accuracy: float  # ...and non-members (their gap is the generalisation gap)
@@ -359,7 +359,7 @@ def attack_run(run_dir: str | Path, *, reference: str | Path | None = "init", ma
         run_id=run_dir.name, variant=cfg.variant, task=cfg.data.task, n_members=len(pm["loss"]),
         n_nonmembers=len(pn["loss"]), nonmember_source=source, loss=loss_attack, calibrated=cal,
         reference=ref_name, guarantee=ledger.get("guarantee", "?"), claimed_epsilon=ledger.get("claimed_epsilon"),
-        epsilon_spent=ledger.get("epsilon"), delta=ledger.get("delta"),
+        dpsgd_part_epsilon=ledger.get("dpsgd_part_epsilon"), delta=ledger.get("delta"),
         member_accuracy=float((pm["pred"] == pm["label"]).mean()),
         nonmember_accuracy=float((pn["pred"] == pn["label"]).mean()),
         member_loss=float(pm["loss"].mean()), nonmember_loss=float(pn["loss"].mean()),

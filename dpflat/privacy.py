@@ -163,6 +163,37 @@ class PrivacyLedger:
         return cls(**d)
 
 
+def read_ledger(run_dir) -> dict[str, Any] | None:
+    """A run folder's ledger.json if it is there and well-formed, else None.
+
+    Why: a run without a valid ledger has no record of what touched its private data,
+    so readers (report, landscape) must show "unknown guarantee", never an ε.
+    """
+    import json
+    from pathlib import Path
+
+    f = Path(run_dir) / "ledger.json"
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or not {"guarantee", "mechanism", "reads"} <= set(d):
+        return None
+    try:
+        led = PrivacyLedger.from_dict(d)
+    except (TypeError, ValueError):
+        return None
+    if led.guarantee != d["guarantee"]:  # edited by hand: the reads no longer support the stated guarantee
+        return None
+    return d
+
+
+def ledger_guarantee(run_dir) -> str:
+    """The guarantee a run folder's ledger supports, or :data:`UNKNOWN`."""
+    d = read_ledger(run_dir)
+    return UNKNOWN if d is None else str(d["guarantee"])
+
+
 class PrivateSplit:
     """The only handle on the private training data: every read goes through the ledger."""
 
@@ -240,6 +271,15 @@ OS_ENTROPY, OPERATOR_SUPPLIED, SECURE = "os-entropy", "operator-supplied", "secu
 def _derive(master: int, *tag: int) -> int:
     """A 63-bit seed for one stream (sampler / noise, per rank) from the secret master seed."""
     return int(np.random.SeedSequence([int(master), *tag]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+
+
+def cell_noise_seed(noise_seed: int | None, run_name: str) -> int | None:
+    """One operator-supplied seed for a whole sweep -> a distinct stream per run (None stays None)."""
+    if noise_seed is None:
+        return None
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{int(noise_seed)}:{run_name}".encode()).digest()[:8], "big") % 2**63
 
 
 class MechanismRNG:
@@ -439,9 +479,12 @@ def fill_release(ledger: PrivacyLedger) -> None:
 __all__ = [
     "DP",
     "UNKNOWN",
+    "ledger_guarantee",
+    "read_ledger",
     "RDP_ALPHAS",
     "RELEASE",
     "MechanismRNG",
+    "cell_noise_seed",
     "accountant_kwargs",
     "fill_release",
     "spent_epsilon",

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .analysis import load_analysis, load_density, load_surface, run_label
-from .privacy import DP
+from .privacy import DP, ledger_guarantee
 from .runs import load_results
 
 METRICS = {
@@ -25,6 +25,21 @@ METRICS = {
 }
 
 
+def checked_guarantees(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """The table with each row's guarantee re-read from its run folder's ledger.
+
+    A run without a valid ledger.json is "unknown guarantee" and claims no ε, whatever
+    its results row says; a run that is not DP shows no ε either.
+    """
+    t = table.copy()
+    dirs = [Path(r.get("run_dir") or out / r["run_id"]) for r in t.to_dict("records")]
+    dirs = [d if d.is_dir() else out / d.name for d in dirs]
+    t["guarantee"] = [ledger_guarantee(d) for d in dirs]
+    if "epsilon" in t:
+        t["epsilon"] = t["epsilon"].where(t["guarantee"] == DP)
+    return t
+
+
 def _series_name(variant: str, guarantee: str) -> str:
     return f"{variant} · {guarantee}"
 
@@ -32,8 +47,8 @@ def _series_name(variant: str, guarantee: str) -> str:
 def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_eigenvalue", "sam_sharpness", "accuracy")):
     """Metric (mean ± std over seeds) against target ε, one line per variant.
 
-    Non-private runs have no ε: they are a dashed horizontal band at their mean.
-    Paper-mode runs sit at the ε of their DP-SGD part but are named "not DP".
+    Runs that are not (ε, δ)-DP (non-private, paper mode, unknown guarantee) have no ε:
+    they are a dashed horizontal band at their mean, never points on the ε axis.
     """
     import plotly.graph_objects as go
     from plotly.colors import qualitative
@@ -45,14 +60,14 @@ def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_e
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[METRICS.get(m, m) for m in metrics])
     colors = qualitative.Plotly
     variants = sorted(table["variant"].unique(), key=lambda v: (v != "nonprivate", v))
-    eps_all = table["target_epsilon"].dropna()
+    eps_all = table.loc[table["guarantee"] == DP, "target_epsilon"].dropna()
     x_lo, x_hi = (float(eps_all.min()), float(eps_all.max())) if len(eps_all) else (0.0, 1.0)
     for vi, v in enumerate(variants):
         sub = table[table["variant"] == v]
         name = _series_name(v, " / ".join(sorted(set(sub["guarantee"]))))
         color = colors[vi % len(colors)]
         for mi, m in enumerate(metrics, start=1):
-            if v == "nonprivate" or sub["target_epsilon"].isna().all():
+            if (sub["guarantee"] != DP).any() or sub["target_epsilon"].isna().all():
                 mu, sd = float(sub[m].mean()), float(sub[m].std(ddof=1)) if len(sub) > 1 else 0.0
                 fig.add_trace(go.Scatter(x=[x_lo, x_hi], y=[mu, mu], mode="lines", name=name, legendgroup=name,
                                          showlegend=mi == 1, line=dict(color=color, dash="dash"),
@@ -92,6 +107,7 @@ def build_report(output_dir: str | Path, title: str = "dpflat report", notes: li
     if table.empty:
         raise FileNotFoundError(f"no results table in {out}: train some runs first")
     table = table[table.get("finished", True) == True]  # noqa: E712
+    table = checked_guarantees(table, out)
     parts: list[str] = []
     first = True
 
@@ -142,8 +158,11 @@ def build_report(output_dir: str | Path, title: str = "dpflat report", notes: li
 
     n_dp = int((table["guarantee"] == DP).sum())
     notes = list(notes or [])
-    notes.append(f"{len(table)} runs, {n_dp} of them (ε, δ)-DP by their ledgers. A run labelled "
-                 "\"not DP\" never claims an ε; for paper-mode runs the plotted ε is that of their DP-SGD part only.")
+    notes.append(f"{len(table)} runs, {n_dp} of them (ε, δ)-DP by their ledgers. A run labelled \"not DP\" or "
+                 "\"unknown guarantee\" (no valid ledger.json) claims no ε and is drawn as a band, not on the ε axis.")
+    notes.append("Covered by a DP run's guarantee: its model and eval-split metrics. Private diagnostics (training "
+                 "loss, checkpoints, private-split landscapes, MIA reads) are not (see each run's ledger.json "
+                 "\"release\").")
     body = "\n".join(f"<div class='fig'>{p}</div>" for p in parts)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1500px}} table.results{{border-collapse:collapse;font-size:13px}}

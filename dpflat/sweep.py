@@ -56,14 +56,21 @@ def trainer(cfg: RunConfig) -> Callable[..., dict[str, Any]]:
 
 def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: list[int],
           modes: list[str] = ("safe",), on_cell: Callable[[dict[str, Any]], None] | None = None,
-          progress: bool = True) -> pd.DataFrame:
-    """Train every missing cell; return the rows of this grid from the results table."""
+          progress: bool = True, noise_seed: int | None = None, secure_rng: bool = False) -> pd.DataFrame:
+    """Train every missing cell; return the rows of this grid from the results table.
+
+    ``noise_seed`` / ``secure_rng``: the mechanism's randomness (see ``dpflat.train.train``);
+    one operator seed gives each cell its own stream.
+    """
+    from .privacy import cell_noise_seed
+
     grid = cells(base, variants, epsilons, seeds, modes)
     todo = [c for c in grid if not RunDir.for_config(c).done]
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="sweep", disable=not progress)
     for c in todo:
         try:
-            res = trainer(c)(c.replace(train={"progress": progress and c.train.progress}))
+            res = trainer(c)(c.replace(train={"progress": progress and c.train.progress}),
+                             noise_seed=cell_noise_seed(noise_seed, RunDir.for_config(c).path.name), secure_rng=secure_rng)
         except RunLocked as e:  # another process trains it; its row appears when it finishes
             warnings.warn(f"skipped: {e}")
             bar.update(1)
@@ -96,7 +103,8 @@ def summarize(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
         n_seeds=("seed", "nunique"),
         mean=(metric, "mean"),
         std=(metric, "std"),
-        epsilon_spent=("epsilon_spent", "max"),
+        dpsgd_part_epsilon=("dpsgd_part_epsilon", "max") if "dpsgd_part_epsilon" in t else ("epsilon", "max"),
+        epsilon=("epsilon", "max"),
     ).reset_index()
     out["std"] = out["std"].fillna(0.0)
     return out.sort_values(["target_epsilon", "variant"]).reset_index(drop=True)
@@ -108,12 +116,12 @@ def markdown(summary: pd.DataFrame, metric: str = "accuracy") -> str:
              "|---|---|---|---|---|---|"]
     for r in summary.itertuples(index=False):
         eps = "∞" if r.target_epsilon == float("inf") else f"{r.target_epsilon:g}"
-        if pd.isna(r.epsilon_spent):
+        if r.guarantee == DP and not pd.isna(r.epsilon):
+            spent = f"{r.epsilon:.2f}"
+        elif r.guarantee != DP and not pd.isna(r.dpsgd_part_epsilon):  # the run as a whole has no ε
+            spent = f"none (DP-SGD part alone: {r.dpsgd_part_epsilon:.2f})"
+        else:
             spent = "—"
-        elif r.guarantee == DP:
-            spent = f"{r.epsilon_spent:.2f}"
-        else:  # the DP-SGD part alone; the run as a whole has no ε
-            spent = f"none (DP-SGD part alone: {r.epsilon_spent:.2f})"
         lines.append(f"| {r.variant} | {eps} | {r.guarantee} | {r.n_seeds} | {r.mean:.4f} ± {r.std:.4f} | {spent} |")
     return "\n".join(lines)
 

@@ -650,9 +650,9 @@ class Explorer(Panel):
     def summary(self, metric: str | None = None) -> pd.DataFrame:
         """Mean ± std per (variant, target ε) of the selection, with guarantees (dpflat.sweep.summarize).
 
-        ``summarize`` reports the accountant's ``epsilon_spent`` for every noisy run; next to
-        it goes ``claimed_epsilon`` (the rows' own claim, empty unless DP), so a paper-mode
-        line cannot be read as having an ε.
+        ``summarize`` reports the claimed ε (DP runs) and the DP-SGD part's ε of runs that are
+        not DP; next to it goes ``claimed_epsilon`` (the rows' own claim, empty unless DP), so a
+        paper-mode line cannot be read as having an ε.
         """
         from .sweep import summarize
 
@@ -664,7 +664,7 @@ class Explorer(Panel):
         claims = aggregate(sel, metric)[["variant", "target_epsilon", "claimed_epsilon"]]
         claims = claims.assign(target_epsilon=claims["target_epsilon"].fillna(float("inf")))
         out = out.merge(claims, on=["variant", "target_epsilon"], how="left")
-        return out.rename(columns={"epsilon_spent": "ε spent by DP-SGD (a claim only if DP)"})
+        return out.rename(columns={"epsilon": "ε claimed (max)", "dpsgd_part_epsilon": "DP-SGD part ε (run not DP)"})
 
     def _show_summary(self, metric: str) -> None:
         out = self.controls["summary"]
@@ -936,10 +936,16 @@ class AblationPanel(Panel):
             c["progress"].max = max(c["progress"].max, int(round(step / float(row["epoch"]) * self._epochs)))
         c["progress"].value = min(step, c["progress"].max)
         loss_t, acc_t = live.data[0], live.data[1]
-        loss_t.x, loss_t.y = tuple(loss_t.x or ()) + (step,), tuple(loss_t.y or ()) + (float(row["loss"]),)
+        loss = row.get("train_loss_private", row.get("loss"))  # private diagnostic: not covered by the guarantee
+        loss_t.x, loss_t.y = tuple(loss_t.x or ()) + (step,), tuple(loss_t.y or ()) + (float(loss),)
         if "eval_accuracy" in row:
             acc_t.x, acc_t.y = tuple(acc_t.x or ()) + (step,), tuple(acc_t.y or ()) + (float(row["eval_accuracy"]),)
-        eps = f", ε spent so far {row['epsilon']:.3g}" if "epsilon" in row else ""
+        if "epsilon" in row:  # only rows of a run that is DP as a whole carry it
+            eps = f", ε spent so far {row['epsilon']:.3g}"
+        elif "dpsgd_part_epsilon" in row:
+            eps = f", not DP (DP-SGD part alone {row['dpsgd_part_epsilon']:.3g})"
+        else:
+            eps = ""
         c["status"].value = f"step {step}{eps}"
         self._refresh()
 
@@ -1067,7 +1073,7 @@ def mia_table(results: Sequence[Any]) -> pd.DataFrame:
             "guarantee": r.guarantee,
             "claimed ε": "none" if _is_missing(r.claimed_epsilon) else round(float(r.claimed_epsilon), 3),
             "δ": r.delta,
-            "ε spent by DP-SGD": "—" if _is_missing(r.epsilon_spent) else round(float(r.epsilon_spent), 3),
+            "DP-SGD part ε (run not DP)": "—" if _is_missing(r.dpsgd_part_epsilon) else round(float(r.dpsgd_part_epsilon), 3),
             "AUC": fmt(a.auc, a.auc_ci),
             "TPR@1%FPR": fmt(a.tpr_at_1_fpr, a.tpr_at_1_fpr_ci),
             "TPR@0.1%FPR": fmt(a.tpr_at_0_1_fpr, a.tpr_at_0_1_fpr_ci),
