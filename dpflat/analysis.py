@@ -88,7 +88,9 @@ def load_run(run_dir: str | Path, attn: str = "eager", device: str = "cpu") -> L
     model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed)
     model.load_trainable_state({k: v.to(device) for k, v in rd.load_model_state().items()})
     model.to(device).eval()
-    ledger = json.loads(rd.ledger_file.read_text()) if rd.ledger_file.exists() else {}
+    from .privacy import read_ledger
+
+    ledger = read_ledger(rd.path) or {}  # missing or invalid: the run's guarantee is unknown
     return LoadedRun(rd.path, cfg, model, card, tokd, rd.result() or {}, ledger)
 
 

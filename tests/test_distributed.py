@@ -47,6 +47,9 @@ def _configs(out: Path, data: Path) -> dict:
                                   train={"output_dir": str(out / "paper_awp"), "epochs": 1}),
         "nonprivate": base.replace(variant="nonprivate", privacy={"enabled": False}, model={"head_dropout": 0.0},
                                    train={"output_dir": str(out / "nonprivate"), "epochs": 1}),
+        # one config trained twice (two output roots), default randomness: the noise must differ
+        "noise_a": base.replace(train={"output_dir": str(out / "noise_a"), "epochs": 1}),
+        "noise_b": base.replace(train={"output_dir": str(out / "noise_b"), "epochs": 1}),
     }
 
 
@@ -161,7 +164,7 @@ def _worker(rank: int, port: int, out: str, data: str) -> None:
             })
         return on_step
 
-    for name in ("dpflat", "paper_awp", "nonprivate"):
+    for name in ("dpflat", "paper_awp", "nonprivate", "noise_a", "noise_b"):
         seen[name] = {"steps": []}
         tally["examples"] = 0
         seen[name]["result"] = train_mod.train(cfgs[name], on_step=watch(seen[name]["steps"]))
@@ -207,28 +210,39 @@ def two_ranks(tmp_path_factory, shared_data) -> dict:
     return {"ranks": ranks, "single": single, "out": out}
 
 
+def _rank_gen(seed: int, rank: int) -> torch.Generator:
+    from dpflat.privacy import MechanismRNG
+
+    return MechanismRNG.create(noise_seed=seed, rank=rank).sampler
+
+
 def test_the_sampler_keeps_ranks_in_step_and_draws_independently():
     n, q, steps = 40, 0.02, 50
-    torch.manual_seed(0)
-    a = list(dist_mod.RankPoissonSampler(total_size=n, sample_rate=q, steps=steps, replica=0, replicas=2))
-    torch.manual_seed(0)
-    b = list(dist_mod.RankPoissonSampler(total_size=n, sample_rate=q, steps=steps, replica=1, replicas=2))
+    a = list(dist_mod.RankPoissonSampler(total_size=n, sample_rate=q, steps=steps, replica=0, replicas=2,
+                                         generator=_rank_gen(0, 0)))
+    b = list(dist_mod.RankPoissonSampler(total_size=n, sample_rate=q, steps=steps, replica=1, replicas=2,
+                                         generator=_rank_gen(0, 1)))
     assert len(a) == len(b) == steps  # Opacus' sampler would drop the many empty local batches here
     assert any(len(x) == 0 for x in a) and any(len(x) == 0 for x in b)
     assert {i % 2 for x in a for i in x} <= {0} and {i % 2 for x in b for i in x} <= {1}
-    # same global seed, yet not the same positions picked on both ranks
+    # same noise seed, yet not the same positions picked on both ranks
     assert [[i // 2 for i in x] for x in a] != [[i // 2 for i in x] for x in b]
+    again = list(dist_mod.RankPoissonSampler(total_size=n, sample_rate=q, steps=steps, replica=0, replicas=2,
+                                             generator=_rank_gen(0, 0)))
+    assert again == a  # reproducible from an operator-supplied noise seed...
     torch.manual_seed(0)
-    again = list(dist_mod.RankPoissonSampler(total_size=n, sample_rate=q, steps=steps, replica=0, replicas=2))
-    assert again == a  # resumable: the pass is a function of the global seed
+    x = list(dist_mod.RankPoissonSampler(total_size=n, sample_rate=q, steps=steps, replica=0, replicas=2))
+    torch.manual_seed(0)
+    y = list(dist_mod.RankPoissonSampler(total_size=n, sample_rate=q, steps=steps, replica=0, replicas=2))
+    assert x != y  # ...but by default secret: not a function of the (public) global seed
 
 
 def test_each_example_is_sampled_at_the_global_rate():
     n, q, steps = 50, 0.1, 400
-    torch.manual_seed(1)
     counts = torch.zeros(n)
     for r in range(2):
-        for batch in dist_mod.RankPoissonSampler(total_size=n, sample_rate=q, steps=steps, replica=r, replicas=2):
+        for batch in dist_mod.RankPoissonSampler(total_size=n, sample_rate=q, steps=steps, replica=r, replicas=2,
+                                                 generator=_rank_gen(1, r)):
             counts[batch] += 1
     rate = counts / steps
     assert rate.mean().item() == pytest.approx(q, abs=0.01)
@@ -250,6 +264,18 @@ def test_clipped_sum_matches_one_process_and_noise_is_added_once(two_ranks):
     sd = r0["sigma"] * r0["C"]
     assert noise.numel() > 500
     assert noise.std().item() == pytest.approx(sd, rel=0.12)  # twice the noise would be 1.41 sd
+
+
+def test_noise_differs_across_runs_of_one_config_under_torchrun(two_ranks):
+    """Two 2-process runs of one config (default, secret randomness): different models, the
+    ranks of each run in step, and the ledger says where the randomness came from."""
+    r0 = two_ranks["ranks"][0]
+    a, b = r0["noise_a"]["final"], r0["noise_b"]["final"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    for name in ("noise_a", "noise_b"):
+        assert two_ranks["ranks"][0][name]["steps"] == two_ranks["ranks"][1][name]["steps"]
+        led = json.loads(RunDir(r0[name]["result"]["run_dir"]).ledger_file.read_text())
+        assert led["noise_source"] == "os-entropy" and led["batch_sizes"]["steps"] == 4
 
 
 def test_rank0_errors_and_the_run_lock_reach_every_rank(two_ranks):
