@@ -139,4 +139,6 @@ def test_ledger_guarantee_follows_reads():
     back = PrivacyLedger.from_dict(led.to_dict())
     assert back.guarantee == NOT_DP_PAPER and back.to_dict()["unaccounted_reads"] == 1
     assert PrivacyLedger(mechanism="none").guarantee == NOT_DP_NONPRIVATE
-    assert math.isclose(led.to_dict()["epsilon"], 2.5)
+    # not DP as a whole: the DP-SGD part's ε under its own name, no "epsilon" key (issue 14)
+    assert math.isclose(led.to_dict()["dpsgd_part_epsilon"], 2.5) and "epsilon" not in led.to_dict()
+    assert PrivacyLedger.from_dict(led.to_dict()).epsilon == 2.5

@@ -82,14 +82,15 @@ def _rows() -> pd.DataFrame:
             for seed in (0, 1):
                 rows.append(dict(
                     run_id=f"{variant}_{eps:g}_{seed}", variant=variant, target_epsilon=eps, seed=seed,
-                    guarantee=guarantee, epsilon=eps * 0.99 if guarantee == DP else None, epsilon_spent=eps * 0.99,
+                    guarantee=guarantee, epsilon=eps * 0.99 if guarantee == DP else None,
+                    dpsgd_part_epsilon=None if guarantee == DP else eps * 0.99,
                     accuracy=0.5 + 0.02 * eps + 0.01 * seed + (0.05 if "flat" in variant else 0.0),
                     eval_loss=0.7 - 0.01 * eps, top_eigenvalue=10.0 / eps + seed, hessian_trace=100.0 / eps,
                     sam_sharpness=0.1 / eps, mia_auc=np.nan,
                 ))
     for seed in (0, 1):
         rows.append(dict(run_id=f"np_{seed}", variant="nonprivate", target_epsilon=None, seed=seed,
-                         guarantee=NOT_DP_NONPRIVATE, epsilon=None, epsilon_spent=None, accuracy=0.9 + 0.01 * seed,
+                         guarantee=NOT_DP_NONPRIVATE, epsilon=None, dpsgd_part_epsilon=None, accuracy=0.9 + 0.01 * seed,
                          eval_loss=0.3, top_eigenvalue=1.0, hessian_trace=5.0, sam_sharpness=0.01, mia_auc=np.nan))
     return pd.DataFrame(rows)
 
