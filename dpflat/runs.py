@@ -113,8 +113,13 @@ class RunDir:
             raise ConfigError(f"{self.path} exists and is not a folder: choose another --run-name")
         if self.config_file.exists():
             self.check_config(cfg)
-        else:
+            return made
+        try:
             atomic_write_text(self.config_file, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        except BaseException:
+            if made:
+                self.remove_if_bare()
+            raise
         return made
 
     def check_config(self, cfg: RunConfig) -> None:
@@ -221,8 +226,12 @@ class RunDir:
         tmp = self.path / f".ckpt-{step:07d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(state, tmp / "state.pt")
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+            torch.save(state, tmp / "state.pt")
+        except (OSError, RuntimeError) as e:  # a full disk reads "unexpected pos 64 vs 0" from torch.save
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(e, tmp.parent / ck.name) from None
         shutil.rmtree(ck, ignore_errors=True)
         os.replace(tmp, ck)
         atomic_write_text(self.path / "LATEST", ck.name)
@@ -274,7 +283,11 @@ class RunDir:
 
     def save_tensors(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        except (OSError, RuntimeError) as e:
+            tmp.unlink(missing_ok=True)
+            raise _write_error(e, path) from None
         os.replace(tmp, path)
 
     def load_model_state(self) -> dict[str, torch.Tensor]:
@@ -301,6 +314,21 @@ class RunDir:
 def _short(e: BaseException) -> str:
     msg = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {msg}"[:160] if msg else type(e).__name__
+
+
+def _write_error(e: BaseException, path: Path) -> OSError:
+    """A failed write as an OSError naming the file; a full disk says so (torch.save hides ENOSPC)."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno is not None:
+        return OSError(e.errno, e.strerror, str(path))
+    try:
+        full = shutil.disk_usage(path.parent).free < 64 * 2**20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return OSError(errno.EIO, f"write failed ({_short(e)})", str(path))
 
 
 def _ckpt_step(p: Path) -> int:
