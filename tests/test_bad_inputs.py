@@ -115,11 +115,14 @@ def _readonly(ctx: Ctx) -> None:
     """A read-only filesystem: every write of the results table or a run file fails with EROFS."""
     import dpflat.runs as runs
 
-    def refuse(*a, **k):
-        raise OSError(errno.EROFS, "Read-only file system", str(ctx.out / "results.parquet"))
+    def refuse_table(output_dir, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(output_dir) / "results.parquet"))
 
-    ctx.mp.setattr(runs, "modify_results", refuse)
-    ctx.mp.setattr(runs, "atomic_write_text", refuse)
+    def refuse_file(path, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    ctx.mp.setattr(runs, "modify_results", refuse_table)
+    ctx.mp.setattr(runs, "atomic_write_text", refuse_file)
 
 
 def _enospc_config(ctx: Ctx) -> None:
@@ -225,9 +228,9 @@ CASES: list[Case] = [
     Case("config_variant_type", '"variant": 3', "variant must be a name, got 3",
          lambda c: c.train("--config", str(c.write("c.json", js({"variant": 3}))))),
     # ------------------------------------------------------------------ train flags
-    Case("lr_huge", "--lr 1e30 (diverges to NaN)", "lr must be in (0, 100], got 1e+30", lambda c: c.train("--lr", "1e30")),
+    Case("lr_huge", "--lr 1e30 (diverges to NaN)", "lr must be <= 100, got 1e+30", lambda c: c.train("--lr", "1e30")),
     Case("lr_nan", "--lr nan", "train.lr must be a finite number, got nan", lambda c: c.train("--lr", "nan")),
-    Case("lr_zero", "--lr 0", "lr must be in (0, 100], got 0.0", lambda c: c.train("--lr", "0")),
+    Case("lr_zero", "--lr 0", "lr must be > 0, got 0.0", lambda c: c.train("--lr", "0")),
     Case("max_steps_negative", "--max-steps -3", "argument --max-steps: must be a whole number >= 1, got '-3'",
          lambda c: c.train("--max-steps", "-3")),
     Case("max_steps_zero", "--max-steps 0", "argument --max-steps: must be a whole number >= 1, got '0'",
@@ -350,7 +353,7 @@ CASES: list[Case] = [
     Case("audit_device_cuda", "audit --device cuda without CUDA", "CUDA is not available on this machine",
          lambda c: ["audit", str(c.run), "--device", "cuda"], needs_no_cuda=True),
     Case("audit_device_mps", "audit --device mps", "MPS is not available", lambda c: ["audit", str(c.run), "--device", "mps"]),
-    Case("audit_not_a_run", "audit of a folder that is not a run", "config.json does not exist",
+    Case("audit_not_a_run", "audit of a folder that is not a run", "has no ledger.json",
          lambda c: ["audit", str(c.tmp)]),
     Case("audit_bootstrap_zero", "audit --bootstrap 0", "argument --bootstrap: must be a whole number >= 1",
          lambda c: ["audit", str(c.run), "--bootstrap", "0"]),
