@@ -229,11 +229,23 @@ def _cmd_report(ns) -> int:
     return 0
 
 
+def _finished_run(path: str) -> None:
+    """A finished run folder with a readable model, or one line saying which and what to do (seconds)."""
+    from .runs import RunDir
+
+    rd = RunDir(path)
+    rd.config()  # not a run folder / corrupt config.json
+    if not rd.done:
+        raise ConfigError(f"{rd.path} is not finished: train it first (the same train command resumes it)")
+    rd.load_model_state()  # missing or cut: the same advice as `train` and `landscape`
+
+
 def _cmd_audit(ns) -> int:
     from .accountants import from_ledger
     from .mia import attack_run, save_result
 
     check_device(ns.device)
+    _finished_run(ns.run_dir)
     ref = None if str(ns.reference).lower() == "none" else ns.reference
     res = attack_run(ns.run_dir, reference=ref, max_per_side=ns.max_examples, n_bootstrap=ns.bootstrap,
                      seed=ns.seed, device=ns.device)

@@ -498,6 +498,7 @@ def modify_results(output_dir: str | Path, change: Callable[[Any], Any]) -> Path
     root = Path(output_dir)
     path = root / RESULTS
     try:
+        root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock", timeout=LOCK_TIMEOUT):
             table, rebuilt = _load_or_rebuild(root)
             new = change(table)
