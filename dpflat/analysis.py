@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .config import ConfigError, RunConfig
 from .evaluate import model_inputs
-from .runs import RESULTS, RunDir, append_result, atomic_write_text
+from .runs import RunDir, atomic_write_text, update_result
 
 SUBDIR = "landscape"
 
@@ -80,13 +80,14 @@ def load_run(run_dir: str | Path, attn: str = "eager", device: str = "cpu") -> L
     rd = RunDir(run_dir)
     if not rd.config_file.exists():
         raise FileNotFoundError(f"{rd.path} is not a run folder (no config.json)")
-    if not rd.done or not rd.model_file.exists():
+    if not rd.done:
         raise ConfigError(f"{rd.path} is not finished: train it first (the same train command resumes it)")
+    state = rd.load_model_state()  # missing or cut: one line with the same advice as `train`
     cfg = rd.config()
     cfg = cfg.replace(model={"attn": attn})  # eager: double backward through attention for HVPs
     card, _splits, tokd = prepare_data(cfg)
     model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed)
-    model.load_trainable_state({k: v.to(device) for k, v in rd.load_model_state().items()})
+    model.load_trainable_state({k: v.to(device) for k, v in state.items()})
     model.to(device).eval()
     from .privacy import read_ledger
 
@@ -202,21 +203,9 @@ def _json_default(x: Any) -> Any:
 
 
 def _upsert(run_dir: Path, summary: dict[str, Any]) -> None:
-    """Add the landscape columns to the run's row of its output root's results table."""
-    import pandas as pd
-
-    root = run_dir.parent
-    path = root / RESULTS
-    if not path.exists():
-        return
-    table = pd.read_parquet(path)
-    hit = table[table["run_id"] == run_dir.name]
-    if hit.empty:
-        return
-    row = hit.iloc[0].to_dict()
-    row.update(top_eigenvalue=summary.get("top_eigenvalue"), hessian_trace=summary.get("hessian_trace"),
-               sam_sharpness=summary.get("sam_sharpness"))
-    append_result(root, row)
+    """Add the landscape columns to the run's row of its output root's results table (the one writer)."""
+    update_result(run_dir.parent, run_dir.name, {k: summary.get(k) for k in ("top_eigenvalue", "hessian_trace",
+                                                                              "sam_sharpness")})
 
 
 def load_analysis(run_dir: str | Path) -> dict[str, Any]:

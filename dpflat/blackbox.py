@@ -68,7 +68,7 @@ from .evaluate import model_inputs, per_example_losses
 from .models import load_backbone, load_tokenizer
 from .privacy import (MechanismRNG, DPSetup, PrivacyLedger, PrivateSplit, fill_ledger, fill_release, noise_for_target,
                       spent_epsilon)
-from .runs import RunDir, append_result, finish_run
+from .runs import RunDir, check_before_work, finish_run
 
 TRAIN_WHO = "train/dpzero"
 TRAIN_HOW = "per-example clipped zeroth-order differences (SPSA) + Gaussian noise (DPZero)"
@@ -551,13 +551,13 @@ def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
     """
     if not cfg.blackbox.active:
         raise ConfigError("dpflat.blackbox.train needs a black-box config (variant bb-*, or --blackbox)")
+    check_before_work(cfg, max_steps)  # device and max_steps, before any folder or data
     rd = RunDir.for_config(cfg)
-    if resume and rd.done:
-        res = rd.result()
-        append_result(cfg.train.output_dir, {k: v for k, v in res.items() if k != "info"})
+    res = rd.finished_result(cfg) if resume else None  # a different config in the folder is refused
+    if res is not None:
         return res
-    rd.create(cfg)
-    with rd.lock():
+    made = rd.create(cfg)
+    with rd.removed_on_failure(made), rd.lock():  # no config-only folder left by a failure
         return _train(cfg, rd, resume, max_steps, on_step, noise_seed, secure_rng)
 
 

@@ -10,91 +10,68 @@ import argparse
 import json
 import os
 import sys
+import typing
 from dataclasses import MISSING, fields
 from typing import Any, Sequence
 
-from .config import MODES, SECTIONS, VARIANTS, ConfigError, RunConfig, apply_variant
+from .config import (MODES, SECTIONS, VARIANTS, ConfigError, RunConfig, apply_variant, check_device, field_types,
+                     split_optional)
 
-# Help texts for the flags whose meaning is not obvious from the name.
-HELP = {
-    "task": "task name (see `python -m dpflat tasks`)",
-    "data_dir": "folder holding <task>/ files; else $DPFLAT_DATA_DIR, ./data, then the HF hub",
-    "max_length": "tokens per example",
-    "train_size": "subsample the private training split to this many examples (0: all)",
-    "eval_size": "subsample the eval split (0: all)",
-    "public_size": "public split carved from train (fraction <1 or count); DP-safe flattening reads only it",
-    "cache_dir": "tokenisation cache folder",
-    "backbone": "minilm (shipped offline), tiny-bert, tiny-roberta, a local HF model dir, or a hub id",
-    "prefix_len": "prefix length m per layer",
-    "prefix_init": "random, or tokens: start from the backbone's keys/values of real tokens",
-    "attn": "attention kernel; eager supports double backward (Hessians)",
-    "keep_layers": "comma-separated layers that keep a prefix (default all)",
-    "enabled": "train with DP-SGD (--no-dp: non-private, same loop)",
-    "epsilon": "target ε (the accountant's σ is searched so that ε_spent <= target)",
-    "delta": "δ (default 1/N^1.1)",
-    "max_grad_norm": "per-example clipping norm C",
-    "accountant": "privacy accountant",
-    "grad_sample_mode": "Opacus per-example gradient mode",
-    "poisson": "Poisson sampling of batches (needed for the accounting)",
-    "awp": "within-layer flattening: adversarial weight perturbation on the prefixes",
-    "awp_mode": "safe: direction from the previous noisy DP gradient; paper: raw private ascent (not DP)",
-    "awp_gamma": "relative perturbation size per layer",
-    "awp_epochs": "AWP during this many epochs (a value <1 is a fraction of training)",
-    "layers": "cross-layer flattening: drop the prefixes of the sharpest layers",
-    "layers_mode": "safe: sharpness on the public split; paper: on private data (not DP)",
-    "n_drop": "number of layers whose prefix is removed",
-    "distill": "cross-model flattening: pull the prefix toward a non-private teacher",
-    "distill_mode": "safe: teacher on public data; paper: teacher on private data (not DP)",
-    "distill_lambda": "weight λ of ||P - P_teacher||",
-    "batch_size": "logical (expected) batch size; q = batch_size / N",
-    "physical_batch_size": "largest batch held in memory at once",
-    "eval_every": "evaluate every N steps (0: once per epoch)",
-    "checkpoint_every": "checkpoint every N steps",
-    "device": "cpu, cuda[:N] or mps",
-    "output_dir": "root folder of runs and results.parquet",
-    "run_name": "folder name of the run (default: variant_task_eps_seed_hash)",
-    "active": "black-box path (dpflat/blackbox.py): tune a soft prompt from forward queries only (the bb-* variants set it)",
-    "prompt_tokens": "black box: soft prompt length in tokens",
-    "prompt_dim": "black box: dimension d of z (fixed random projection to the prompt embeddings)",
-    "proj_scale": "black box: prompt shift of a unit-scale z, in word-embedding standard deviations",
-    "zo_mu": "black box: SPSA perturbation size (losses at z +- mu*u)",
-    "zo_lr": "black box: step size on z",
-    "zo_optimizer": "black box: sgd (DPZero), adam, or cma (CMA-ES, non-private only)",
-    "zo_directions": "black box: random directions per step (their k differences are clipped jointly to C)",
-    "readout_template": "black box: label description for the zero-shot readout, e.g. 'a {} review'",
-    "readout_scale": "black box: logit scale of the cosine readout",
-    "readout_bias": "black box: z also carries a per-class logit bias of the readout",
-    "prompt_lambda": "black box with --distill: λ of λ||z - z_teacher||",
-}
 FLAG_NAME = {"enabled": "dp", "active": "blackbox"}
 
 
-def _type_of(annot: str):
-    a = str(annot)
-    if "bool" in a:
-        return bool
-    if a.startswith("int"):
-        return int
-    if a.startswith("float"):
-        return float
-    return str
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block of ``train`` alone is 40 lines)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _whole(minimum: int):
+    """argparse type: a whole number >= ``minimum``, refused by name at parse time."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _flag_type(t: Any) -> tuple[Any, list[str] | None]:
+    """(argparse type, choices) of a config field's resolved annotation."""
+    base, _optional = split_optional(t)
+    if typing.get_origin(base) is typing.Literal:
+        return str, [str(a) for a in typing.get_args(base)]
+    if base in (bool, int, float):
+        return base, None
+    return str, None
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per config field, grouped by section; defaults come from the dataclasses."""
+    """One flag per config field, grouped by section; default and help come from the dataclass field."""
     for sect, klass in SECTIONS.items():
         g = p.add_argument_group(f"{sect} options")
+        hints = field_types(klass)
         for f in fields(klass):
             name = FLAG_NAME.get(f.name, f.name).replace("_", "-")
             default = f.default if f.default is not MISSING else None
-            t = _type_of(f.type)
-            h = HELP.get(f.name, "")
+            t, choices = _flag_type(hints[f.name])
+            h = str(f.metadata.get("help", ""))
+            if "(default:" not in h:  # a help text may say what None means ("default: all") itself
+                h = f"{h} (default: {default})".strip()
             if t is bool:
+                # default None: only the flags a user gives override the --config file / the variant
                 g.add_argument(f"--{name}", dest=f"{sect}.{f.name}", action=argparse.BooleanOptionalAction,
-                               default=None, help=f"{h} (default: {default})")
+                               default=None, help=h)
             else:
-                g.add_argument(f"--{name}", dest=f"{sect}.{f.name}", type=t, default=None,
-                               metavar=t.__name__.upper(), help=f"{h} (default: {default})")
+                g.add_argument(f"--{name}", dest=f"{sect}.{f.name}", type=t, default=None, choices=choices,
+                               metavar=("{" + ",".join(choices) + "}") if choices else t.__name__.upper(), help=h)
 
 
 def config_from_args(ns: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
@@ -113,73 +90,91 @@ def config_from_args(ns: argparse.Namespace, base: RunConfig | None = None) -> R
 
 def add_rng_flags(p: argparse.ArgumentParser) -> None:
     """The DP mechanism's randomness: not config fields (never in config.json or the run id)."""
-    p.add_argument("--noise-seed", type=int, default=None,
+    p.add_argument("--noise-seed", type=_whole(0), default=None, metavar="INT",
                    help="seed of the DP sampling and noise, for reproducible runs (default: OS entropy; keep it "
                         "secret: whoever knows it can replay the noise)")
     p.add_argument("--secure-rng", action="store_true", help="Opacus secure_mode (needs torchcsprng)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dpflat", description="DP-Flat: differentially private prefix-tuning through flatness")
+def _parser() -> _Parser:
+    p = _Parser(prog="dpflat", description="DP-Flat: differentially private prefix-tuning through flatness")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train one run (resumes an unfinished one)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
+        return c
+
+    t = command("train", "train one run (resumes an unfinished one)")
     t.add_argument("--variant", choices=list(VARIANTS), help="named preset of privacy + flattening levels")
-    t.add_argument("--mode", choices=MODES, default="safe", help="mode of every level of --variant")
+    t.add_argument("--mode", choices=MODES, default="safe", help="mode of every level of --variant (default: safe)")
     t.add_argument("--config", help="JSON config file (flags override it)")
     t.add_argument("--no-resume", action="store_true", help="retrain even if the run folder has a checkpoint")
-    t.add_argument("--max-steps", type=int, help="stop after this many steps without finishing")
+    t.add_argument("--max-steps", type=_whole(1), metavar="INT",
+                   help="stop after this many steps without finishing (default: train to the end)")
     add_rng_flags(t)
     add_config_flags(t)
 
-    s = sub.add_parser("sweep", help="variants x epsilons x seeds, skipping finished cells")
-    s.add_argument("--variants", default="nonprivate,dp,dpflat", help="comma-separated variants")
-    s.add_argument("--modes", default="safe", help="comma-separated modes for flattening variants (safe,paper)")
-    s.add_argument("--epsilons", default="3,8", help="comma-separated target ε")
-    s.add_argument("--seeds", default="0", help="comma-separated seeds")
+    s = command("sweep", "variants x epsilons x seeds, skipping finished cells")
+    s.add_argument("--variants", default="nonprivate,dp,dpflat",
+                   help="comma-separated variants (default: nonprivate,dp,dpflat)")
+    s.add_argument("--modes", default="safe", help="comma-separated modes of the flattening variants: safe,paper "
+                   "(default: safe)")
+    s.add_argument("--epsilons", default="3,8", help="comma-separated target ε (default: 3,8)")
+    s.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     s.add_argument("--config", help="JSON config file (flags override it)")
     add_rng_flags(s)
     add_config_flags(s)
 
-    la = sub.add_parser("landscape", help="Hessian spectrum + 2D loss surface of a finished run")
-    la.add_argument("run_dir")
-    la.add_argument("--top-k", type=int, default=3)
-    la.add_argument("--grid", type=int, default=21, help="points per axis of the 2D surface")
-    la.add_argument("--span", type=float, default=1.0, help="surface spans [-span, span] along each direction")
-    la.add_argument("--n-examples", type=int, default=256, help="fixed evaluation subset size")
-    la.add_argument("--seed", type=int, default=0)
-    la.add_argument("--no-surface", action="store_true")
+    la = command("landscape", "Hessian spectrum + 2D loss surface of a finished run")
+    la.add_argument("run_dir", help="a finished run folder")
+    la.add_argument("--top-k", type=_whole(1), default=3, metavar="INT", help="top Hessian eigenvalues (default: 3)")
+    la.add_argument("--grid", type=_whole(3), default=21, metavar="INT",
+                    help="points per axis of the 2D surface (default: 21)")
+    la.add_argument("--span", type=float, default=1.0,
+                    help="surface spans [-span, span] along each direction (default: 1.0)")
+    la.add_argument("--n-examples", type=_whole(1), default=256, metavar="INT",
+                    help="fixed evaluation subset size (default: 256)")
+    la.add_argument("--seed", type=int, default=0, help="seed of the random directions (default: 0)")
+    la.add_argument("--no-surface", action="store_true", help="skip the 2D surface")
 
-    d = sub.add_parser("demo", help="the main job: small sweep + landscapes + report.html (a few minutes on a CPU)")
-    d.add_argument("--output-dir", default="out/demo")
-    d.add_argument("--epsilons", default="2,8", help="comma-separated target ε")
-    d.add_argument("--seeds", default="0", help="comma-separated seeds")
-    d.add_argument("--train-size", type=int, default=1500, help="private training examples")
-    d.add_argument("--epochs", type=float, default=2.0)
-    d.add_argument("--backbone", default="minilm")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--data-dir", default=None)
-    d.add_argument("--grid", type=int, default=9, help="points per axis of each 2D surface")
+    d = command("demo", "the main job: small sweep + landscapes + report.html (a few minutes on a CPU)")
+    d.add_argument("--output-dir", default="out/demo", help="output folder (default: out/demo)")
+    d.add_argument("--epsilons", default="2,8", help="comma-separated target ε (default: 2,8)")
+    d.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    d.add_argument("--train-size", type=_whole(1), default=1500, metavar="INT",
+                   help="private training examples (default: 1500)")
+    d.add_argument("--epochs", type=float, default=2.0, help="epochs per run (default: 2.0)")
+    d.add_argument("--backbone", default="minilm", help="backbone (default: minilm)")
+    d.add_argument("--device", default="cpu", help="cpu, cuda[:N] or mps (default: cpu)")
+    d.add_argument("--data-dir", default=None, help="folder holding <task>/ files (default: $DPFLAT_DATA_DIR, ./data)")
+    d.add_argument("--grid", type=_whole(3), default=9, metavar="INT",
+                   help="points per axis of each 2D surface (default: 9)")
 
-    r = sub.add_parser("report", help="write report.html for the runs of an output folder")
-    r.add_argument("output_dir")
-    r.add_argument("--title", default="dpflat report")
+    r = command("report", "write report.html for the runs of an output folder")
+    r.add_argument("output_dir", help="an output folder holding results.parquet")
+    r.add_argument("--title", default="dpflat report", help="page title (default: dpflat report)")
 
-    au = sub.add_parser("audit", help="privacy evaluation of a finished run: membership inference, accountant "
-                        "cross-check, optional canary audit; writes mia.json into the run folder")
-    au.add_argument("run_dir")
+    au = command("audit", "privacy evaluation of a finished run: membership inference, accountant "
+                 "cross-check, optional canary audit; writes mia.json into the run folder")
+    au.add_argument("run_dir", help="a finished run folder")
     au.add_argument("--reference", default="init",
-                    help="calibration reference: init (the run's model before training), a run folder, or none")
-    au.add_argument("--max-examples", type=int, default=None, help="members (= non-members) attacked; default all")
-    au.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
-    au.add_argument("--seed", type=int, default=0)
-    au.add_argument("--canaries", type=int, default=0,
-                    help="also run a one-run canary audit with this many canaries (retrains the run's config)")
-    au.add_argument("--device", default="cpu")
+                    help="calibration reference: init (the run's model before training), a run folder, or none "
+                         "(default: init)")
+    au.add_argument("--max-examples", type=_whole(1), default=None, metavar="INT",
+                    help="members (= non-members) attacked (default: all)")
+    au.add_argument("--bootstrap", type=_whole(1), default=1000, metavar="INT",
+                    help="bootstrap resamples for the confidence intervals (default: 1000)")
+    au.add_argument("--seed", type=int, default=0, help="seed of the attack's sampling (default: 0)")
+    au.add_argument("--canaries", type=_whole(0), default=0, metavar="INT",
+                    help="also run a one-run canary audit with this many canaries (retrains the run's config; "
+                         "default: 0)")
+    au.add_argument("--device", default="cpu", help="cpu, cuda[:N] or mps (default: cpu)")
     add_rng_flags(au)
 
-    sub.add_parser("tasks", help="list the registered tasks and where their data is found")
+    command("tasks", "list the registered tasks and where their data is found")
     return p
 
 
@@ -205,7 +200,8 @@ def _cmd_sweep(ns) -> int:
         eps = split(ns.epsilons, float)
         seeds = split(ns.seeds, int)
     except ValueError:
-        raise ConfigError("--epsilons and --seeds take comma-separated numbers") from None
+        raise ConfigError(f"--epsilons and --seeds take comma-separated numbers, got {ns.epsilons!r} and "
+                          f"{ns.seeds!r}") from None
     table = sweep(cfg, split(ns.variants, str), eps, seeds, split(ns.modes, str), noise_seed=ns.noise_seed,
                   secure_rng=ns.secure_rng)
     print(table.to_string(index=False))
@@ -229,6 +225,9 @@ def _cmd_demo(ns) -> int:
         eps, seeds = split(ns.epsilons, float), split(ns.seeds, int)
     except ValueError:
         raise ConfigError("--epsilons and --seeds take comma-separated numbers") from None
+    if not eps or not seeds:
+        raise ConfigError("the demo needs at least one epsilon (--epsilons) and one seed (--seeds)")
+    check_device(ns.device)
     out = run_demo(ns.output_dir, eps, seeds, train_size=ns.train_size, epochs=ns.epochs, backbone=ns.backbone,
                    device=ns.device, data_dir=ns.data_dir, grid=ns.grid)
     print(out["table"])
@@ -243,10 +242,23 @@ def _cmd_report(ns) -> int:
     return 0
 
 
+def _finished_run(path: str) -> None:
+    """A finished run folder with a readable model, or one line saying which and what to do (seconds)."""
+    from .runs import RunDir
+
+    rd = RunDir(path)
+    rd.config()  # not a run folder / corrupt config.json
+    if not rd.done:
+        raise ConfigError(f"{rd.path} is not finished: train it first (the same train command resumes it)")
+    rd.load_model_state()  # missing or cut: the same advice as `train` and `landscape`
+
+
 def _cmd_audit(ns) -> int:
     from .accountants import from_ledger
     from .mia import attack_run, save_result
 
+    check_device(ns.device)
+    _finished_run(ns.run_dir)
     ref = None if str(ns.reference).lower() == "none" else ns.reference
     res = attack_run(ns.run_dir, reference=ref, max_per_side=ns.max_examples, n_bootstrap=ns.bootstrap,
                      seed=ns.seed, device=ns.device)
@@ -284,24 +296,66 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
-    quiet_libraries()
-    from .data import DataError
-    from .models import ModelError
+def _message(e: BaseException) -> str:
+    """One line for an error: its own first line, or what an OSError means for the user."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f" {e.filename}" if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return f"no space left on the device writing{where}: free some space, then run the same command again"
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return f"cannot write{where}: {e.strerror}; choose a writable --output-dir"
+        return f"{e.strerror}:{where}" if e.strerror else str(e)
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _user_error(e: BaseException) -> bool:
+    """Errors that are about the input (a config, a file, a folder), not a bug of ours."""
     from .runs import RunLocked
 
-    handlers = {"train": _cmd_train, "sweep": _cmd_sweep, "landscape": _cmd_landscape, "tasks": _cmd_tasks,
-                "demo": _cmd_demo, "report": _cmd_report, "audit": _cmd_audit}
+    return isinstance(e, (ValueError, OSError, RunLocked)) or type(e).__module__.startswith("dpflat")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; any error is one line on stderr (``--debug``: and its traceback), status 2.
+
+    130 after Ctrl-C (also during the first seconds of imports), 1 for an error that is
+    a bug of ours rather than a bad input.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or bool(os.environ.get("DPFLAT_DEBUG"))
+    cmd = ""
     try:
+        try:
+            ns = _parser().parse_args(args)
+        except SystemExit as e:  # --help, or a flag argparse refused (its one line is printed)
+            return e.code if isinstance(e.code, int) else 2
+        cmd = ns.cmd
+        quiet_libraries()
+        handlers = {"train": _cmd_train, "sweep": _cmd_sweep, "landscape": _cmd_landscape, "tasks": _cmd_tasks,
+                    "demo": _cmd_demo, "report": _cmd_report, "audit": _cmd_audit}
         return handlers[ns.cmd](ns)
-    except (ConfigError, DataError, ModelError, FileExistsError, FileNotFoundError, RunLocked) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"dpflat: error: {msg}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("dpflat: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        again = "; run the same command again to resume from the last checkpoint" if cmd in ("train", "sweep") else ""
+        print(f"dpflat: interrupted{again}", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place where errors become a line
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        if _user_error(e):
+            print(f"dpflat: error: {_message(e)}", file=sys.stderr)
+            return 2
+        print(f"dpflat: error: unexpected {type(e).__name__}: {_message(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

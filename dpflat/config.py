@@ -2,12 +2,22 @@
 
 Every field is also a CLI flag (see ``cli.py``), so a bad value must fail here, at
 construction, with one clear line (``ConfigError``) rather than deep inside a run.
+Each field carries its help text in its metadata (the flag's ``--help`` comes from
+there and nowhere else), and every value is checked against the field's annotation
+(``bool``, ``int``, ``float``, ``Literal[...]``, ``X | None``) before the section's own
+range checks: a JSON ``"enabled": "no"`` or ``"batch_size": "64"`` is refused by name
+instead of being taken as true or reaching the DataLoader.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import os
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -22,21 +32,136 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _opt(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
+    """A config field: its default and its help text (the CLI flag's ``--help``) in one place."""
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------- type checks
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def field_types(klass: type) -> dict[str, Any]:
+    """The resolved annotations of a config dataclass (``typing.get_type_hints``, cached)."""
+    if klass not in _HINTS:
+        _HINTS[klass] = typing.get_type_hints(klass)
+    return _HINTS[klass]
+
+
+def _is_union(t: Any) -> bool:
+    return typing.get_origin(t) in (typing.Union, types.UnionType)
+
+
+def split_optional(t: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (t, False)."""
+    if _is_union(t):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(t)) == 2:
+            return args[0], True
+    return t, False
+
+
+def _describe(t: Any) -> str:
+    if typing.get_origin(t) is Literal:
+        return "one of " + "|".join(str(a) for a in typing.get_args(t))
+    return {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}.get(
+        t, getattr(t, "__name__", str(t)))
+
+
+def _fits(value: Any, t: Any) -> bool:
+    if typing.get_origin(t) is Literal:
+        return any(type(value) is type(a) and value == a for a in typing.get_args(t))
+    if t is bool:
+        return isinstance(value, bool)
+    if t is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if t is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if t is str:
+        return isinstance(value, str)
+    return True  # an annotation we do not check (none today)
+
+
+def check_types(obj: Any, section: str) -> None:
+    """Every field of a config section against its annotation; the message names ``section.field``."""
+    for name, t in field_types(type(obj)).items():
+        value = getattr(obj, name)
+        base, optional = split_optional(t)
+        if value is None and optional:
+            continue
+        if not _fits(value, base):
+            want = _describe(base) + (" or null" if optional else "")
+            raise ConfigError(f"{section}.{name} must be {want}, got {value!r}")
+
+
+def section(name: str):
+    """Class decorator: the section's ``__post_init__`` runs after the type check of every field."""
+
+    def wrap(klass: type) -> type:
+        own = klass.__dict__.get("__post_init__")
+
+        def __post_init__(self) -> None:
+            check_types(self, name)
+            if own is not None:
+                own(self)
+
+        klass.__post_init__ = __post_init__
+        klass.section_name = name
+        return klass
+
+    return wrap
+
+
+# Run names become folder names next to the results table and its lock.
+_RESERVED_NAME = re.compile(r"^(results\.parquet.*|.*\.tmp|.*\.lock)$")
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one folder name inside the output folder, never a path out of it."""
+    _check(bool(name) and name.strip() == name, f"run_name must be a non-empty name without surrounding spaces, got {name!r}")
+    _check("/" not in name and "\\" not in name and (os.sep not in name) and "\0" not in name,
+           f"run_name must be a folder name, not a path (no / or \\), got {name!r}")
+    _check(name not in (".", "..") and not name.startswith("."),
+           f"run_name must not be . or .. or start with a dot, got {name!r}")
+    _check(not _RESERVED_NAME.match(name), f"run_name {name!r} is reserved for the results table's own files")
+    _check(len(name.encode("utf-8")) <= 200,
+           f"run_name is {len(name.encode('utf-8'))} bytes long; the limit is 200 (filesystems allow 255 per name)")
+
+
+def check_device(device: str) -> None:
+    """The device exists on this machine (not a config check: a GPU run's config.json loads on a laptop)."""
+    dev = str(device)
+    _check(re.fullmatch(r"cpu|mps|cuda(:\d+)?", dev) is not None, f"device must be cpu, cuda[:N] or mps, got {device!r}")
+    if dev == "cpu":
+        return
+    import torch
+
+    if dev == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        _check(mps is not None and mps.is_available(), "device mps requested but MPS is not available on this machine; use --device cpu")
+        return
+    _check(torch.cuda.is_available(), f"device {dev} requested but CUDA is not available on this machine; use --device cpu")
+    if ":" in dev:
+        idx, n = int(dev.split(":")[1]), torch.cuda.device_count()
+        _check(idx < n, f"device {dev} requested but this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+
+
+@section("data")
 @dataclass
 class DataConfig:
     """Which task, where its files are, and how to split/subsample it."""
 
-    task: str = "sst2"
-    data_dir: str | None = None  # explicit dir; else $DPFLAT_DATA_DIR, data/, then the hub
-    max_length: int = 64  # tokens per example (padding and truncation)
+    task: str = _opt("sst2", "task name (see `python -m dpflat tasks`)")
+    data_dir: str | None = _opt(None, "folder holding <task>/ files; else $DPFLAT_DATA_DIR, ./data, then the HF hub")
+    max_length: int = _opt(64, "tokens per example (padding and truncation)")
     # CPU-sized defaults (minutes on 2 cores); the README gives the GPU-scale values
-    train_size: int | None = 2000  # subsample the private split (None: all of it)
-    eval_size: int | None = None  # subsample the eval split
-    public_size: float = 500  # fraction (<1) or count (>=1) of train carved out as public
-    cache_dir: str | None = None  # tokenisation cache; None = in-process only
+    train_size: int | None = _opt(2000, "subsample the private training split to this many examples (0: all)")
+    eval_size: int | None = _opt(None, "subsample the eval split (0: all)")
+    public_size: float = _opt(500, "public split carved from train (fraction <1 or count); DP-safe flattening reads only it")
+    cache_dir: str | None = _opt(None, "tokenisation cache folder (default: in-process only)")
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.task, str) and bool(self.task), "task must be a non-empty name")
+        _check(bool(self.task), "task must be a non-empty name")
         _check(8 <= self.max_length <= 4096, f"max_length must be in [8, 4096], got {self.max_length}")
         for name in ("train_size", "eval_size"):
             if getattr(self, name) == 0:  # the CLI's way to say "all of it"
@@ -48,25 +173,24 @@ class DataConfig:
             _check(float(self.public_size).is_integer(), "public_size >= 1 must be a whole count")
 
 
+@section("model")
 @dataclass
 class ModelConfig:
     """Backbone and the trainable prefix + head on top of it."""
 
-    backbone: str = "minilm"  # "minilm" (shipped), "tiny-bert", "tiny-roberta", a local dir or hub id
-    prefix_len: int = 16  # m: key/value prefix length per layer
-    prefix_init: Literal["random", "tokens"] = "tokens"
-    pooling: Literal["mean", "cls"] = "mean"
-    head_dropout: float = 0.1
-    attn: Literal["sdpa", "eager"] = "sdpa"  # eager is needed for double backward (Hessians) on CPU
-    keep_layers: str | None = None  # e.g. "0,2,5": layers that keep a prefix; None = all
+    backbone: str = _opt("minilm", "minilm (shipped offline), tiny-bert, tiny-roberta, a local HF model dir, or a hub id")
+    prefix_len: int = _opt(16, "prefix length m per layer (key/value prefix)")
+    prefix_init: Literal["random", "tokens"] = _opt(
+        "tokens", "random, or tokens: start from the backbone's keys/values of real tokens")
+    pooling: Literal["mean", "cls"] = _opt("mean", "sentence representation fed to the head")
+    head_dropout: float = _opt(0.1, "dropout before the classifier head, in [0, 1)")
+    attn: Literal["sdpa", "eager"] = _opt("sdpa", "attention kernel; eager supports double backward (Hessians) on CPU")
+    keep_layers: str | None = _opt(None, "comma-separated layers that keep a prefix, e.g. 0,2,5 (default: all)")
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "backbone must be given")
         _check(1 <= self.prefix_len <= 512, f"prefix_len must be in [1, 512], got {self.prefix_len}")
-        _check(self.prefix_init in ("random", "tokens"), f"prefix_init must be random|tokens, got {self.prefix_init}")
-        _check(self.pooling in ("mean", "cls"), f"pooling must be mean|cls, got {self.pooling}")
         _check(0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}")
-        _check(self.attn in ("sdpa", "eager"), f"attn must be sdpa|eager, got {self.attn}")
         if self.keep_layers is not None:
             self.keep_layer_ids()  # validates the format
 
@@ -78,39 +202,34 @@ class ModelConfig:
         except ValueError:
             raise ConfigError(f"keep_layers must be comma-separated layer numbers, got {self.keep_layers!r}") from None
         _check(all(i >= 0 for i in ids), f"keep_layers must be >= 0, got {self.keep_layers!r}")
+        _check(bool(ids), f"keep_layers must name at least one layer (e.g. 0,1), got {self.keep_layers!r}")
         return ids
 
 
+@section("privacy")
 @dataclass
 class PrivacyConfig:
     """DP-SGD settings. ``enabled=False`` runs the same loop without clipping or noise."""
 
-    enabled: bool = True
-    epsilon: float = 8.0
-    delta: float | None = None  # None: 1 / N^1.1 for N private examples
-    max_grad_norm: float = 1.0  # C: per-example clip
-    accountant: Literal["rdp", "prv"] = "rdp"
+    enabled: bool = _opt(True, "train with DP-SGD (--no-dp: non-private, same loop)")
+    epsilon: float = _opt(8.0, "target ε (the accountant's σ is searched so that ε_spent <= target)")
+    delta: float | None = _opt(None, "δ (default: 1/N^1.1 for N private examples)")
+    max_grad_norm: float = _opt(1.0, "per-example clipping norm C")
+    accountant: Literal["rdp", "prv"] = _opt("rdp", "privacy accountant")
     # hooks: per-example gradients by module hooks (the fastest here: a prefix's per-example
     # gradient is small); ghost: Opacus' ghost clipping (per-example norms without
     # per-example gradients, two backward passes); functorch: vmap'd per-example gradients
-    grad_sample_mode: Literal["hooks", "ghost", "functorch"] = "hooks"
-    poisson: bool = True
+    grad_sample_mode: Literal["hooks", "ghost", "functorch"] = _opt(
+        "hooks", "Opacus per-example gradient mode: hooks, ghost (ghost clipping) or functorch (vmap)")
+    poisson: bool = _opt(True, "Poisson sampling of batches (needed for the accounting)")
 
     def __post_init__(self) -> None:
         if self.enabled:
-            _check(
-                isinstance(self.epsilon, (int, float)) and math.isfinite(self.epsilon) and self.epsilon > 0,
-                f"epsilon must be > 0, got {self.epsilon}",
-            )
+            _check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}")
             _check(self.delta is None or 0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta}")
             _check(self.poisson, "DP needs Poisson sampling (--poisson): the accountant assumes it; shuffled "
                    "fixed-size batches (--no-poisson) are not DP, use them only with --no-dp")
         _check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        _check(self.accountant in ("rdp", "prv"), f"accountant must be rdp|prv, got {self.accountant}")
-        _check(
-            self.grad_sample_mode in ("hooks", "ghost", "functorch"),
-            f"grad_sample_mode must be hooks|ghost|functorch, got {self.grad_sample_mode}",
-        )
 
     def resolve_delta(self, n_private: int) -> float:
         """δ = 1/N^1.1 by default: smaller than 1/N, the usual rule of thumb.
@@ -130,32 +249,31 @@ class PrivacyConfig:
 Mode = Literal["safe", "paper"]
 
 
+@section("flat")
 @dataclass
 class FlatConfig:
     """The three flattening levels, each on/off with its mode (see DESIGN.md)."""
 
-    awp: bool = False
-    awp_mode: Mode = "safe"
-    awp_gamma: float = 0.01  # relative perturbation size per layer (paper mode default: 1e-4)
-    awp_epochs: float = 0.5  # fraction (<1) of training or a number of epochs of warm-up with AWP
-    awp_proxy_lr: float = 0.01  # paper mode: ascent step size on the proxy copy
-    layers: bool = False
-    layers_mode: Mode = "safe"
-    n_drop: int = 2
-    layers_rho: float = 0.05
-    layers_directions: int = 3  # random directions besides the gradient one
-    layers_warmup_steps: int = 30  # non-private prefix warm-up before scoring (on allowed data)
-    layers_examples: int = 128  # fixed subset the indicator is evaluated on
-    layers_stop_early: bool = False  # stop dropping when S no longer decreases
-    distill: bool = False
-    distill_mode: Mode = "safe"
-    distill_lambda: float = 0.01
-    distill_squared: bool = False
-    teacher_epochs: float = 1.0
+    awp: bool = _opt(False, "within-layer flattening: adversarial weight perturbation on the prefixes")
+    awp_mode: Mode = _opt("safe", "safe: direction from the previous noisy DP gradient; paper: raw private ascent (not DP)")
+    awp_gamma: float = _opt(0.01, "relative perturbation size per layer (paper mode default: 1e-4)")
+    awp_epochs: float = _opt(0.5, "AWP during this many epochs of warm-up (a value <1 is a fraction of training)")
+    awp_proxy_lr: float = _opt(0.01, "paper mode: ascent step size on the proxy copy")
+    layers: bool = _opt(False, "cross-layer flattening: drop the prefixes of the sharpest layers")
+    layers_mode: Mode = _opt("safe", "safe: sharpness on the public split; paper: on private data (not DP)")
+    n_drop: int = _opt(2, "number of layers whose prefix is removed (fewer than the backbone's layers)")
+    layers_rho: float = _opt(0.05, "radius ρ of the sharpness indicator's ball")
+    layers_directions: int = _opt(3, "random directions of the indicator besides the gradient one")
+    layers_warmup_steps: int = _opt(30, "non-private prefix warm-up steps before scoring (on allowed data)")
+    layers_examples: int = _opt(128, "fixed subset the indicator is evaluated on")
+    layers_stop_early: bool = _opt(False, "stop dropping when the indicator no longer decreases")
+    distill: bool = _opt(False, "cross-model flattening: pull the prefix toward a non-private teacher")
+    distill_mode: Mode = _opt("safe", "safe: teacher on public data; paper: teacher on private data (not DP)")
+    distill_lambda: float = _opt(0.01, "weight λ of ||P - P_teacher||")
+    distill_squared: bool = _opt(False, "use λ||P - P_teacher||² instead of the norm")
+    teacher_epochs: float = _opt(1.0, "epochs of the teacher's training")
 
     def __post_init__(self) -> None:
-        for name in ("awp_mode", "layers_mode", "distill_mode"):
-            _check(getattr(self, name) in ("safe", "paper"), f"{name} must be safe|paper, got {getattr(self, name)}")
         _check(self.awp_gamma >= 0, f"awp_gamma must be >= 0, got {self.awp_gamma}")
         _check(self.awp_epochs >= 0, f"awp_epochs must be >= 0, got {self.awp_epochs}")
         _check(self.awp_proxy_lr > 0, f"awp_proxy_lr must be > 0, got {self.awp_proxy_lr}")
@@ -180,45 +298,52 @@ class FlatConfig:
         return out
 
 
+#: the largest learning rate accepted: any larger step diverges (to NaN) on every setup we know
+MAX_LR = 100.0
+
+
+@section("train")
 @dataclass
 class TrainConfig:
     """Optimisation, evaluation, checkpoints and where the run goes."""
 
-    epochs: float = 2.0
-    batch_size: int = 128  # logical (expected) batch size; q = batch_size / N
-    physical_batch_size: int = 64  # what fits in memory (BatchMemoryManager)
-    lr: float = 2e-2
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = 0.0
-    eval_every: int = 0  # steps; 0 = once per epoch
-    eval_batch_size: int = 256
-    checkpoint_every: int = 20  # steps
-    seed: int = 0
-    device: str = "cpu"
-    output_dir: str = "runs"
-    run_name: str | None = None  # default: derived from the config
-    num_threads: int | None = None
-    progress: bool = True
+    epochs: float = _opt(2.0, "passes over the private training split")
+    batch_size: int = _opt(128, "logical (expected) batch size; the sampling rate q is 1/len(loader) ≈ batch_size/N")
+    physical_batch_size: int = _opt(64, "largest batch held in memory at once (BatchMemoryManager)")
+    lr: float = _opt(2e-2, f"learning rate, in (0, {MAX_LR:g}]")
+    optimizer: Literal["adamw", "sgd"] = _opt("adamw", "optimizer of the trainable prefix + head")
+    weight_decay: float = _opt(0.0, "weight decay of the optimizer")
+    eval_every: int = _opt(0, "evaluate every N steps (0: once per epoch)")
+    eval_batch_size: int = _opt(256, "batch size of evaluation")
+    checkpoint_every: int = _opt(20, "checkpoint every N steps")
+    seed: int = _opt(0, "public seed: initialisation and data splits (never the DP noise)")
+    device: str = _opt("cpu", "cpu, cuda[:N] or mps")
+    output_dir: str = _opt("runs", "root folder of the runs and of results.parquet")
+    run_name: str | None = _opt(None, "folder name of the run (default: variant_task_eps_seed_hash)")
+    num_threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
+    progress: bool = _opt(True, "show a progress bar")
     # matmul precision of forward/backward: auto = bf16 autocast on a CUDA GPU that has it
     # (the frozen backbone dominates the cost; tensor cores), fp32 elsewhere. Clipping, noise,
     # the optimizer and the trainable weights stay fp32 in every case.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = _opt(
+        "auto", "matmul precision: auto = bf16 autocast on a CUDA GPU that has it, fp32 elsewhere")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
-        _check(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto|fp32|bf16, got {self.precision}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.physical_batch_size >= 1, f"physical_batch_size must be >= 1, got {self.physical_batch_size}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(self.optimizer in ("adamw", "sgd"), f"optimizer must be adamw|sgd, got {self.optimizer}")
+        _check(self.lr <= MAX_LR, f"lr must be <= {MAX_LR:g}, got {self.lr:g}: a step this large diverges to NaN")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        dev = str(self.device)
-        _check(
-            dev == "cpu" or dev == "mps" or dev.startswith("cuda"),
-            f"device must be cpu, cuda[:N] or mps, got {self.device}",
-        )
+        _check(re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device) is not None,
+               f"device must be cpu, cuda[:N] or mps, got {self.device}")
+        _check(bool(self.output_dir), "output_dir must be a folder name")
+        _check(self.num_threads is None or self.num_threads >= 1, f"num_threads must be >= 1, got {self.num_threads}")
+        if self.run_name is not None:
+            check_run_name(self.run_name)
 
     def resolved_precision(self) -> str:
         """fp32 or bf16: what ``auto`` means on this run's device."""
@@ -234,6 +359,7 @@ class TrainConfig:
 ZOOptimizer = Literal["sgd", "adam", "cma"]
 
 
+@section("blackbox")
 @dataclass
 class BlackBoxConfig:
     """Black-box DP-Flat (``dpflat/blackbox.py``): a soft prompt tuned from forward queries only.
@@ -242,20 +368,22 @@ class BlackBoxConfig:
     the run id, so white-box run folders are unchanged by its existence.
     """
 
-    active: bool = False  # the black-box path: z -> prompt, zeroth-order (SPSA / DPZero) updates
-    prompt_tokens: int = 8  # soft prompt length (tokens prepended after [CLS])
-    prompt_dim: int = 50  # d: dimension of z (fixed random projection A: R^d -> tokens x hidden)
-    proj_scale: float = 1.0  # per-coordinate std of A z for ||z||^2 = d, in units of the word embeddings' std
-    zo_mu: float = 0.5  # SPSA smoothing: losses at z +- mu * u, u ~ N(0, I_d)
-    zo_lr: float = 0.1  # step size on z
+    active: bool = _opt(False, "black-box path (dpflat/blackbox.py): tune a soft prompt from forward queries "
+                               "only (the bb-* variants set it)")
+    prompt_tokens: int = _opt(8, "black box: soft prompt length in tokens (prepended after [CLS])")
+    prompt_dim: int = _opt(50, "black box: dimension d of z (fixed random projection to the prompt embeddings)")
+    proj_scale: float = _opt(1.0, "black box: prompt shift of a unit-scale z, in word-embedding standard deviations")
+    zo_mu: float = _opt(0.5, "black box: SPSA perturbation size (losses at z +- mu*u)")
+    zo_lr: float = _opt(0.1, "black box: step size on z")
     # adam: steadier than DPZero's plain SGD at the few hundred steps a CPU affords (post-processing:
     # the privacy cost is the same); sgd (momentum 0.9); cma (CMA-ES, non-private only)
-    zo_optimizer: ZOOptimizer = "adam"
-    zo_directions: int = 1  # random directions per step (k scalars per example, clipped jointly)
-    readout_template: str | None = None  # label description, e.g. "a {} review"; None: per-task default
-    readout_scale: float = 20.0  # logits = scale * cos(embedding, label-description embedding)
-    readout_bias: bool = True  # z also carries a per-class logit bias of the readout (K numbers, tuned by ZO)
-    prompt_lambda: float = 0.05  # with --distill: λ of λ||z - z_teacher|| (prompt-space --distill-lambda)
+    zo_optimizer: ZOOptimizer = _opt("adam", "black box: sgd (DPZero), adam, or cma (CMA-ES, non-private only)")
+    zo_directions: int = _opt(1, "black box: random directions per step (their k differences are clipped jointly to C)")
+    readout_template: str | None = _opt(
+        None, "black box: label description for the zero-shot readout, e.g. 'a {} review' (default: per task)")
+    readout_scale: float = _opt(20.0, "black box: logit scale of the cosine readout")
+    readout_bias: bool = _opt(True, "black box: z also carries a per-class logit bias of the readout")
+    prompt_lambda: float = _opt(0.05, "black box with --distill: λ of λ||z - z_teacher||")
 
     def __post_init__(self) -> None:
         _check(1 <= self.prompt_tokens <= 256, f"prompt_tokens must be in [1, 256], got {self.prompt_tokens}")
@@ -263,7 +391,6 @@ class BlackBoxConfig:
         _check(self.proj_scale > 0, f"proj_scale must be > 0, got {self.proj_scale}")
         _check(self.zo_mu > 0, f"zo_mu must be > 0, got {self.zo_mu}")
         _check(self.zo_lr > 0, f"zo_lr must be > 0, got {self.zo_lr}")
-        _check(self.zo_optimizer in ("sgd", "adam", "cma"), f"zo_optimizer must be sgd|adam|cma, got {self.zo_optimizer}")
         _check(1 <= self.zo_directions <= 64, f"zo_directions must be in [1, 64], got {self.zo_directions}")
         _check(self.readout_scale > 0, f"readout_scale must be > 0, got {self.readout_scale}")
         _check(self.prompt_lambda >= 0, f"prompt_lambda must be >= 0, got {self.prompt_lambda}")
@@ -305,15 +432,24 @@ class RunConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: Any) -> "RunConfig":
+        """A config from its JSON form; misspelt sections or fields and wrong types are refused by name."""
+        _check(isinstance(d, dict), f"a run config must be a JSON object with the sections "
+                                    f"{', '.join(SECTIONS)}, got a {type(d).__name__}")
+        unknown = [k for k in d if k not in SECTIONS and k != "variant"]
+        if unknown:
+            raise ConfigError(f"unknown config section {_unknown(unknown, [*SECTIONS, 'variant'])}")
         kwargs: dict[str, Any] = {}
         for sect, klass in SECTIONS.items():
-            sub = dict(d.get(sect, {}))
-            known = {f.name for f in fields(klass)}
-            unknown = set(sub) - known
-            _check(not unknown, f"unknown {sect} fields: {sorted(unknown)}")
+            sub = d.get(sect, {})
+            _check(isinstance(sub, dict), f"config section {sect} must be an object of fields, got {sub!r}")
+            known = [f.name for f in fields(klass)]
+            unknown = [k for k in sub if k not in known]
+            if unknown:
+                raise ConfigError(f"unknown {sect} field {_unknown(unknown, known)}")
             kwargs[sect] = klass(**sub)
         if "variant" in d:
+            _check(isinstance(d["variant"], str) and bool(d["variant"]), f"variant must be a name, got {d['variant']!r}")
             kwargs["variant"] = d["variant"]
         return cls(**kwargs)
 
@@ -322,7 +458,28 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a JSON config file; every way it can be unreadable is one line naming the file."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except IsADirectoryError:
+            raise ConfigError(f"{p} is a folder, not a JSON config file") from None
+        except FileNotFoundError:
+            raise ConfigError(f"{p} does not exist") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not UTF-8 text: is it a JSON config file?") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        except TypeError as e:  # pragma: no cover - a bug of ours, never of the file
+            raise ConfigError(f"{p}: {e}") from None
 
     def replace(self, **sections: dict[str, Any]) -> "RunConfig":
         """Copy with some fields of some sections changed: ``cfg.replace(privacy={"epsilon": 3})``."""
@@ -333,6 +490,15 @@ class RunConfig:
             else:
                 d.setdefault(sect, {}).update(changes)  # "blackbox" is absent from white-box dicts
         return RunConfig.from_dict(d)
+
+
+def _unknown(names: list[str], known: list[str]) -> str:
+    """``'privac' (did you mean 'privacy'?; known: ...)``: the first unknown name and the way out."""
+    name = str(names[0])
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return f"{name!r}{more}: {hint}"
 
 
 SECTIONS: dict[str, type] = {
@@ -390,6 +556,10 @@ def apply_variant(cfg: RunConfig, variant: str, mode: str = "safe") -> RunConfig
 
 __all__ = [
     "ConfigError",
+    "check_device",
+    "check_run_name",
+    "field_types",
+    "split_optional",
     "DataConfig",
     "ModelConfig",
     "PrivacyConfig",

@@ -334,8 +334,38 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> PrefixModel
     return model
 
 
+def check_layers(cfg: ModelConfig, n_drop: int | None = None) -> int | None:
+    """Layer-count checks from the backbone's config.json alone (no weights, no data): seconds, not minutes.
+
+    ``keep_layers`` must name existing layers and ``n_drop`` (cross-layer flattening) must
+    leave at least one prefix. Returns the layer count, or None when the config is not
+    readable here (a hub id offline): the full load then says what is wrong.
+    """
+    if cfg.backbone in TINY:
+        n = tiny_config(cfg.backbone).num_hidden_layers
+    else:
+        from transformers import AutoConfig
+
+        src = resolve_backbone(cfg.backbone)
+        try:
+            n = int(getattr(AutoConfig.from_pretrained(src), "num_hidden_layers"))
+        except Exception:  # noqa: BLE001 - offline hub id, exotic config: the full load reports it
+            return None
+    keep = cfg.keep_layer_ids()
+    if keep is not None:
+        bad = [i for i in keep if i >= n]
+        if bad:
+            raise ConfigError(f"keep_layers {bad} out of range: the backbone has {n} layers (0..{n - 1})")
+    kept = len(set(keep)) if keep is not None else n
+    if n_drop is not None and n_drop >= kept:
+        raise ConfigError(f"n_drop={n_drop} would remove every prefix: {kept} of the backbone's {n} layers have one; "
+                          f"use --n-drop {max(kept - 1, 0)} or less")
+    return n
+
+
 __all__ = [
     "ModelError",
+    "check_layers",
     "PrefixEncoder",
     "PrefixModel",
     "build_model",

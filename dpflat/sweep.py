@@ -14,20 +14,26 @@ from tqdm.auto import tqdm
 
 from .config import MODES, NO_MODE_VARIANTS, NONPRIVATE_VARIANTS, VARIANTS, ConfigError, RunConfig, apply_variant
 from .privacy import DP
-from .runs import RunDir, RunLocked, append_result, load_results
+from .runs import RunDir, RunLocked, check_before_work, load_results
 
 
 def cells(base: RunConfig, variants: list[str], epsilons: list[float], seeds: list[int],
           modes: list[str] = ("safe",)) -> list[RunConfig]:
     """Every run config of the grid. Non-private runs do not depend on ε: one per seed."""
+    if not variants:
+        raise ConfigError("a sweep needs at least one variant (--variants), e.g. dp,dpflat")
+    if not modes:
+        raise ConfigError("a sweep needs at least one mode (--modes), e.g. safe")
     for v in variants:
         if v not in VARIANTS:
             raise ConfigError(f"unknown variant {v!r}; choose from: {', '.join(VARIANTS)}")
     for m in modes:
         if m not in MODES:
             raise ConfigError(f"unknown mode {m!r}; choose from: safe, paper")
-    if not epsilons or not seeds:
-        raise ConfigError("a sweep needs at least one epsilon and one seed")
+    if not epsilons:
+        raise ConfigError("a sweep needs at least one epsilon (--epsilons), e.g. 3,8")
+    if not seeds:
+        raise ConfigError("a sweep needs at least one seed (--seeds), e.g. 0,1")
     out: list[RunConfig] = []
     for seed in seeds:
         for v in variants:
@@ -65,7 +71,16 @@ def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
     from .privacy import cell_noise_seed
 
     grid = cells(base, variants, epsilons, seeds, modes)
-    todo = [c for c in grid if not RunDir.for_config(c).done]
+    if base.train.run_name and len(grid) > 1:
+        raise ConfigError(f"--run-name names one run folder, but this sweep has {len(grid)} cells: leave it out "
+                          "(each cell gets its own name)")
+    for c in grid:  # refuse a bad device or layer count before the first cell trains
+        check_before_work(c)
+    todo = []
+    for c in grid:
+        rd = RunDir.for_config(c)
+        if rd.finished_result(c) is None:  # a finished cell: config checked, its row made sure of
+            todo.append(c)
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="sweep", disable=not progress)
     for c in todo:
         try:
@@ -81,13 +96,6 @@ def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
     bar.close()
     ids = {RunDir.for_config(c).path.name for c in grid}
     table = load_results(base.train.output_dir)
-    have = set(table["run_id"]) if len(table) else set()
-    for c in grid:  # a row lost to a crash or a concurrent writer is restored from result.json
-        rd = RunDir.for_config(c)
-        if rd.done and rd.path.name not in have:
-            res = rd.result()
-            append_result(base.train.output_dir, {k: v for k, v in res.items() if k != "info"})
-            table = load_results(base.train.output_dir)
     return table[table["run_id"].isin(ids)].reset_index(drop=True) if len(table) else table
 
 

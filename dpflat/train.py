@@ -27,7 +27,7 @@ from .flat.base import FlatLevel, TrainContext
 from .models import build_model, load_tokenizer
 from .privacy import (DP, MechanismRNG, PrivacyLedger, PrivateSplit, backward_private, fill_ledger, fill_release,
                       make_private, spent_epsilon)
-from .runs import RunDir, append_result, finish_run
+from .runs import RunDir, check_before_work, finish_run
 
 TRAIN_WHO = "train/dp-sgd"
 #: the per-step loss of private batches: a private diagnostic, not covered by the guarantee
@@ -146,15 +146,16 @@ def train(
 
         return bb_train(cfg, resume=resume, max_steps=max_steps, on_step=on_step, noise_seed=noise_seed,
                         secure_rng=secure_rng)
+    check_before_work(cfg, max_steps)  # device, layer count, max_steps: seconds, before any folder or data
     with dist_mod.process_group(cfg.train.device):
         cfg = dist_mod.rank_config(cfg)  # under torchrun: this rank's GPU
         rd = RunDir.for_config(cfg)
-        res = dist_mod.on_main(lambda: rd.result() if resume and rd.done else None)
+        # a finished run of this same config (a different one is refused) with its row made sure of
+        res = dist_mod.on_main(lambda: rd.finished_result(cfg) if resume else None)
         if res is not None:
-            dist_mod.on_main(append_result, cfg.train.output_dir, {k: v for k, v in res.items() if k != "info"})  # idempotent
             return res
-        dist_mod.on_main(rd.create, cfg)
-        with dist_mod.main_only(rd.lock):
+        made = dist_mod.on_main(rd.create, cfg) and dist_mod.is_main()
+        with rd.removed_on_failure(made), dist_mod.main_only(rd.lock):  # no config-only folder left by a failure
             return _train(cfg, rd, resume, max_steps, on_step, noise_seed, secure_rng)
 
 

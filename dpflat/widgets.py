@@ -1140,23 +1140,13 @@ def record_mia(result: Any) -> dict[str, Any] | None:
     Why: the explorer (notebook 04) offers every ``mia_*`` column as a metric, so an
     audited sweep can plot leakage against ε next to accuracy and sharpness.
     """
-    from .runs import RESULTS, append_result
+    from .runs import update_result
 
     run_dir = Path(result.run_dir)
-    path = run_dir.parent / RESULTS
-    if not path.is_file():
-        return None
-    table = pd.read_parquet(path)
-    hit = table[table["run_id"] == run_dir.name]
-    if hit.empty:
-        return None
-    row = hit.iloc[0].to_dict()
-    row.update(mia_auc=result.loss.auc, mia_tpr_at_1_fpr=result.loss.tpr_at_1_fpr,
-               mia_accuracy=result.loss.accuracy)
+    cols = dict(mia_auc=result.loss.auc, mia_tpr_at_1_fpr=result.loss.tpr_at_1_fpr, mia_accuracy=result.loss.accuracy)
     if result.calibrated is not None:
-        row["mia_calibrated_auc"] = result.calibrated.auc
-    append_result(run_dir.parent, row)
-    return row
+        cols["mia_calibrated_auc"] = result.calibrated.auc
+    return update_result(run_dir.parent, run_dir.name, cols)  # the one writer of the results table
 
 
 def audit_bars(audits: Sequence[Any]):

@@ -1,0 +1,84 @@
+"""Config loading: every field is type-checked against its annotation, by name, at construction."""
+
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import fields
+
+import pytest
+
+from dpflat.config import (SECTIONS, VARIANTS, ConfigError, RunConfig, apply_variant, check_run_name, field_types,
+                           split_optional)
+
+
+def _wrong_value(t):
+    """A value of the wrong type for annotation ``t`` (what a careless JSON file holds)."""
+    base, _ = split_optional(t)
+    if typing.get_origin(base) is typing.Literal:
+        return "not-a-choice"
+    return {bool: "no", int: "64", float: "0.5", str: 3}[base]
+
+
+@pytest.mark.parametrize("sect,name", [(s, f.name) for s, k in SECTIONS.items() for f in fields(k)])
+def test_every_field_refuses_a_wrong_type_by_name(sect, name):
+    t = field_types(SECTIONS[sect])[name]
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict({sect: {name: _wrong_value(t)}})
+    assert f"{sect}.{name} must be" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_json_round_trip_of_every_variant_is_exact():
+    for v in VARIANTS:
+        for mode in ("safe", "paper"):
+            cfg = apply_variant(RunConfig(), v, mode)
+            again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+            assert again == cfg
+
+
+def test_ints_stay_ints_and_floats_accept_ints():
+    """A float field given 500 keeps 500 (run ids hash the JSON: 500 and 500.0 would differ)."""
+    cfg = RunConfig.from_dict({"data": {"public_size": 500}, "privacy": {"epsilon": 3}})
+    assert cfg.data.public_size == 500 and isinstance(cfg.data.public_size, int)
+    assert cfg.privacy.epsilon == 3
+
+
+@pytest.mark.parametrize("d,msg", [
+    ({"privac": {}}, "unknown config section 'privac': did you mean 'privacy'?"),
+    ({"flat": {"awp_gama": 0.1}}, "unknown flat field 'awp_gama': did you mean 'awp_gamma'?"),
+    ({"flat": {"zzz": 1, "yyy": 2}}, "(and 1 more)"),
+    ({"train": []}, "config section train must be an object"),
+    ({"privacy": {"delta": True}}, "privacy.delta must be a finite number or null, got True"),
+    ({"train": {"num_threads": 1.5}}, "train.num_threads must be a whole number or null"),
+    ({"train": {"batch_size": True}}, "train.batch_size must be a whole number, got True"),
+    ({"model": {"keep_layers": 3}}, "model.keep_layers must be a string or null"),
+    ({"privacy": {"epsilon": float("inf")}}, "privacy.epsilon must be a finite number"),
+])
+def test_bad_dicts_are_refused_by_name(d, msg):
+    with pytest.raises(ConfigError, match=None) as e:
+        RunConfig.from_dict(d)
+    assert msg in str(e.value)
+
+
+def test_optional_fields_take_null():
+    cfg = RunConfig.from_dict({"privacy": {"delta": None}, "train": {"run_name": None, "num_threads": None}})
+    assert cfg.privacy.delta is None and cfg.train.run_name is None
+
+
+@pytest.mark.parametrize("name", ["ok", "dp_sst2_eps8_s0_abcdef12", "a.b", "x" * 200])
+def test_good_run_names(name):
+    check_run_name(name)
+
+
+@pytest.mark.parametrize("name", ["", " x", "a/b", "..", ".", ".hidden", "a\\b", "x" * 201, "results.parquet",
+                                  "results.parquet.lock", "a.tmp", "é" * 101])
+def test_bad_run_names(name):
+    with pytest.raises(ConfigError):
+        check_run_name(name)
+
+
+def test_load_names_the_file(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"privacy": {"enabled": "no"}}))
+    with pytest.raises(ConfigError, match=f"^{p}: privacy.enabled must be true or false"):
+        RunConfig.load(p)
