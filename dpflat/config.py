@@ -34,9 +34,14 @@ class DataConfig:
     eval_size: int | None = None  # subsample the eval split
     public_size: float = 500  # fraction (<1) or count (>=1) of train carved out as public
     cache_dir: str | None = None  # tokenisation cache; None = in-process only
+    val_size: int = field(default=500, metadata={"help": "rows of the train file held out as the validation "
+                                                          "split (checkpoint selection reads only it; the eval "
+                                                          "file is the test split, read once at the end)"})
 
     def __post_init__(self) -> None:
         _check(isinstance(self.task, str) and bool(self.task), "task must be a non-empty name")
+        _check(isinstance(self.val_size, int) and not isinstance(self.val_size, bool) and self.val_size >= 1,
+               f"val_size must be a whole number >= 1, got {self.val_size!r}")
         _check(8 <= self.max_length <= 4096, f"max_length must be in [8, 4096], got {self.max_length}")
         for name in ("train_size", "eval_size"):
             if getattr(self, name) == 0:  # the CLI's way to say "all of it"
