@@ -64,9 +64,26 @@ class ModelConfig:
     head_dropout: float = 0.1
     attn: Literal["sdpa", "eager"] = "sdpa"  # eager is needed for double backward (Hessians) on CPU
     keep_layers: str | None = None  # e.g. "0,2,5": layers that keep a prefix; None = all
+    head: Literal["linear", "prompt"] = field(
+        default="linear", metadata={"help": "linear: pooled hidden state -> linear layer; prompt: LM-BFF style, "
+                                            "the masked-LM head's logits of the label words at the template's "
+                                            "mask (BERT/RoBERTa with an MLM head)"})
+    template: str | None = field(
+        default=None, metadata={"help": "prompt head: LM-BFF template, e.g. *cls**sent_0*_It_was*mask*.*sep+* "
+                                        "(None: the task's default, docs/PROTOCOL.md)"})
+    label_words: str | None = field(
+        default=None, metadata={"help": "prompt head: one word per class, comma-separated in class order, "
+                                        "e.g. terrible,great (None: the task's default)"})
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "backbone must be given")
+        _check(self.head in ("linear", "prompt"), f"head must be linear|prompt, got {self.head}")
+        if self.template is not None:
+            _check("*mask*" in self.template and "*sent_0*" in self.template,
+                   f"template must contain *mask* and *sent_0*, got {self.template!r}")
+        if self.label_words is not None:
+            words = [w.strip() for w in str(self.label_words).split(",")]
+            _check(len(words) >= 2 and all(words), f"label_words must be >= 2 comma-separated words, got {self.label_words!r}")
         _check(1 <= self.prefix_len <= 512, f"prefix_len must be in [1, 512], got {self.prefix_len}")
         _check(self.prefix_init in ("random", "tokens"), f"prefix_init must be random|tokens, got {self.prefix_init}")
         _check(self.pooling in ("mean", "cls"), f"pooling must be mean|cls, got {self.pooling}")
