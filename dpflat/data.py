@@ -578,7 +578,7 @@ def make_splits(
     if missing:
         raise DataError(f"raw data has splits {list(raw)}, expected 'train' and 'eval'")
     train, eval_ = _with_idx(raw["train"]), _with_idx(raw["eval"])
-    val_size = _count("val_size", val_size, len(train), " in the train split")
+    val_size = _count("val_size", val_size, len(train), " in the train split", minimum=1)
     n = len(train)
     n_public = _public_count(public_size, n)
     keys = normalized_keys(train)
