@@ -58,8 +58,11 @@ def prepare_data(cfg: RunConfig, tokenizer=None):
     raw = data_mod.load_raw(card, cfg.data.data_dir)
     splits = data_mod.splits_for_config(raw, cfg.data, cfg.train.seed)
     tok = tokenizer or load_tokenizer(cfg.model)
+    template = None
+    if cfg.model.head == "prompt":  # LM-BFF: one sequence per example with a mask token
+        template = data_mod.prompt_for(card, cfg.model.template, cfg.model.label_words)[0]
     tokd = {
-        name: data_mod.tokenize(getattr(splits, name), tok, cfg.data.max_length, cfg.data.cache_dir)
+        name: data_mod.tokenize(getattr(splits, name), tok, cfg.data.max_length, cfg.data.cache_dir, template)
         for name in ("private", "public", "val", "eval")
     }
     return card, splits, tokd
@@ -138,7 +141,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
         raise ConfigError(f"batch_size {B} is larger than the private training split ({n} examples)")
     ledger = PrivacyLedger()
     private = PrivateSplit(tokd["private"], ledger)
-    model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed).to(device)
+    model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed, task=card.name, tokenizer=tokenizer).to(device)
     # ctx.eval is the validation split: nothing during training (selection, teacher checks) sees test
     ctx = TrainContext(cfg, model, private, tokd["public"], tokd["val"], ledger, device)
     levels = build_levels(cfg)
