@@ -4,7 +4,7 @@ paired 95% intervals against dp, flatness (top Hessian eigenvalue, SAM sharpness
 SST-2 and QNLI with the CLI defaults otherwise (MiniLM, 2,000 private examples, public 500,
 val 500, 2 epochs), ε ∈ {3, 8}, seeds 0..4. Checkpoints are selected on the validation
 split; the test split (the task's eval file) is read once per run, at its end. Nothing is
-tuned here. Flatness is measured on the first 256 test examples (``dpflat.analysis``).
+tuned here. Flatness is measured on the first 128 test examples (``dpflat.analysis``).
 
 Resumable: cells are run folders under ``--output-dir`` (finished ones are skipped, an
 interrupted one resumes from its checkpoint) and landscapes are cached in them. Cells run
@@ -32,6 +32,8 @@ import _report  # noqa: E402
 
 VARIANTS = ["nonprivate", "dp", "dpflat"]
 MODES = ["safe", "paper"]
+#: test examples the flatness figures use (Lanczos + SAM on a loaded 2-core CPU: minutes per run)
+N_LANDSCAPE = 128
 ORDER = {"nonprivate": 0, "dp": 1, "dpflat-safe": 2, "dpflat-paper": 3}
 
 
@@ -65,7 +67,7 @@ def grid(a):
 def landscape(run_dir: str, a) -> None:
     from dpflat.analysis import analyze_run
 
-    analyze_run(run_dir, top_k=1, surface=False, density=False, n_examples=16 if a.tiny else 256,
+    analyze_run(run_dir, top_k=1, surface=False, density=False, n_examples=16 if a.tiny else N_LANDSCAPE,
                 split="eval", trace_matvecs=3, progress=False)
 
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         f"checkpoint selected on val, test read once; ε {a.epsilons}, seeds {a.seeds}",
         "- Δ vs dp: mean paired (same task, ε, seed) difference of test accuracy, 95% bootstrap interval over seeds "
         "and test examples (dpflat/stats.py); gap closed = Δ / (nonprivate − dp). Flatness on the first "
-        f"{16 if a.tiny else 256} test examples, trainable parameters (prefix + head); wall/setup seconds, examples/s "
+        f"{16 if a.tiny else N_LANDSCAPE} test examples, trainable parameters (prefix + head); wall/setup seconds, examples/s "
         "(training) and peak memory (process RSS, cumulative within one process) per run",
         "",
         *lines,
