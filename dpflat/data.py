@@ -1,9 +1,9 @@
 """Task registry, loading, private/public/eval splits and tokenisation.
 
 Data flows one way: ``get_task`` -> ``load_raw`` (files or hub -> a uniform
-``DatasetDict`` with ``text_a[, text_b], label``) -> ``make_splits`` (disjoint
-private / public / eval with an ``idx`` column) -> ``tokenize`` (padded torch
-tensors, cached).
+``DatasetDict`` with ``text_a[, text_b], label``) -> ``make_splits`` (content-disjoint
+private / public / val / eval(= test) with an ``idx`` column) -> ``tokenize`` (padded
+torch tensors, cached; LM-BFF templates for the prompt head).
 
 Every problem with the user's data surfaces as a ``DataError`` whose message is a
 single line, so the CLI can print it without a traceback.
