@@ -559,3 +559,42 @@ def test_check_disjoint_catches_shared_text(raw_cache):
                    val=s.private.select(range(3)).map(lambda r: {"idx": r["idx"] + 10**6}))
     with pytest.raises(DataError, match="private and val splits share 3 normalised texts"):
         D._check_disjoint(bad)
+
+
+# --------------------------------------------------------------------------- prompt templates (LM-BFF)
+
+
+def test_template_encoding_and_truncation(tokenizer):
+    tpl = D.PROMPTS["sst2"][0]
+    ids = D.encode_template(tokenizer, tpl, ["a fine film"], 32)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "a", "fine", "film", "it", "was", "[MASK]", ".", "[SEP]"]
+    long = " ".join(["word"] * 100)
+    cut = D.encode_template(tokenizer, tpl, [long], 16)
+    assert len(cut) == 16 and tokenizer.mask_token_id in cut and cut[-1] == tokenizer.sep_token_id
+    pair = D.encode_template(tokenizer, D.PROMPTS["qnli"][0], ["Who wrote it?", "Smith wrote it."], 32)
+    assert tokenizer.convert_ids_to_tokens(pair) == ["[CLS]", "who", "wrote", "it", "?", "[MASK]", ",", "smith",
+                                                     "wrote", "it", ".", "[SEP]"]
+    with pytest.raises(DataError, match="longer than max_length"):
+        D.encode_template(tokenizer, "*cls**sent_0*" + "_very" * 20 + "*mask*", ["x"], 8)
+
+
+def test_prompt_defaults_and_errors(tokenizer):
+    for name, card in D.TASKS.items():
+        tpl, words = D.prompt_for(name)
+        assert len(words) == card.num_labels and "*mask*" in tpl
+    assert D.prompt_for("sst2", label_words="bad, good")[1] == ["bad", "good"]
+    with pytest.raises(DataError, match="3 classes"):
+        D.prompt_for("mnli", label_words="yes,no")
+    assert len(D.label_word_ids(tokenizer, ["terrible", "great"])) == 2
+    with pytest.raises(DataError, match="tokens for this tokenizer"):
+        D.label_word_ids(tokenizer, ["unbelievablyawful", "great"])
+
+
+def test_tokenize_with_template(raw_cache, tokenizer, fresh_cache):
+    s = D.make_splits(raw_cache("sst2"), seed=0, train_size=32, public_size=16, val_size=16)
+    plain = D.tokenize(s.private, tokenizer, 32)
+    tpl = D.tokenize(s.private, tokenizer, 32, template=D.PROMPTS["sst2"][0])
+    ids = tpl[:]["input_ids"]
+    assert ((ids == tokenizer.mask_token_id).sum(1) == 1).all()  # one mask per example
+    assert not (plain[:]["input_ids"] == tokenizer.mask_token_id).any()
+    assert tpl[:]["labels"].tolist() == plain[:]["labels"].tolist()
