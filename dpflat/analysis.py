@@ -86,7 +86,7 @@ def load_run(run_dir: str | Path, attn: str = "eager", device: str = "cpu") -> L
     cfg = rd.config()
     cfg = cfg.replace(model={"attn": attn})  # eager: double backward through attention for HVPs
     card, _splits, tokd = prepare_data(cfg)
-    model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed)
+    model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed, task=card.name)
     model.load_trainable_state({k: v.to(device) for k, v in state.items()})
     model.to(device).eval()
     from .privacy import read_ledger

@@ -64,7 +64,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
-from .evaluate import model_inputs, per_example_losses
+from .evaluate import evaluate_test, model_inputs, per_example_losses
 from .models import load_backbone, load_tokenizer
 from .privacy import (MechanismRNG, DPSetup, PrivacyLedger, PrivateSplit, fill_ledger, fill_release, noise_for_target,
                       spent_epsilon)
@@ -606,7 +606,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
                             "prompt_tokens": bb.prompt_tokens}
     teacher: torch.Tensor | None = None
     if cfg.flat.distill and ckpt is None:
-        teacher, tinfo = teacher_prompt(cfg, model, tokd["public"], private, tokd["eval"])
+        teacher, tinfo = teacher_prompt(cfg, model, tokd["public"], private, tokd["val"])
         info.update(tinfo)
     state = _make_opt(torch.zeros(model.proj.dim), "sgd" if bb.zo_optimizer == "cma" else bb.zo_optimizer, bb.zo_lr)
     step, best = 0, {"accuracy": -1.0, "step": 0}
@@ -643,7 +643,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     def run_eval() -> dict[str, Any]:
         nonlocal best, best_z
         model.z.data.copy_(state.param.data)
-        r = evaluate_prompt(model, tokd["eval"], tc.eval_batch_size)
+        r = evaluate_prompt(model, tokd["val"], tc.eval_batch_size)  # selection reads val only
         last_eval.update(r, step=step)
         if r["accuracy"] > best["accuracy"]:
             best = {"accuracy": r["accuracy"], "step": step}
@@ -731,19 +731,22 @@ def _train_cma(cfg: RunConfig, rd: RunDir, model: PromptModel, private: PrivateS
 
 def _finish(cfg: RunConfig, rd: RunDir, model: PromptModel, z_last: torch.Tensor, tokd, card, ledger, dp, best,
             best_file: Path, step: int, info: dict, known: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Select the best-on-eval z (as the white-box loop does), write model, ledger, result, row."""
+    """Select the best-on-val z (as the white-box loop does), read the test split once, write model,
+    ledger, result, row."""
     from safetensors.torch import load_file
 
     rd.save_tensors(rd.path / "last.safetensors", {"z": z_last})
     z = load_file(str(best_file))["z"] if best_file.exists() else z_last
     model.z.data.copy_(z)
     rd.save_tensors(rd.model_file, {"z": model.z.data})
-    # ``known``: the evaluation of this same z at the last step (the black box is deterministic)
-    final = known if known is not None else evaluate_prompt(model, tokd["eval"], cfg.train.eval_batch_size)
+    # ``known``: the validation of this same z at the last step (the black box is deterministic)
+    val = known if known is not None else evaluate_prompt(model, tokd["val"], cfg.train.eval_batch_size)
+    final, per_example = evaluate_test(model, tokd["eval"], cfg.train.eval_batch_size)  # the test split, once
     fill_ledger(ledger, cfg.privacy, dp, step, mechanism="dpzero")
     fill_release(ledger)
     rd.write_json(rd.ledger_file, ledger.to_dict())
-    return finish_run(cfg, rd, card.metric, ledger, final, best["step"], step, "", info)
+    return finish_run(cfg, rd, card.metric, ledger, final, best["step"], step, "", info, val=val,
+                      test_examples=per_example)
 
 
 # --------------------------------------------------------------------------- a finished run

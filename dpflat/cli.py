@@ -14,8 +14,8 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Any, Sequence
 
-from .config import (MODES, SECTIONS, VARIANTS, ConfigError, RunConfig, apply_variant, check_device, field_types,
-                     split_optional)
+from .config import (MODES, PRESETS, SECTIONS, VARIANTS, ConfigError, RunConfig, apply_preset, apply_variant,
+                     check_device, field_types, split_optional)
 
 FLAG_NAME = {"enabled": "dp", "active": "blackbox"}
 
@@ -75,11 +75,16 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(ns: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """Variant preset first, then every flag the user gave explicitly."""
+    """Variant first, then ``--preset``, then every flag the user gave explicitly."""
     cfg = base or RunConfig()
     variant = getattr(ns, "variant", None)
     if variant:
         cfg = apply_variant(cfg, variant, getattr(ns, "mode", "safe") or "safe")
+    if getattr(ns, "preset", None):
+        task = getattr(ns, "data.task", None)
+        if task:  # the preset's layer choice depends on the task
+            cfg = cfg.replace(data={"task": task})
+        cfg = apply_preset(cfg, ns.preset, choose_variant=getattr(ns, "cmd", "train") != "sweep")
     changes: dict[str, dict[str, Any]] = {}
     for key, val in vars(ns).items():
         if "." in key and val is not None:
@@ -111,6 +116,7 @@ def _parser() -> _Parser:
     t.add_argument("--variant", choices=list(VARIANTS), help="named preset of privacy + flattening levels")
     t.add_argument("--mode", choices=MODES, default="safe", help="mode of every level of --variant (default: safe)")
     t.add_argument("--config", help="JSON config file (flags override it)")
+    t.add_argument("--preset", choices=PRESETS, help="paper: the authors' protocol (docs/PROTOCOL.md); flags override it")
     t.add_argument("--no-resume", action="store_true", help="retrain even if the run folder has a checkpoint")
     t.add_argument("--max-steps", type=_whole(1), metavar="INT",
                    help="stop after this many steps without finishing (default: train to the end)")
@@ -125,6 +131,8 @@ def _parser() -> _Parser:
     s.add_argument("--epsilons", default="3,8", help="comma-separated target ε (default: 3,8)")
     s.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     s.add_argument("--config", help="JSON config file (flags override it)")
+    s.add_argument("--preset", choices=PRESETS, help="paper: the authors' hyperparameters for the base config "
+                   "(docs/PROTOCOL.md); each cell's variant then sets its levels")
     add_rng_flags(s)
     add_config_flags(s)
 

@@ -156,12 +156,15 @@ class DataConfig:
     max_length: int = _opt(64, "tokens per example (padding and truncation)")
     # CPU-sized defaults (minutes on 2 cores); the README gives the GPU-scale values
     train_size: int | None = _opt(2000, "subsample the private training split to this many examples (0: all)")
-    eval_size: int | None = _opt(None, "subsample the eval split (0: all)")
+    eval_size: int | None = _opt(None, "subsample the test split (the task's eval file; 0: all)")
     public_size: float = _opt(500, "public split carved from train (fraction <1 or count); DP-safe flattening reads only it")
     cache_dir: str | None = _opt(None, "tokenisation cache folder (default: in-process only)")
+    val_size: int = _opt(500, "rows of the train file held out as the validation split (checkpoint selection reads "
+                              "only it; the eval file is the test split, read once at the end)")
 
     def __post_init__(self) -> None:
         _check(bool(self.task), "task must be a non-empty name")
+        _check(self.val_size >= 1, f"val_size must be a whole number >= 1, got {self.val_size!r}")
         _check(8 <= self.max_length <= 4096, f"max_length must be in [8, 4096], got {self.max_length}")
         for name in ("train_size", "eval_size"):
             if getattr(self, name) == 0:  # the CLI's way to say "all of it"
@@ -186,9 +189,23 @@ class ModelConfig:
     head_dropout: float = _opt(0.1, "dropout before the classifier head, in [0, 1)")
     attn: Literal["sdpa", "eager"] = _opt("sdpa", "attention kernel; eager supports double backward (Hessians) on CPU")
     keep_layers: str | None = _opt(None, "comma-separated layers that keep a prefix, e.g. 0,2,5 (default: all)")
+    head: Literal["linear", "prompt"] = _opt(
+        "linear", "linear: pooled hidden state -> linear layer; prompt: LM-BFF style, the masked-LM head's logits "
+                  "of the label words at the template's mask (BERT/RoBERTa with an MLM head)")
+    template: str | None = _opt(None, "prompt head: LM-BFF template, e.g. *cls**sent_0*_It_was*mask*.*sep+* "
+                                      "(default: the task's, docs/PROTOCOL.md)")
+    label_words: str | None = _opt(None, "prompt head: one word per class, comma-separated in class order, "
+                                         "e.g. terrible,great (default: the task's)")
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "backbone must be given")
+        _check(self.head in ("linear", "prompt"), f"head must be linear|prompt, got {self.head}")
+        if self.template is not None:
+            _check("*mask*" in self.template and "*sent_0*" in self.template,
+                   f"template must contain *mask* and *sent_0*, got {self.template!r}")
+        if self.label_words is not None:
+            words = [w.strip() for w in str(self.label_words).split(",")]
+            _check(len(words) >= 2 and all(words), f"label_words must be >= 2 comma-separated words, got {self.label_words!r}")
         _check(1 <= self.prefix_len <= 512, f"prefix_len must be in [1, 512], got {self.prefix_len}")
         _check(0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.keep_layers is not None:
@@ -554,7 +571,67 @@ def apply_variant(cfg: RunConfig, variant: str, mode: str = "safe") -> RunConfig
     return cfg.replace(privacy=preset["privacy"], flat=flat, blackbox=blackbox, variant=variant_name(variant, mode))
 
 
+# --------------------------------------------------------------------------- presets
+PRESETS = ("paper",)
+#: The authors' hand-picked *dropped* prefix layers for roberta-base (12 layers), per task:
+#: ``sparse_list`` in tiejin98/Privacy_Flatness run_classification_pretuning_final.py.
+PAPER_DROPPED_LAYERS: dict[str, tuple[int, ...]] = {"sst2": (11, 5, 10), "qnli": (11, 10, 9), "qqp": (11, 10, 9)}
+PAPER_DROPPED_OTHER = (1, 4, 9)
+PAPER_N_LAYERS = 12
+#: Each value of ``--preset paper`` and where it comes from (docs/PROTOCOL.md has the table).
+#: R = the authors' repo tiejin98/Privacy_Flatness (README commands; classification/
+#: run_wrapper_pretuning_final.py = W; run_classification_pretuning_final.py = F), P = the
+#: paper (Chen et al., arXiv 2403.04124).
+PAPER_PRESET: dict[str, dict[str, Any]] = {
+    "model": {
+        "backbone": "roberta-base",  # R README: --model_name_or_path roberta-base
+        "prefix_len": 50,  # F: PrefixTuningConfig(num_virtual_tokens=50)
+        "head": "prompt",  # W/README: --few_shot_type prompt (LM-BFF templates, label words per task: F)
+        "template": None,  # None: the task's template (W's template table; dpflat.data.PROMPTS)
+        "label_words": None,  # None: the task's label words (F's mapping; dpflat.data.PROMPTS)
+    },
+    "data": {"max_length": 256, "train_size": None},  # W: --max_seq_len 256; the full training file
+    "privacy": {"max_grad_norm": 0.1},  # W: --per_example_max_grad_norm 0.1
+    "train": {"batch_size": 1024, "epochs": 30.0, "lr": 5e-5,  # README: --batch_size 1024 --num_train_epochs 30
+              "optimizer": "adamw", "weight_decay": 0.0},  # --learning_rate 5e-5; F: AdamW; W: weight_decay 0
+    "flat": {"awp_gamma": 1e-4,  # F: AdvWeightPerturb(gamma=1e-4)
+             "awp_epochs": 15.0,  # P / F's Trainer_awp: AWP during the first half (15 of 30 epochs)
+             "distill_lambda": 0.01, "distill_squared": False,  # F: trainer.train(emb=..., lamb=0.01), ||.||
+             "teacher_epochs": 10.0},  # README: the non-private teacher run, --num_train_epochs 10
+}
+
+
+def paper_keep_layers(task: str, n_layers: int = PAPER_N_LAYERS) -> str:
+    """The complement of the authors' dropped layers for ``task`` (as ``--keep-layers``)."""
+    drop = PAPER_DROPPED_LAYERS.get(task, PAPER_DROPPED_OTHER)
+    return ",".join(str(i) for i in range(n_layers) if i not in drop)
+
+
+def apply_preset(cfg: RunConfig, name: str, choose_variant: bool = True) -> RunConfig:
+    """A copy of ``cfg`` with a named preset's values; ``paper`` = the authors' protocol.
+
+    Without a variant (``cfg.variant == "custom"``) the preset is the authors' DP-Flat:
+    variant dpflat in paper mode (``choose_variant=False``, as for a sweep's base config,
+    leaves the variant alone). With one, the variant decides which levels run and the
+    preset gives their values. Where the cross-layer level is on, the authors' hand-picked
+    layers for roberta-base (``paper_keep_layers``) replace our selector. Explicit flags
+    given after the preset (the CLI applies them last) override any of these values.
+    """
+    _check(name in PRESETS, f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    if cfg.variant == "custom" and choose_variant:
+        cfg = apply_variant(cfg, "dpflat", "paper")
+    sections = {k: dict(v) for k, v in PAPER_PRESET.items()}
+    if cfg.flat.layers:
+        sections["model"]["keep_layers"] = paper_keep_layers(cfg.data.task)
+        sections["flat"]["layers"] = False
+    return cfg.replace(**sections)
+
+
 __all__ = [
+    "PRESETS",
+    "PAPER_PRESET",
+    "apply_preset",
+    "paper_keep_layers",
     "ConfigError",
     "check_device",
     "check_run_name",

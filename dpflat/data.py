@@ -1,9 +1,9 @@
 """Task registry, loading, private/public/eval splits and tokenisation.
 
 Data flows one way: ``get_task`` -> ``load_raw`` (files or hub -> a uniform
-``DatasetDict`` with ``text_a[, text_b], label``) -> ``make_splits`` (disjoint
-private / public / eval with an ``idx`` column) -> ``tokenize`` (padded torch
-tensors, cached).
+``DatasetDict`` with ``text_a[, text_b], label``) -> ``make_splits`` (content-disjoint
+private / public / val / eval(= test) with an ``idx`` column) -> ``tokenize`` (padded
+torch tensors, cached; LM-BFF templates for the prompt head).
 
 Every problem with the user's data surfaces as a ``DataError`` whose message is a
 single line, so the CLI can print it without a traceback.
@@ -16,9 +16,10 @@ import hashlib
 import json
 import logging
 import os
+import unicodedata
 import weakref
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 #: Where ``data/prepare.py`` copies the task folders; searched after $DPFLAT_DATA_DIR.
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 ENV_VAR = "DPFLAT_DATA_DIR"
+#: rows of the train file carved out as the validation split (checkpoint selection)
+DEFAULT_VAL_SIZE = 500
 FORMATS = ("tsv", "json_dict", "jsonl", "json_list")
 
 
@@ -454,22 +457,55 @@ def _label_counts(ds: Dataset) -> dict[str, int]:
 
 @dataclass
 class Splits:
-    """Disjoint private (DP-trained) / public (non-private helpers) / eval sets.
+    """Content-disjoint private (DP-trained) / public (non-private helpers) / val / eval sets.
 
-    ``idx`` in private and public is the row index in the raw train split: it proves
-    disjointness and tells membership inference exactly which rows were members.
+    ``eval`` is the task's eval file, used as the *test* split: read once, at the end
+    of a run. ``val`` (carved from the train file) is what checkpoint selection and any
+    tuning read. ``idx`` in private, public and val is the row index in the raw train
+    split: it proves disjointness and tells membership inference which rows were members.
+    ``overlap`` counts the rows removed to make the splits share no normalised text
+    (see :func:`make_splits`); runs copy it into their result.
     """
 
     private: Dataset
     public: Dataset
     eval: Dataset
+    val: Dataset | None = None
+    overlap: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def test(self) -> Dataset:
+        """The test split (the task's eval file): another name for ``eval``."""
+        return self.eval
 
     def summary(self) -> dict[str, dict[str, Any]]:
         """Sizes and per-class counts of each split (for logs and run folders)."""
-        return {
-            name: {"rows": len(ds), "labels": _label_counts(ds)}
-            for name, ds in (("private", self.private), ("public", self.public), ("eval", self.eval))
-        }
+        named = [("private", self.private), ("public", self.public), ("val", self.val), ("eval", self.eval)]
+        return {name: {"rows": len(ds), "labels": _label_counts(ds)} for name, ds in named if ds is not None}
+
+
+def normalize_text(text: str) -> str:
+    """The text as duplicate detection sees it: NFKC, lower case, whitespace collapsed,
+    punctuation stripped at both ends ("A  film ." == "a film")."""
+    t = " ".join(unicodedata.normalize("NFKC", str(text)).lower().split())
+    i, j = 0, len(t)
+    while i < j and _is_punct_or_space(t[i]):
+        i += 1
+    while j > i and _is_punct_or_space(t[j - 1]):
+        j -= 1
+    return t[i:j]
+
+
+def _is_punct_or_space(ch: str) -> bool:
+    return ch.isspace() or unicodedata.category(ch).startswith("P")
+
+
+def normalized_keys(ds: Dataset) -> list[str]:
+    """One duplicate key per row: the normalised text, or the normalised pair (a ⟂ b)."""
+    a = [normalize_text(t) for t in column(ds, "text_a")]
+    if "text_b" not in ds.column_names:
+        return a
+    return [f"{x}\x1f{normalize_text(y)}" for x, y in zip(a, column(ds, "text_b"))]
 
 
 def _with_idx(ds: Dataset) -> Dataset:
@@ -517,40 +553,207 @@ def make_splits(
     train_size: int | None = None,
     eval_size: int | None = None,
     eval_seed: int | None = None,
+    val_size: int = DEFAULT_VAL_SIZE,
 ) -> Splits:
-    """Carve public from raw train, subsample private/eval; deterministic given ``seed``.
+    """Carve public, val and private from raw train; deterministic given ``seed``.
 
-    public is drawn first, so the same seed and public_size give the same public rows
-    whatever train_size is. ``eval_seed`` (default: ``seed``) lets runs with different
-    seeds share one fixed eval subset.
+    Content-disjoint by normalised text (:func:`normalize_text`; pairs by their
+    normalised pair), removing rows in a fixed order so each split keeps its size:
+
+    1. the eval file is the test split and is never changed: train rows whose text
+       occurs anywhere in it are dropped (``overlap["train_test"]``; the other side,
+       test rows whose text occurs in train, is ``overlap["test_in_train"]``);
+    2. public = the first ``public_size`` rows of a seeded permutation of what is left;
+    3. val = the next ``val_size`` rows whose text is not in public;
+    4. private = the remaining rows whose text is in neither public nor val
+       (``overlap["public_private"]`` and ``overlap["val_private"]`` count the rows
+       dropped here), then subsampled to ``train_size``.
+
+    Duplicates *within* one split are kept: they do not break disjointness. public is
+    drawn first, so the same seed and public_size give the same public rows whatever
+    train_size is. ``eval_seed`` (default: ``seed``) lets runs with different seeds
+    share one fixed eval subset. ``public_size`` < 1 is a fraction of the train file.
     """
     missing = [s for s in ("train", "eval") if s not in raw]
     if missing:
         raise DataError(f"raw data has splits {list(raw)}, expected 'train' and 'eval'")
     train, eval_ = _with_idx(raw["train"]), _with_idx(raw["eval"])
+    val_size = _count("val_size", val_size, len(train), " in the train split", minimum=1)
     n = len(train)
     n_public = _public_count(public_size, n)
+    keys = normalized_keys(train)
+    test_keys = normalized_keys(eval_)
+    test_set, train_set = set(test_keys), set(keys)
+    in_test = np.fromiter((k in test_set for k in keys), dtype=bool, count=n)
+    overlap = {"train_test": int(in_test.sum()), "test_in_train": sum(k in train_set for k in test_keys)}
     order = _rng(seed, 0).permutation(n)
-    public_rows, pool = order[:n_public], order[n_public:]
+    order = order[~in_test[order]]
+    without = f" after removing {overlap['train_test']} rows whose text is in the test file" if overlap["train_test"] else ""
+    if n_public > len(order):
+        raise DataError(f"public_size={n_public} is larger than the {len(order)} train rows available{without}")
+    public_rows, rest = order[:n_public], order[n_public:]
+    public_keys = {keys[i] for i in public_rows}
+    cand = [int(i) for i in rest if keys[i] not in public_keys]
+    overlap["public_private"] = len(rest) - len(cand)
+    if val_size > len(cand):
+        raise DataError(f"val_size={val_size} is larger than the {len(cand)} train rows left after "
+                        f"{n_public} public rows and their duplicates{without}")
+    val_rows = np.asarray(cand[:val_size], dtype=np.int64)
+    val_keys = {keys[i] for i in val_rows}
+    pool = np.asarray([i for i in cand[val_size:] if keys[i] not in val_keys], dtype=np.int64)
+    overlap["val_private"] = len(cand) - val_size - len(pool)
     if len(pool) == 0:
-        raise DataError(f"private split is empty: {n} train rows, {n_public} taken as public")
+        raise DataError(f"private split is empty: {n} train rows, {n_public} taken as public, {val_size} as val"
+                        f"{without}")
     if train_size is not None:
-        k = _count("train_size", train_size, len(pool), f" ({n} train rows minus {n_public} public)", minimum=1)
+        dropped = overlap["train_test"] + overlap["public_private"] + overlap["val_private"]
+        k = _count("train_size", train_size, len(pool),
+                   f" ({n} train rows minus {n_public} public, {val_size} val and {dropped} duplicates)", minimum=1)
         pool = pool[:k]
     if eval_size is not None:
         k = _count("eval_size", eval_size, len(eval_), " in the eval split", minimum=1)
         eval_rng = _rng(seed if eval_seed is None else eval_seed, 1)
         eval_ = eval_.select(np.sort(eval_rng.permutation(len(eval_))[:k]))
-    splits = Splits(private=train.select(np.sort(pool)), public=train.select(np.sort(public_rows)), eval=eval_)
+    splits = Splits(private=train.select(np.sort(pool)), public=train.select(np.sort(public_rows)), eval=eval_,
+                    val=train.select(np.sort(val_rows)), overlap=overlap)
     _check_disjoint(splits)
     return splits
 
 
+def splits_for_config(raw: DatasetDict, data_cfg: Any, seed: int) -> Splits:
+    """``make_splits`` with a ``DataConfig``'s sizes: every reader of a run's splits (training,
+    MIA, audit) must call it the same way, or they see different private rows."""
+    return make_splits(raw, seed=seed, public_size=data_cfg.public_size, train_size=data_cfg.train_size,
+                       eval_size=data_cfg.eval_size, val_size=getattr(data_cfg, "val_size", DEFAULT_VAL_SIZE))
+
+
 def _check_disjoint(splits: Splits) -> None:
-    """Guard the privacy story: no public row may also be a private (member) row."""
-    shared = set(column(splits.private, "idx")) & set(column(splits.public, "idx"))
-    if shared:
-        raise DataError(f"public and private splits share {len(shared)} rows (idx column not unique?)")
+    """Guard the privacy story: no row, and no normalised text, in two of private / public / val,
+    and none of their texts in the test split."""
+    named = [("private", splits.private), ("public", splits.public)]
+    if splits.val is not None:
+        named.append(("val", splits.val))
+    for i, (na, a) in enumerate(named):
+        for nb, b in named[i + 1:]:
+            shared = set(column(a, "idx")) & set(column(b, "idx"))
+            if shared:
+                raise DataError(f"{na} and {nb} splits share {len(shared)} rows (idx column not unique?)")
+            texts = set(normalized_keys(a)) & set(normalized_keys(b))
+            if texts:
+                raise DataError(f"{na} and {nb} splits share {len(texts)} normalised texts")
+    test = set(normalized_keys(splits.eval))
+    for na, a in named:
+        texts = set(normalized_keys(a)) & test
+        if texts:
+            raise DataError(f"{na} and test splits share {len(texts)} normalised texts")
+
+
+# --------------------------------------------------------------------------- prompts (LM-BFF)
+#
+# The authors' protocol (tiejin98/Privacy_Flatness, run_wrapper_pretuning_final.py and
+# run_classification_pretuning_final.py, after LM-BFF, Gao et al. 2021) classifies with a
+# template and label words read off the masked-LM head. Label words are in our class order
+# (TaskCard.labels). MPQA's entry is LM-BFF's; disaster's is ours (no published one).
+PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "sst2": ("*cls**sent_0*_It_was*mask*.*sep+*", ("terrible", "great")),
+    "qnli": ("*cls**sent-_0*?*mask*,*+sentl_1**sep+*", ("yes", "no")),
+    "qqp": ("*cls**sent-_0**mask*,*+sentl_1**sep+*", ("no", "yes")),
+    "mnli": ("*cls**sent-_0*?*mask*,*+sentl_1**sep+*", ("yes", "maybe", "no")),
+    "trec": ("*cls**mask*:*+sent_0**sep+*", ("Description", "Entity", "Expression", "Human", "Location", "Number")),
+    "mpqa": ("*cls**sent_0*_It_was*mask*.*sep+*", ("terrible", "great")),
+    "disaster": ("*cls**sent_0*_Is_it_about_a_disaster?*mask*.*sep+*", ("no", "yes")),
+}
+
+
+def prompt_for(task: str | TaskCard, template: str | None = None,
+               label_words: str | Sequence[str] | None = None) -> tuple[str, list[str]]:
+    """(template, label words in class order): the given ones, else the task's default."""
+    card = _as_card(task)
+    default = PROMPTS.get(card.name)
+    if (template is None or label_words is None) and default is None:
+        raise DataError(f"task {card.name} has no default prompt: pass --template and --label-words")
+    tpl = template if template is not None else default[0]
+    if label_words is None:
+        words = list(default[1])
+    elif isinstance(label_words, str):
+        words = [w.strip() for w in label_words.split(",")]
+    else:
+        words = [str(w) for w in label_words]
+    if len(words) != card.num_labels:
+        raise DataError(f"task {card.name} has {card.num_labels} classes ({', '.join(card.label_names)}) but "
+                        f"{len(words)} label words were given: {', '.join(words)}")
+    if "*mask*" not in tpl or "*sent_0*" not in tpl.replace("sent-_0", "sent_0").replace("+sent_0", "sent_0"):
+        raise DataError(f"template {tpl!r} needs *mask* and the first sentence (*sent_0*)")
+    return tpl, words
+
+
+def label_word_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """One vocabulary id per label word, as LM-BFF picks it: the word with a leading space
+    (RoBERTa's 'Ġgreat'), unless it starts with <, [, . or ,. A word that is not a single
+    token is an error: the MLM head scores one token at the mask."""
+    ids = []
+    for w in words:
+        pieces = tokenizer.tokenize(w if w[:1] in ("<", "[", ".", ",") else " " + w)
+        if len(pieces) != 1:
+            raise DataError(f"label word {w!r} is {len(pieces)} tokens for this tokenizer ({pieces}); "
+                            "choose single-token words")
+        ids.append(int(tokenizer.convert_tokens_to_ids(pieces[0])))
+    if len(set(ids)) != len(ids):
+        raise DataError(f"label words {list(words)} map to repeated tokens {ids}")
+    return ids
+
+
+def _template_pieces(tokenizer, template: str, texts: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """LM-BFF's template language: ``*cls*``, ``*mask*``, ``*sep*``/``*sep+*``, ``*sent_i*``
+    (``+`` = leading space, ``-`` = last character dropped, ``l``/``u`` = first letter lower/upper
+    case), anything else literal text with ``_`` for a space. Returns (kind, ids) pieces."""
+    enc = lambda t: tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+    out: list[tuple[str, list[int]]] = []
+    for part in template.split("*"):
+        if not part:
+            continue
+        if part == "cls":
+            out.append(("special", [tokenizer.cls_token_id]))
+        elif part == "mask":
+            out.append(("special", [tokenizer.mask_token_id]))
+        elif part in ("sep", "sep+"):
+            out.append(("special", [tokenizer.sep_token_id]))
+        elif "sent" in part and part.split("_")[-1].isdigit():
+            head, i = part.rsplit("_", 1)
+            i = int(i)
+            if i >= len(texts):
+                raise DataError(f"template {template!r} uses sentence {i} but the task has {len(texts)}")
+            t = str(texts[i])
+            flags = head.replace("sent", "")
+            if "-" in flags:
+                t = t[:-1]
+            if "l" in flags:
+                t = t[:1].lower() + t[1:]
+            if "u" in flags:
+                t = t[:1].upper() + t[1:]
+            if "+" in flags:
+                t = " " + t
+            out.append(("sent", enc(t)))
+        else:
+            text = part.replace("_", " ")
+            out.append(("text", [tokenizer.convert_tokens_to_ids(text)] if len(text) == 1 else enc(text)))
+    return out
+
+
+def encode_template(tokenizer, template: str, texts: Sequence[str], max_length: int) -> list[int]:
+    """Token ids of one example under the template, at most ``max_length`` long: the longest
+    sentence is cut from its end first, so the mask and the template words always survive."""
+    pieces = _template_pieces(tokenizer, template, texts)
+    over = sum(len(ids) for _, ids in pieces) - max_length
+    while over > 0:
+        sents = [i for i, (kind, ids) in enumerate(pieces) if kind == "sent" and ids]
+        if not sents:
+            raise DataError(f"template {template!r} alone is longer than max_length={max_length}")
+        j = max(sents, key=lambda i: len(pieces[i][1]))
+        cut = min(over, len(pieces[j][1]))
+        pieces[j] = ("sent", pieces[j][1][: len(pieces[j][1]) - cut])
+        over -= cut
+    return [t for _, ids in pieces for t in ids]
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -606,8 +809,10 @@ def _tokenizer_identity(tokenizer) -> list:
     ]
 
 
-def _tokenize_key(ds: Dataset, tokenizer, max_length: int) -> str:
+def _tokenize_key(ds: Dataset, tokenizer, max_length: int, template: str | None = None) -> str:
     parts = [_TOKENIZE_VERSION, ds._fingerprint, ds.column_names, max_length, _tokenizer_identity(tokenizer)]
+    if template is not None:  # plain tokenisation keeps its old keys (and disk caches)
+        parts.append(template)
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
 
@@ -642,13 +847,32 @@ def _check_tokenize_args(ds: Dataset, tokenizer, max_length: int) -> None:
         raise DataError(f"max_length={max_length} exceeds the tokenizer's model_max_length={limit}")
 
 
+def _encode_template_batch(tokenizer, template: str, text_a: list[str], text_b: list[str] | None,
+                           max_length: int, token_type_ids: bool) -> dict[str, list]:
+    """The prompt head's encoding: one sequence per example (LM-BFF), padded to max_length."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: dict[str, list] = {"input_ids": [], "attention_mask": []}
+    for i, a in enumerate(text_a):
+        ids = encode_template(tokenizer, template, [a] if text_b is None else [a, text_b[i]], max_length)
+        n = len(ids)
+        out["input_ids"].append(ids + [pad] * (max_length - n))
+        out["attention_mask"].append([1] * n + [0] * (max_length - n))
+    if token_type_ids:
+        out["token_type_ids"] = [[0] * max_length for _ in text_a]
+    return out
+
+
 def _tokenize_uncached(ds: Dataset, tokenizer, max_length: int, key: str,
-                       cache_dir: str | Path | None) -> Dataset:
+                       cache_dir: str | Path | None, template: str | None = None) -> Dataset:
     has_tt = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
     pair = "text_b" in ds.column_names
 
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        enc = _encode_batch(tokenizer, batch["text_a"], batch["text_b"] if pair else None, max_length, has_tt)
+        if template is not None:
+            enc = _encode_template_batch(tokenizer, template, batch["text_a"], batch["text_b"] if pair else None,
+                                         max_length, has_tt)
+        else:
+            enc = _encode_batch(tokenizer, batch["text_a"], batch["text_b"] if pair else None, max_length, has_tt)
         out = {k: enc[k] for k in ("input_ids", "attention_mask")}
         if has_tt:
             out["token_type_ids"] = enc["token_type_ids"]
@@ -671,18 +895,23 @@ def _tokenize_uncached(ds: Dataset, tokenizer, max_length: int, key: str,
     )
 
 
-def tokenize(ds: Dataset, tokenizer, max_length: int, cache_dir: str | Path | None = None) -> Dataset:
+def tokenize(ds: Dataset, tokenizer, max_length: int, cache_dir: str | Path | None = None,
+             template: str | None = None) -> Dataset:
     """Pad/truncate to ``max_length``; torch-formatted ``input_ids, attention_mask,
     [token_type_ids,] labels, idx`` (token_type_ids only if the tokenizer uses them).
 
     Re-tokenising the same split with the same tokenizer and length is free (see the
     cache design note above). ``idx`` is kept so losses can be traced back to rows.
+    With a ``template`` (the prompt head), each example is encoded LM-BFF style as one
+    sequence holding the tokenizer's mask token (:func:`encode_template`).
     """
     _check_tokenize_args(ds, tokenizer, max_length)
-    key = _tokenize_key(ds, tokenizer, max_length)
+    if template is not None and getattr(tokenizer, "mask_token_id", None) is None:
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')} has no mask token: the prompt head needs one")
+    key = _tokenize_key(ds, tokenizer, max_length, template)
     out = _TOKENIZE_CACHE.get(key)
     if out is None:
-        out = _tokenize_uncached(ds, tokenizer, max_length, key, cache_dir)
+        out = _tokenize_uncached(ds, tokenizer, max_length, key, cache_dir, template)
         _TOKENIZE_CACHE[key] = out
         while len(_TOKENIZE_CACHE) > _TOKENIZE_CACHE_SIZE:
             _TOKENIZE_CACHE.popitem(last=False)

@@ -83,3 +83,40 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
 
 
 __all__ = ["MODEL_KEYS", "autocast", "batches", "evaluate", "model_inputs", "per_example_losses"]
+
+
+# --------------------------------------------------------------------------- test split and run cost
+@torch.inference_mode()
+def evaluate_test(model: nn.Module, dataset, batch_size: int = 256, device: str | torch.device = "cpu",
+                  precision: str = "fp32") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The one read of the test split: mean loss/accuracy plus the per-example arrays
+    (idx, label, pred, loss, correct) that paired statistics bootstrap over."""
+    r = per_example_losses(model, dataset, batch_size, device, precision)
+    n = len(r["loss"])
+    if n == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "n": 0}, {}
+    correct = (r["pred"] == r["label"])
+    per_ex = {"idx": r.get("idx", np.arange(n)).astype(np.int64), "label": r["label"].astype(np.int64),
+              "pred": r["pred"].astype(np.int64), "loss": r["loss"].astype(np.float32), "correct": correct}
+    return {"loss": float(r["loss"].mean()), "accuracy": float(correct.mean()), "n": n}, per_ex
+
+
+def reset_peak_memory(device: str | torch.device) -> None:
+    """Start a run's GPU peak-memory count (CPU RSS peaks cannot be reset: see peak_memory_mb)."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: str | torch.device) -> float:
+    """Peak memory in MiB: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's
+    peak resident set size (``getrusage``; for a sweep in one process it is the peak so far)."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+__all__ += ["evaluate_test", "peak_memory_mb", "reset_peak_memory"]

@@ -147,6 +147,80 @@ def load_tokenizer(cfg: ModelConfig):
         raise ModelError(f"cannot load tokenizer from {src}: {str(e).splitlines()[0]}") from e
 
 
+def _mlm_parts(mlm: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
+    """(encoder, MLM head) of a ``*ForMaskedLM`` model (BERT: ``cls``, RoBERTa: ``lm_head``)."""
+    head = getattr(mlm, "cls", None) or getattr(mlm, "lm_head", None)
+    if head is None:
+        raise ModelError(f"backbone {name!r} ({type(mlm).__name__}) has no masked-LM head module (cls / lm_head)")
+    return mlm.base_model, head
+
+
+def load_mlm_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """Encoder + pretrained masked-LM head, for ``--head prompt``.
+
+    A checkpoint without MLM weights (the shipped MiniLM is a sentence embedder saved as
+    ``BertModel``) is refused: ``from_pretrained`` would silently give a random head.
+    """
+    from transformers import AutoModelForMaskedLM
+
+    register_attention()
+    attn = f"dpflat_{cfg.attn}"
+    if cfg.backbone in TINY:
+        torch.manual_seed(seed)
+        conf = tiny_config(cfg.backbone)
+        conf._attn_implementation = attn
+        return _mlm_parts(AutoModelForMaskedLM.from_config(conf, attn_implementation=attn), cfg.backbone)
+    src = resolve_backbone(cfg.backbone)
+    _refuse_without_mlm(cfg.backbone, src)
+    try:
+        mlm, info = AutoModelForMaskedLM.from_pretrained(src, attn_implementation=attn, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load backbone {cfg.backbone!r} with a masked-LM head from {src}: "
+                         f"{str(e).splitlines()[0]}") from e
+    missing = [k for k in info.get("missing_keys", []) if k.startswith(("cls.", "lm_head."))]
+    if missing:
+        raise ModelError(f"backbone {cfg.backbone!r} has no masked-LM head weights (missing {missing[0]}, ...): "
+                         "--head prompt needs BERT/RoBERTa saved with their MLM head (e.g. roberta-base); "
+                         "use --head linear for this backbone")
+    return _mlm_parts(mlm, cfg.backbone)
+
+
+def _refuse_without_mlm(name: str, src: str) -> None:
+    """Refuse early (before a noisy load report) a checkpoint saved without an MLM head."""
+    import json
+
+    conf = Path(src) / "config.json"
+    if not conf.is_file():
+        return  # a hub id: the missing-keys check after loading decides
+    archs = json.loads(conf.read_text()).get("architectures") or []
+    if archs and not any(("MaskedLM" in a) or ("PreTraining" in a) for a in archs):
+        raise ModelError(f"backbone {name!r} was saved as {', '.join(archs)}, without a masked-LM head: --head prompt "
+                         "needs BERT/RoBERTa with their MLM head (e.g. roberta-base); use --head linear here")
+
+
+class LabelWordHead(nn.Module):
+    """Frozen MLM head restricted to the label words: logits_k = MLM(h_mask)[word_k] (LM-BFF).
+
+    Nothing here is trained (the decoder is tied to the frozen word embeddings), so
+    Opacus sees only the prefix: per-example gradients are unchanged in kind.
+    """
+
+    def __init__(self, mlm_head: nn.Module, word_ids: list[int]):
+        super().__init__()
+        self.mlm_head = mlm_head
+        for p in self.mlm_head.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("word_ids", torch.as_tensor(word_ids, dtype=torch.long), persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A parameter of the head (callers use ``model.head.weight.device``)."""
+        return next(self.mlm_head.parameters())
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlm_head(h)[..., self.word_ids]
+
+
 def load_backbone(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     from transformers import AutoModel
 
@@ -216,7 +290,8 @@ class PrefixEncoder(nn.Module):
 class PrefixModel(nn.Module):
     """Frozen encoder + trainable prefix + classification head; forward returns logits."""
 
-    def __init__(self, backbone: nn.Module, num_labels: int, cfg: ModelConfig):
+    def __init__(self, backbone: nn.Module, num_labels: int, cfg: ModelConfig,
+                 prompt_head: LabelWordHead | None = None, mask_token_id: int | None = None):
         super().__init__()
         conf = backbone.config
         self.cfg = cfg
@@ -228,7 +303,15 @@ class PrefixModel(nn.Module):
         heads = conf.num_attention_heads
         self.prefix = PrefixEncoder(n_layers, heads, conf.hidden_size // heads, cfg.prefix_len)
         self.dropout = nn.Dropout(cfg.head_dropout)
-        self.head = nn.Linear(conf.hidden_size, num_labels)
+        if cfg.head == "prompt":
+            if prompt_head is None or mask_token_id is None:
+                raise ConfigError("head prompt needs the MLM label-word head and the mask token id (use build_model)")
+            if len(prompt_head.word_ids) != num_labels:
+                raise ConfigError(f"{len(prompt_head.word_ids)} label words for {num_labels} classes")
+            self.head = prompt_head  # frozen: only the prefix trains
+            self.mask_token_id = int(mask_token_id)
+        else:
+            self.head = nn.Linear(conf.hidden_size, num_labels)
         self.num_labels = num_labels
         keep = cfg.keep_layer_ids()
         if keep is not None:
@@ -279,6 +362,11 @@ class PrefixModel(nn.Module):
         finally:
             for mod in self._attn:
                 mod._dpflat_kv = None
+        if self.cfg.head == "prompt":
+            # the hidden state at the (first) mask token, scored by the MLM head on the label words
+            at = (input_ids == self.mask_token_id).int().argmax(1)
+            logits = self.head(hidden[torch.arange(B, device=hidden.device), at])
+            return (logits, flat) if return_prefix else logits
         if self.cfg.pooling == "cls":
             pooled = hidden[:, 0]
         else:
@@ -319,13 +407,35 @@ def init_prefix_from_tokens(model: PrefixModel, seed: int = 0) -> None:
     model.prefix.embedding.weight.copy_(torch.stack(rows, dim=1).reshape(m, -1))
 
 
-def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0) -> PrefixModel:
-    """Backbone (frozen) + prefix + head, deterministic given ``seed``."""
+def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0, task: str | None = None,
+                tokenizer=None) -> PrefixModel:
+    """Backbone (frozen) + prefix + head, deterministic given ``seed``.
+
+    ``head="prompt"``: the backbone's MLM head scores the label words (``cfg.label_words``,
+    else ``task``'s default, ``dpflat.data.PROMPTS``) at the template's mask token.
+    """
     if num_labels < 2:
         raise ConfigError(f"num_labels must be >= 2, got {num_labels}")
-    backbone = load_backbone(cfg, seed=seed)
-    torch.manual_seed(seed)
-    model = PrefixModel(backbone, num_labels, cfg)
+    if cfg.head == "prompt":
+        from . import data as data_mod
+
+        if cfg.label_words is None and task is None:
+            raise ConfigError("head prompt: give label_words or the task (for its default label words)")
+        tok = tokenizer or load_tokenizer(cfg)
+        if getattr(tok, "mask_token_id", None) is None:
+            raise ModelError(f"the tokenizer of {cfg.backbone!r} has no mask token: --head prompt needs one")
+        words = (data_mod.prompt_for(task, cfg.template, cfg.label_words)[1] if task is not None
+                 else [w.strip() for w in cfg.label_words.split(",")])
+        backbone, mlm_head = load_mlm_backbone(cfg, seed=seed)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        head = LabelWordHead(mlm_head, data_mod.label_word_ids(tok, words))
+        torch.manual_seed(seed)
+        model = PrefixModel(backbone, num_labels, cfg, prompt_head=head, mask_token_id=tok.mask_token_id)
+    else:
+        backbone = load_backbone(cfg, seed=seed)
+        torch.manual_seed(seed)
+        model = PrefixModel(backbone, num_labels, cfg)
     if cfg.prefix_init == "tokens":
         was = model.training
         model.eval()
@@ -366,7 +476,9 @@ def check_layers(cfg: ModelConfig, n_drop: int | None = None) -> int | None:
 __all__ = [
     "ModelError",
     "check_layers",
+    "LabelWordHead",
     "PrefixEncoder",
+    "load_mlm_backbone",
     "PrefixModel",
     "build_model",
     "load_backbone",

@@ -21,7 +21,7 @@ METRICS = {
     "top_eigenvalue": "top Hessian eigenvalue (λ_max)",
     "hessian_trace": "Hessian trace",
     "sam_sharpness": "SAM sharpness (relative ρ=0.05)",
-    "accuracy": "eval accuracy",
+    "accuracy": "test accuracy (checkpoint selected on val)",
 }
 
 
@@ -90,11 +90,28 @@ def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_e
 
 
 def _table_html(table: pd.DataFrame) -> str:
-    cols = [c for c in ["variant", "guarantee", "target_epsilon", "epsilon", "seed", "accuracy", "top_eigenvalue",
+    cols = [c for c in ["variant", "guarantee", "target_epsilon", "epsilon", "seed", "accuracy", "val_accuracy", "top_eigenvalue",
                         "hessian_trace", "sam_sharpness", "sigma", "steps", "keep_layers", "run_id"] if c in table.columns]
     t = table[cols].sort_values([c for c in ("variant", "target_epsilon", "seed") if c in cols])
-    t = t.rename(columns={"epsilon": "ε claimed", "target_epsilon": "target ε"})
+    t = t.rename(columns={"epsilon": "ε claimed", "target_epsilon": "target ε", "accuracy": "test accuracy",
+                          "val_accuracy": "val accuracy"})
     return t.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="—", border=0, classes="results")
+
+
+def _paired_html(table: pd.DataFrame, baseline: str = "dp") -> str:
+    """Paired differences of test accuracy to ``baseline`` (dpflat.stats), or nothing without one."""
+    from .stats import paired_differences
+
+    p = paired_differences(table, baseline)
+    if p.empty:
+        return ""
+    p = p.rename(columns={"target_epsilon": "target ε", "mean_diff": f"Δ test acc vs {baseline}",
+                          "ci_low": "95% CI low", "ci_high": "95% CI high", "crosses_zero": "CI crosses 0",
+                          "gap_closed": "gap closed", "n_pairs": "pairs"})
+    html_t = p.drop(columns=["baseline", "gap_ci_low", "gap_ci_high"]).to_html(
+        index=False, float_format=lambda x: f"{x:.4g}", na_rep="—", border=0, classes="results")
+    return (f"<h2>Paired differences vs {html.escape(baseline)}</h2><p>Same task, ε and seed; 95% bootstrap "
+            f"interval over seeds and test examples; gap closed = Δ / (nonprivate − {html.escape(baseline)}).</p>{html_t}")
 
 
 def build_report(output_dir: str | Path, title: str = "dpflat report", notes: list[str] | None = None,
@@ -170,6 +187,7 @@ table.results td,table.results th{{padding:3px 8px;border-bottom:1px solid #ddd;
 </head><body><h1>{html.escape(title)}</h1>
 <ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
 {body}
+{_paired_html(table)}
 <h2>Results table</h2>{_table_html(table)}
 </body></html>"""
     target = Path(path) if path else out / "report.html"

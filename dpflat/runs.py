@@ -604,13 +604,29 @@ def load_results(output_dir: str | Path):
         return table
     return _read_table(path)
 
+TEST_PREDICTIONS = "test_predictions.npz"
+
+
 def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str, Any], best_step: int,
-               steps: int, keep_layers: str, info: dict[str, Any]) -> dict[str, Any]:
+               steps: int, keep_layers: str, info: dict[str, Any], *, val: dict[str, Any] | None = None,
+               test_examples: dict[str, Any] | None = None, cost: dict[str, float] | None = None,
+               overlap: dict[str, int] | None = None) -> dict[str, Any]:
     """Write a finished run's ``result.json`` and its row of the results table; return the row.
 
     One place for the row's columns, so white-box and black-box runs land in the same
     table the same way (the ledger decides the guarantee and whether an ε is claimed).
+    ``final`` is the test split's evaluation (``accuracy`` = test accuracy); ``val`` the
+    selected model on the validation split; ``test_examples`` the per-example test
+    arrays, saved as ``test_predictions.npz`` for paired statistics (``dpflat.stats``).
     """
+    val = val or {}
+    cost = cost or {}
+    if test_examples:
+        import numpy as np
+
+        tmp = rd.path / (TEST_PREDICTIONS + ".tmp.npz")
+        np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in test_examples.items()})
+        os.replace(tmp, rd.path / TEST_PREDICTIONS)
     row = {
         "run_id": rd.path.name,
         "run_dir": str(rd.path),
@@ -627,13 +643,20 @@ def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str,
         "sample_rate": ledger.sample_rate,
         "steps": steps,
         "guarantee": ledger.guarantee,
-        "accuracy": final["accuracy"],
-        "eval_loss": final["loss"],
+        "accuracy": final["accuracy"],  # the test split's
+        "eval_loss": final["loss"],  # alias of test_loss for readers of older tables
+        "test_accuracy": final["accuracy"],
+        "test_loss": final["loss"],
+        "val_accuracy": val.get("accuracy", float("nan")),
+        "val_loss": val.get("loss", float("nan")),
+        "n_val": val.get("n", 0),
         "best_step": best_step,
         "n_private": ledger.n_private,
         "n_eval": final["n"],
         "keep_layers": keep_layers,
         "finished": True,
+        **{k: float(cost[k]) for k in ("wall_s", "setup_s", "train_s", "examples_per_s", "peak_mem_mb") if k in cost},
+        **{f"overlap_{k}": int(v) for k, v in (overlap or {}).items()},
         **{f"info_{k}": v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
     }
     rd.write_json(rd.result_file, {**row, "info": info})
@@ -642,6 +665,6 @@ def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str,
 
 
 __all__ = [
-    "finish_run", "RESULTS", "RunDir", "RunFolderError", "RunLocked", "append_result", "atomic_write_text",
+    "finish_run", "RESULTS", "TEST_PREDICTIONS", "RunDir", "RunFolderError", "RunLocked", "append_result", "atomic_write_text",
     "check_before_work", "ensure_result", "load_results", "modify_results", "prepare_output_dir", "rebuild_results", "run_id",
     "update_result"]

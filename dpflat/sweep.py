@@ -99,38 +99,86 @@ def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
     return table[table["run_id"].isin(ids)].reset_index(drop=True) if len(table) else table
 
 
-def summarize(table: pd.DataFrame, metric: str = "accuracy") -> pd.DataFrame:
-    """Mean ± std over seeds per (variant, target ε), with each row's guarantee."""
+def summarize(table: pd.DataFrame, metric: str = "accuracy", baseline: str | None = "dp",
+              n_boot: int = 2000) -> pd.DataFrame:
+    """Mean ± std over seeds per ([task,] variant, target ε), with each row's guarantee.
+
+    ``accuracy`` is the test split's figure; ``val_mean`` (when the table has it) the
+    validation split's, which selected the checkpoint. With a ``baseline`` variant present,
+    each row also gets the paired difference to it (same task, ε and seed) with a 95%
+    bootstrap interval over seeds and test examples, whether that interval crosses 0, and
+    the fraction of the baseline -> non-private gap closed (``dpflat.stats``). ``task`` is
+    a grouping column only when the table holds more than one task.
+    """
     if table.empty:
         return pd.DataFrame()
     t = table.copy()
-    t["target_epsilon"] = t["target_epsilon"].fillna(float("inf"))
-    g = t.groupby(["variant", "target_epsilon"], dropna=False)
-    out = g.agg(
+    t["target_epsilon"] = t["target_epsilon"].astype(float).fillna(float("inf"))
+    multi = "task" in t and t["task"].nunique() > 1
+    keys = (["task"] if multi else []) + ["variant", "target_epsilon"]
+    g = t.groupby(keys, dropna=False)
+    aggs = dict(
         guarantee=("guarantee", lambda s: " / ".join(sorted(set(s)))),
         n_seeds=("seed", "nunique"),
         mean=(metric, "mean"),
         std=(metric, "std"),
         dpsgd_part_epsilon=("dpsgd_part_epsilon", "max") if "dpsgd_part_epsilon" in t else ("epsilon", "max"),
         epsilon=("epsilon", "max"),
-    ).reset_index()
+    )
+    val_col = "val_" + ("accuracy" if metric in ("accuracy", "test_accuracy") else metric)
+    if val_col in t:
+        aggs["val_mean"] = (val_col, "mean")
+    out = g.agg(**aggs).reset_index()
     out["std"] = out["std"].fillna(0.0)
-    return out.sort_values(["target_epsilon", "variant"]).reset_index(drop=True)
+    if baseline is not None and baseline in set(t["variant"]):
+        from .stats import paired_differences
+
+        paired = paired_differences(t, baseline, metric, n_boot=n_boot)
+        if not paired.empty:
+            paired = paired.rename(columns={"mean_diff": "diff"}).drop(columns=["method"])
+            if not multi:
+                paired = paired.drop(columns=["task"])
+            nonpriv = paired["variant"].isin(NONPRIVATE_VARIANTS)
+            # a non-private run pairs with the baseline at every ε: its own row (ε = ∞) shows no difference
+            out = out.merge(paired[~nonpriv], on=keys, how="left")
+    return out.sort_values(["target_epsilon", "variant"] if not multi else ["task", "target_epsilon", "variant"]
+                           ).reset_index(drop=True)
 
 
 def markdown(summary: pd.DataFrame, metric: str = "accuracy") -> str:
-    """The summary as a markdown table (for benchmarks/RESULTS.md)."""
-    lines = [f"| variant | target ε | guarantee | seeds | {metric} (mean ± std) | ε claimed (max) |",
-             "|---|---|---|---|---|---|"]
-    for r in summary.itertuples(index=False):
-        eps = "∞" if r.target_epsilon == float("inf") else f"{r.target_epsilon:g}"
-        if r.guarantee == DP and not pd.isna(r.epsilon):
-            spent = f"{r.epsilon:.2f}"
-        elif r.guarantee != DP and not pd.isna(r.dpsgd_part_epsilon):  # the run as a whole has no ε
-            spent = f"none (DP-SGD part alone: {r.dpsgd_part_epsilon:.2f})"
+    """The summary as a markdown table (for benchmarks/RESULTS.md); paired columns when present."""
+    multi = "task" in summary.columns
+    paired = "diff" in summary.columns
+    has_val = "val_mean" in summary.columns
+    head = (["task"] if multi else []) + ["variant", "target ε", "guarantee", "seeds", f"test {metric} (mean ± std)"]
+    if has_val:
+        head.append("val (mean)")
+    if paired:
+        base = summary["baseline"].dropna().iloc[0] if summary["baseline"].notna().any() else "baseline"
+        head += [f"Δ vs {base} [95% CI]", "gap closed"]
+    head.append("ε claimed (max)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary.to_dict("records"):
+        eps = "∞" if r["target_epsilon"] == float("inf") else f"{r['target_epsilon']:g}"
+        if r["guarantee"] == DP and not pd.isna(r["epsilon"]):
+            spent = f"{r['epsilon']:.2f}"
+        elif r["guarantee"] != DP and not pd.isna(r["dpsgd_part_epsilon"]):  # the run as a whole has no ε
+            spent = f"none (DP-SGD part alone: {r['dpsgd_part_epsilon']:.2f})"
         else:
             spent = "—"
-        lines.append(f"| {r.variant} | {eps} | {r.guarantee} | {r.n_seeds} | {r.mean:.4f} ± {r.std:.4f} | {spent} |")
+        cells = ([r["task"]] if multi else []) + [r["variant"], eps, r["guarantee"], str(r["n_seeds"]),
+                                                  f"{r['mean']:.4f} ± {r['std']:.4f}"]
+        if has_val:
+            cells.append("—" if pd.isna(r["val_mean"]) else f"{r['val_mean']:.4f}")
+        if paired:
+            if pd.isna(r.get("diff")):
+                cells += ["—", "—"]
+            else:
+                ns = " (crosses 0)" if r["crosses_zero"] else ""
+                cells.append(f"{r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]{ns}")
+                cells.append("—" if pd.isna(r["gap_closed"]) else f"{r['gap_closed']:+.2f}")
+        cells.append(spent)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from . import distributed as dist_mod
 from .config import ConfigError, RunConfig
-from .evaluate import autocast, evaluate, model_inputs
+from .evaluate import autocast, evaluate, evaluate_test, model_inputs, peak_memory_mb, reset_peak_memory
 from .flat import build_levels
 from .flat.base import FlatLevel, TrainContext
 from .models import build_model, load_tokenizer
@@ -76,20 +76,21 @@ def start_run(cfg: RunConfig) -> torch.device:
 
 
 def prepare_data(cfg: RunConfig, tokenizer=None):
-    """Load, split and tokenise the task: returns (card, splits, tokenised dict)."""
+    """Load, split and tokenise the task: returns (card, splits, tokenised dict).
+
+    ``tokd["val"]`` is for checkpoint selection; ``tokd["eval"]`` is the test split,
+    which a run reads once, at the end (``_finish``).
+    """
     card = data_mod.get_task(cfg.data.task)
     raw = data_mod.load_raw(card, cfg.data.data_dir)
-    splits = data_mod.make_splits(
-        raw,
-        seed=cfg.train.seed,
-        public_size=cfg.data.public_size,
-        train_size=cfg.data.train_size,
-        eval_size=cfg.data.eval_size,
-    )
+    splits = data_mod.splits_for_config(raw, cfg.data, cfg.train.seed)
     tok = tokenizer or load_tokenizer(cfg.model)
+    template = None
+    if cfg.model.head == "prompt":  # LM-BFF: one sequence per example with a mask token
+        template = data_mod.prompt_for(card, cfg.model.template, cfg.model.label_words)[0]
     tokd = {
-        name: data_mod.tokenize(getattr(splits, name), tok, cfg.data.max_length, cfg.data.cache_dir)
-        for name in ("private", "public", "eval")
+        name: data_mod.tokenize(getattr(splits, name), tok, cfg.data.max_length, cfg.data.cache_dir, template)
+        for name in ("private", "public", "val", "eval")
     }
     return card, splits, tokd
 
@@ -164,6 +165,8 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
            secure_rng: bool = False) -> dict[str, Any]:
     """The body of :func:`train`, run while holding the run folder's lock."""
     device = start_run(cfg)
+    t_start = time.time()
+    reset_peak_memory(device)
 
     # --- data and model
     tokenizer = load_tokenizer(cfg.model)
@@ -175,17 +178,20 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
     ledger = PrivacyLedger()
     ledger.split_overlap = split_overlap(splits)
     private = PrivateSplit(tokd["private"], ledger)
-    model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed).to(device)
-    ctx = TrainContext(cfg, model, private, tokd["public"], tokd["eval"], ledger, device)
+    model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed, task=card.name, tokenizer=tokenizer).to(device)
+    # ctx.eval is the validation split: nothing during training (selection, teacher checks) sees test
+    ctx = TrainContext(cfg, model, private, tokd["public"], tokd["val"], ledger, device)
     levels = build_levels(cfg)
     ctx.info["precision"] = cfg.train.resolved_precision()  # bf16 autocast or fp32 matmuls
 
     ckpt = dist_mod.on_main(lambda: rd.latest_checkpoint() if resume else None)  # the same one on every rank
+    t_setup = time.time()
     if ckpt is None:
         if dist_mod.is_main():
             for lv in levels:
                 lv.setup(ctx)  # may set the keep-mask, train a teacher (reads go through the ledger)
         dist_mod.share_levels(levels, ctx)  # torchrun: the other ranks load rank 0's outcome
+    setup_s = time.time() - t_setup
 
     # --- optimiser and privacy
     params = [p for p in model.parameters() if p.requires_grad]
@@ -259,6 +265,7 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
         dist_mod.barrier()
 
     def run_eval() -> dict[str, Any]:
+        """Selection reads the validation split only (ctx.eval = tokd["val"])."""
         nonlocal best, best_params
         r = evaluate(model, ctx.eval, cfg.train.eval_batch_size, device, cfg.train.resolved_precision())
         if r["accuracy"] > best["accuracy"]:
@@ -360,11 +367,15 @@ def _train(cfg: RunConfig, rd: RunDir, resume: bool, max_steps: int | None,
         fill_ledger(ledger, cfg.privacy, dp, step)
         return {"run_id": rd.path.name, "finished": False, "step": step, "run_dir": str(rd.path)}
     ledger = dist_mod.merged_ledger(ledger)  # torchrun: every rank's reads, counted once
-    return dist_mod.on_main(_finish, cfg, rd, ctx, model, ledger, dp, best, best_file, step, card)
+    train_s = time.time() - t0
+    cost = {"setup_s": setup_s, "train_s": train_s, "examples_per_s": seen / max(train_s, 1e-9), "t_start": t_start}
+    return dist_mod.on_main(_finish, cfg, rd, ctx, model, ledger, dp, best, best_file, step, card,
+                            tokd["eval"], splits, cost)
 
 
-def _finish(cfg, rd: RunDir, ctx: TrainContext, model, ledger, dp, best, best_file, step, card) -> dict[str, Any]:
-    """Select the best-on-eval parameters, write model, ledger, result and results row."""
+def _finish(cfg, rd: RunDir, ctx: TrainContext, model, ledger, dp, best, best_file, step, card,
+            test=None, splits=None, cost=None) -> dict[str, Any]:
+    """Select the best-on-val parameters, read the test split once, write model, ledger, result and row."""
     from safetensors.torch import load_file
 
     last = model.trainable_state()
@@ -372,12 +383,20 @@ def _finish(cfg, rd: RunDir, ctx: TrainContext, model, ledger, dp, best, best_fi
     if best_file.exists():
         model.load_trainable_state({k: v.to(ctx.device) for k, v in load_file(str(best_file)).items()})
     rd.save_tensors(rd.model_file, model.trainable_state())
-    final = evaluate(model, ctx.eval, cfg.train.eval_batch_size, ctx.device, cfg.train.resolved_precision())
+    prec = cfg.train.resolved_precision()
+    val = evaluate(model, ctx.eval, cfg.train.eval_batch_size, ctx.device, prec)
+    final, per_example = evaluate_test(model, ctx.eval if test is None else test, cfg.train.eval_batch_size,
+                                       ctx.device, prec)
     fill_ledger(ledger, cfg.privacy, dp, step)
     fill_release(ledger)
     rd.write_json(rd.ledger_file, ledger.to_dict())
     keep = ",".join(str(i) for i, k in enumerate(model.prefix.keep_mask.tolist()) if k)
-    return finish_run(cfg, rd, card.metric, ledger, final, best["step"], step, keep, ctx.info)
+    cost = dict(cost or {})
+    if "t_start" in cost:
+        cost["wall_s"] = time.time() - cost.pop("t_start")
+    cost["peak_mem_mb"] = peak_memory_mb(ctx.device)
+    return finish_run(cfg, rd, card.metric, ledger, final, best["step"], step, keep, ctx.info, val=val,
+                      test_examples=per_example, cost=cost, overlap=getattr(splits, "overlap", None))
 
 
 __all__ = ["LOSS_KEY", "NonFiniteLoss", "check_finite", "prepare_data", "reseed_step", "split_overlap", "train"]

