@@ -72,6 +72,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=0,
                    help="first fine-tune prefix+head for this many non-private Adam steps (batch 32, SST-2 train) "
                         "so the Hessian is that of a trained model")
+    p.add_argument("--rebatch", type=int, default=8,
+                   help="ours: regroup the Hessian batches by length into groups of this many examples and cut "
+                        "their padding (the same Hessian: landscape.rebatch_by_length); 0 = off. The plain fp32 "
+                        "change-rule row always runs without it, for reference")
+    p.add_argument("--no-curvlinops", action="store_true", help="skip the curvlinops peer (HessianLinearOperator + eigsh)")
+    p.add_argument("--bundle", action="store_true",
+                   help="time the bundle instead: top-5 eigenvalues + Hutchinson trace (equal sample counts: "
+                        "ours uses PyHessian's own probe vectors) + SLQ density (ours; curvlinops' for time)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--no-append", action="store_true", help="print only")
     a = p.parse_args(argv)
@@ -147,34 +155,51 @@ def main(argv: list[str] | None = None) -> str:
     # allocator growth and kernel set-up, which would otherwise land on whichever runs first
     hvp(model, loss_fn, hb[:1], torch.ones(n_params), method="double_backward")
 
-    ours_runs, resid_runs, bf16_runs, theirs_runs = [], [], [], []
+    if args.bundle:
+        return bundle(args, model, hb, command, load0, n_params)
+    G = args.rebatch
+    rb = f", rebatched by length (groups of {G})" if G else ""
+    first = "residual" if args.criterion == "residual" else "change"
+    bf16_crit = "change" if args.criterion == "change" else "residual"
+    # (label, precision, stopping rule, rebatch group): the first row is the plain operator as before
+    configs = [(f"landscape Lanczos, cached gradient graphs, fp32, {first} rule", "fp32", first, 0)]
+    if G:
+        configs.append((f"landscape Lanczos, cached gradient graphs, fp32, {first} rule{rb}", "fp32", first, G))
+    if args.criterion == "both":
+        configs.append((f"landscape Lanczos, cached gradient graphs, fp32, residual rule{rb}", "fp32", "residual", G))
+    if not args.no_bf16:
+        configs.append((f"landscape Lanczos, cached gradient graphs, bf16 autocast, {bf16_crit} rule{rb}", "bf16", bf16_crit, G))
+    runs: dict[str, list] = {c[0]: [] for c in configs}
+    theirs_runs = []
     op = None
     for r in range(args.repeats):
-        def ours(precision: str = "fp32", criterion: str = "change"):
-            o = HessianOperator(model, loss_fn, hb, precision=precision)
-            return o, lanczos(o, k=args.top_k, max_iter=args.max_iter, tol=args.tol, seed=args.seed + r, which="LM",
-                              start=args.start, criterion=criterion)
+        order = configs if r % 2 == 0 else configs[::-1]  # alternate the order (ABBA) against drift in load
+        for label, precision, crit, group in order:
+            def ours(precision=precision, crit=crit, group=group):
+                o = HessianOperator(model, loss_fn, hb, precision=precision, rebatch=group or False)
+                return o, lanczos(o, k=args.top_k, max_iter=args.max_iter, tol=args.tol, seed=args.seed + r, which="LM",
+                                  start=args.start, criterion=crit)
 
-        first = "residual" if args.criterion == "residual" else "change"
-        (op, res), w, c = timed(lambda: ours("fp32", first))
-        res.build_s = op.build_seconds  # forward + gradient-graph pass, once per run
-        ours_runs.append((res, w, c))
-        print(f"[{r}] ours ({first}): {res.eigenvalues} in {w:.1f}s wall / {c:.1f}s CPU, {res.convergence.n_matvecs} HVPs", flush=True)
-        if r + 1 < args.repeats:
-            op.clear()
-        if args.criterion == "both":
-            (op2, res), w, c = timed(lambda: ours("fp32", "residual"))
-            op2.clear()
-            resid_runs.append((res, w, c))
-            print(f"[{r}] ours (residual): {res.eigenvalues} in {w:.1f}s wall / {c:.1f}s CPU, {res.convergence.n_matvecs} HVPs", flush=True)
-        if not args.no_bf16:
-            (op16, res), w, c = timed(lambda: ours("bf16", "change" if args.criterion == "change" else "residual"))
-            op16.clear()
-            bf16_runs.append((res, w, c))
-            print(f"[{r}] ours bf16: {res.eigenvalues} in {w:.1f}s wall / {c:.1f}s CPU, {res.convergence.n_matvecs} HVPs", flush=True)
+            (o, res), w, c = timed(ours)
+            res.build_s = o.build_seconds  # forward + gradient-graph pass, once per run
+            runs[label].append((res, w, c))
+            print(f"[{r}] {label.removeprefix('landscape Lanczos, cached gradient graphs, ')}: {res.eigenvalues} in "
+                  f"{w:.1f}s wall / {c:.1f}s CPU, {res.convergence.n_matvecs} HVPs", flush=True)
+            if label == configs[0][0] and r + 1 == args.repeats:
+                op = o  # kept for the reference value
+            else:
+                o.clear()
         ph, w, c = timed(lambda: pyhessian_eigenvalues(model, loss_fn, hb, top_n=args.top_k, max_iter=args.max_iter, tol=args.tol, seed=args.seed + r))
         theirs_runs.append((ph, w, c))
         print(f"[{r}] PyHessian: {ph.eigenvalues} in {w:.1f}s wall / {c:.1f}s CPU, {ph.convergence.n_matvecs} HVPs", flush=True)
+
+    curv = None
+    if not args.no_curvlinops:
+        try:
+            curv = timed(lambda: curvlinops_top(model, hb, args.top_k, args.tol, args.max_iter, args.seed))
+            print(f"curvlinops: {curv[0][0]} in {curv[1]:.1f}s wall, {curv[0][1]} HVPs", flush=True)
+        except ImportError as e:
+            print(f"curvlinops skipped: {e}", flush=True)
 
     ref = None
     if not args.no_reference:
@@ -185,17 +210,13 @@ def main(argv: list[str] | None = None) -> str:
         op.clear()
 
     med = statistics.median
+    ours_runs = runs[configs[0][0]]
     o_w = med(x[1] for x in ours_runs)
     t_w, t_c = med(x[1] for x in theirs_runs), med(x[2] for x in theirs_runs)
     t_val = theirs_runs[-1][0].eigenvalues
     o_mv = med(x[0].convergence.n_matvecs for x in ours_runs)
     t_mv = med(x[0].convergence.n_matvecs for x in theirs_runs)
-    first = "residual" if args.criterion == "residual" else "change"
-    bf16_crit = "change" if args.criterion == "change" else "residual"
-    ours_rows = [(f"landscape Lanczos, cached gradient graphs, fp32, {first} rule", ours_runs),
-                 (f"landscape Lanczos, cached gradient graphs, fp32, residual rule", resid_runs),
-                 (f"landscape Lanczos, cached gradient graphs, bf16 autocast, {bf16_crit} rule", bf16_runs)]
-    ours_rows = [(label, runs) for label, runs in ours_rows if runs]
+    ours_rows = [(label, runs[label]) for label, *_ in configs]
 
     surf_row = None
     if not args.no_surface:
@@ -249,6 +270,11 @@ def main(argv: list[str] | None = None) -> str:
         *[row(label, runs) for label, runs in ours_rows],
         f"| PyHessian 0.1 power iteration ({theirs_runs[-1][0].settings.extra['mode']} mode) | {fmt(t_val)} | {t_mv:g} | {t_w:.1f} | {t_c:.1f} | 1.00x | 1.00x | 0 | {err(t_val)} |",
     ]
+    if curv is not None:
+        (cv, cmv), cw, cc = curv
+        cdiff = float(np.max(np.abs(cv - t_val) / np.abs(t_val)))
+        lines.append(f"| curvlinops 3 HessianLinearOperator + scipy eigsh (ARPACK, tol {args.tol:g}), 1 run | {fmt(cv)} | {cmv} | "
+                     f"{cw:.1f} | {cc:.1f} | {t_w / cw:.2f}x | {t_c / cc:.2f}x | {cdiff:.2e} | {err(cv)} |")
     if ref is not None:
         ref_diff = float(np.max(np.abs(ref.eigenvalues - t_val) / np.abs(t_val)))
         lines.append(f"| reference: Lanczos tol 1e-8, random start | {fmt(ref.eigenvalues, 8)} | {ref.convergence.n_matvecs} | | | | | {ref_diff:.2e} | 0 |")
