@@ -271,6 +271,153 @@ def profile_table(slow: dict, base: dict | None, slow_name: str, base_name: str 
     return lines
 
 
+def _cli_default(variant: str, out: str, eps: float, threads: int | None) -> RunConfig:
+    from dpflat.config import apply_variant
+
+    cfg = apply_variant(RunConfig(), variant, "safe")
+    return cfg.replace(privacy={"epsilon": eps}, train={"output_dir": out, "progress": False, "num_threads": threads})
+
+
+def end_to_end(a) -> str:
+    """Whole runs (``dpflat.train.train`` to the end: data, model, setup, all steps, evaluation,
+    checkpoints) at the CLI defaults, ABBA in one process: DP ε=8, DP-Flat(safe) ε=8 with an
+    empty setup cache (cold), DP-Flat(safe) ε=3 in the same output dir (warm: the layer
+    selection and the teacher come from the cache, as in a sweep over ε), DP ε=3."""
+    out = tempfile.mkdtemp(prefix="bench-e2e-")
+    plan = [("dp", "dp", 8.0), ("dpflat", "dpflat cold cache", 8.0), ("dpflat", "dpflat warm cache", 3.0), ("dp", "dp", 3.0)]
+    load0 = os.getloadavg()
+    rows = []
+    for variant, label, eps in plan:
+        SETUP_S.clear()
+        cfg = _cli_default(variant, out, eps, a.threads)
+        t = time.perf_counter()
+        res = train(cfg)
+        wall = time.perf_counter() - t
+        info = {k: res.get(k) for k in ("accuracy", "info_layers_keep", "info_layers_cached", "info_teacher_cached")}
+        rows.append((label, eps, wall, dict(SETUP_S), info))
+        print(f"{label} ε={eps:g}: {wall:.1f}s, setup {SETUP_S}, {info}", flush=True)
+    load1 = os.getloadavg()
+    dp_mean = statistics.mean(r[2] for r in rows if r[0] == "dp")
+    tab = ["| run (CLI defaults) | ε | whole run (s) | / mean DP run | layer selection (s) | teacher (s) | keep layers | dev accuracy |",
+           "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for label, eps, wall, st, info in rows:
+        tab.append(f"| {label} | {eps:g} | {wall:.1f} | **{wall / dp_mean:.2f}×** | {st.get('layers', 0):.1f} | "
+                   f"{st.get('distill', 0):.1f} | {info.get('info_layers_keep') or '—'} | {info.get('accuracy', float('nan')):.3f} |")
+    cold = next(r for r in rows if r[0].endswith("cold cache"))[2] / dp_mean
+    warm = next(r for r in rows if r[0].endswith("warm cache"))[2] / dp_mean
+    lines = [
+        f"- command: `{_report.command()}`",
+        f"- machine: {_report.machine()}; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end "
+        "(other processes share the 2 cores: read the ratios, not the seconds)",
+        "- what: `dpflat.train.train(cfg)` to the end at the CLI defaults (`python -m dpflat train --variant dp|dpflat`: "
+        "SST-2, MiniLM-L6, 2000 private examples, 2 epochs, batch 128, public 500), one process, in the order shown "
+        "(ABBA). 'cold cache': a fresh output dir; 'warm cache': a second DP-Flat run in the same output dir "
+        "(another ε, as a sweep does) that reuses the safe layer selection and the safe teacher",
+        "",
+        *tab,
+        "",
+        f"- DP-Flat(safe) whole run / DP whole run: cold cache **{cold:.2f}×**, warm cache **{warm:.2f}×** "
+        f"(goal ≤ 1.25×: cold {'met' if cold <= 1.25 else 'NOT met'}, warm {'met' if warm <= 1.25 else 'NOT met'})",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not a.no_append:
+        _report.append("bench_train --end-to-end: whole DP-Flat(safe) run vs whole DP run at the CLI defaults", lines)
+    return text
+
+
+def check_ranking(a) -> str:
+    """The setup of a CLI-default DP-Flat(safe) run, cold and warm, and the ranking check.
+
+    Run 1 (fresh output dir, ``max_steps=1``): the layer selection's greedy elimination
+    runs twice on the same scorer -- on the plain fixed batch of 128 (as before) and on
+    the length-regrouped batches (now) -- to compare keep-masks, every candidate's S and
+    the two greedy times; then the teacher. Run 2 (same output dir, ε=3, as in a sweep):
+    both come from the setup cache. Cheaper than --end-to-end on a loaded machine."""
+    import dpflat.flat.layers as L
+
+    got: dict = {}
+    orig_sb, orig_gd = L.scoring_batches, L.greedy_drop
+
+    def sb(ds, n, group=L.SCORE_GROUP):
+        got["plain"] = L.fixed_batches(ds, n)
+        return orig_sb(ds, n, group)
+
+    def gd(model, batches, *args, **kw):
+        dev = batches[0]["input_ids"].device
+        plain = [{k: v.to(dev) for k, v in b.items()} for b in got["plain"]]
+        got["regrouped"] = batches
+        runs = {}
+        for name, bl in (("plain", plain), ("regrouped", batches)):
+            t, c = time.perf_counter(), time.process_time()
+            out_ = orig_gd(model, bl, *args, **kw)
+            runs[name] = (out_, time.perf_counter() - t, time.process_time() - c)
+            print(name, out_[0], f"{runs[name][1]:.1f}s wall {runs[name][2]:.1f}s CPU", flush=True)
+        got["runs"] = runs
+        return runs["regrouped"][0]
+
+    out = tempfile.mkdtemp(prefix="bench-rank-")
+    load0 = os.getloadavg()
+    setups = []
+    L.scoring_batches, L.greedy_drop = sb, gd
+    try:
+        for eps in (8.0, 3.0):
+            SETUP_S.clear()
+            cfg = _cli_default("dpflat", out, eps, a.threads)
+            t = time.perf_counter()
+            res = train(cfg, max_steps=1)
+            setups.append((eps, dict(SETUP_S), time.perf_counter() - t, res))
+            print(f"ε={eps:g}: setup {SETUP_S}, cached layers={res.get('info_layers_cached')} teacher={res.get('info_teacher_cached')}", flush=True)
+            if eps == 8.0:
+                L.scoring_batches, L.greedy_drop = orig_sb, orig_gd
+    finally:
+        L.scoring_batches, L.greedy_drop = orig_sb, orig_gd
+    runs = got["runs"]
+    (kp, tp), w_p, c_p = runs["plain"]
+    (kr, tr), w_r, c_r = runs["regrouped"]
+    diffs = [abs(a_["S"] - b_["S"]) / max(abs(b_["S"]), 1e-12) for a_, b_ in zip(tr, tp)]
+    for ra, rb in zip(tr, tp):
+        for k in rb["candidates"]:
+            diffs.append(abs(ra["candidates"][k] - rb["candidates"][k]) / max(abs(rb["candidates"][k]), 1e-12))
+    pos = lambda bl: sum(int(b["input_ids"].numel()) for b in bl)  # noqa: E731
+    keep = lambda k: ",".join(str(i) for i, x in enumerate(k) if x)  # noqa: E731
+    (_, s_cold, _, _), (_, s_warm, _, r_warm) = setups
+    cold_layers_new = s_cold.get("layers", 0.0) - w_p  # the plain greedy ran only for the comparison
+    cold_layers_old = s_cold.get("layers", 0.0) - w_r
+    lines = [
+        f"- command: `{_report.command()}`",
+        f"- machine: {_report.machine()}; load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end "
+        "(other processes share the 2 cores)",
+        "- what: the setup of `python -m dpflat train --variant dpflat` (safe, seed 0, CLI defaults: 30 warm-up steps, "
+        "128 public examples, 3 random directions, n_drop 2, teacher 1 epoch on 500 public examples), `max_steps=1`. "
+        "Run 1 (fresh output dir) runs the greedy elimination on the same scorer twice: on the one padded batch of "
+        "128 (before) and on length groups of 32 with the padding cut (now), in that order; run 2 (same output dir, "
+        "ε=3) takes both from the setup cache",
+        "",
+        "| scoring batches | padded positions | keep layers | dropped (in order) | greedy wall s | greedy CPU s |",
+        "|---|---:|---|---|---:|---:|",
+        f"| plain (1 batch of 128) | {pos(got['plain'])} | {keep(kp)} | {[r['dropped'] for r in tp[1:]]} | {w_p:.1f} | {c_p:.1f} |",
+        f"| regrouped by length (groups of 32) | {pos(got['regrouped'])} | {keep(kr)} | {[r['dropped'] for r in tr[1:]]} | "
+        f"{w_r:.1f} | {c_r:.1f} |",
+        "",
+        f"- same keep-mask: **{kr == kp}**; largest relative S difference over every candidate of every round: "
+        f"{max(diffs):.1e}; greedy speed-up {w_p / w_r:.2f}x wall, {c_p / c_r:.2f}x CPU",
+        "",
+        "| setup (wall s) | layer selection | teacher |",
+        "|---|---:|---:|",
+        f"| cold, before (plain scoring batch) | {cold_layers_old:.1f} | {s_cold.get('distill', 0):.1f} |",
+        f"| cold, now (regrouped scoring batches) | {cold_layers_new:.1f} | {s_cold.get('distill', 0):.1f} |",
+        f"| warm (setup cache hit: layers {r_warm.get('info_layers_cached')}, teacher {r_warm.get('info_teacher_cached')}) | "
+        f"{s_warm.get('layers', 0):.1f} | {s_warm.get('distill', 0):.1f} |",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not a.no_append:
+        _report.append("bench_train --check-ranking: DP-Flat(safe) setup at the CLI defaults, cold vs warm cache, "
+                       "and the layer ranking on regrouped vs plain scoring batches", lines)
+    return text
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps, 1 profiled step, 2 eval repeats")
@@ -288,7 +435,17 @@ def main(argv=None) -> str:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--append", action="store_true", help="append to RESULTS.md even with --quick")
     p.add_argument("--no-append", action="store_true", help="print only")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="instead: whole-run wall time at the CLI defaults, DP vs DP-Flat(safe) with a cold and a "
+                        "warm setup cache (ABBA: dp, dpflat cold, dpflat warm, dp); see end_to_end()")
+    p.add_argument("--check-ranking", action="store_true",
+                   help="instead: the CLI-default layer selection scored on the plain fixed batch and on the "
+                        "length-regrouped batches (the new default): same keep-mask? S differences? time?")
     a = p.parse_args(argv)
+    if a.end_to_end:
+        return end_to_end(a)
+    if a.check_ranking:
+        return check_ranking(a)
     q = a.quick
     a.warmup = max(1, a.warmup if a.warmup is not None else (1 if q else 3))
     a.steps = a.steps if a.steps is not None else (3 if q else 10)

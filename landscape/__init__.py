@@ -23,6 +23,7 @@ from ._params import (
     dataset_loss,
     eval_mode,
     merge_batches,
+    rebatch_by_length,
 )
 from .hvp import DenseOperator, GaussNewtonOperator, HessianOperator, LinearOperator, RestrictedOperator, hvp
 from .sharpness import Sharpness, SharpnessDefinition, group_sharpness, prefix_indicator, sam_sharpness
@@ -88,6 +89,7 @@ __all__ = [
     "power_iteration",
     "prefix_indicator",
     "random_direction",
+    "rebatch_by_length",
     "sam_sharpness",
     "slq_density",
     "top_eigenvalues",

@@ -345,6 +345,51 @@ def _merge(bs: list[Batch]) -> Batch:
     raise LandscapeError(f"cannot merge batches of type {type(first).__name__}")
 
 
+def rebatch_by_length(batches: Sequence[Batch], group_size: int | None = None) -> list[Batch]:
+    """Regroup HF dict batches by real length and cut the padding columns of each group.
+
+    Why: an encoder's cost grows with the *padded* length, and a batch is padded to its
+    longest sentence. Sorting the examples by ``attention_mask`` length and grouping
+    neighbours wastes far fewer positions (64 SST-2 sentences in 4 batches of 16: 2656
+    padded positions before, about 1870 after). With masked padding an encoder's outputs
+    on real tokens do not depend on the padding, and the loss contract (a mean per batch,
+    example-weighted over batches) makes the dataset loss -- hence its gradient and
+    Hessian -- independent of how examples are grouped: the same numbers up to float
+    summation order. ``group_size``: examples per group (default: the largest given
+    batch). Batches that are not dicts with a 2-D ``attention_mask`` are returned as is.
+    """
+    bl = as_batch_list(batches)
+    if not all(isinstance(b, Mapping) and isinstance(b.get("attention_mask"), torch.Tensor)
+               and b["attention_mask"].dim() == 2 for b in bl):
+        return bl
+    keys = list(bl[0].keys())
+    if any(list(b.keys()) != keys for b in bl):
+        return bl
+    size = max(batch_size(b) for b in bl) if group_size is None else int(group_size)
+    if size < 1:
+        raise LandscapeError("group_size must be >= 1")
+    whole = _merge(bl) if len(bl) > 1 else dict(bl[0])
+    mask = whole["attention_mask"]
+    n, width = mask.shape
+    lengths = mask.ne(0).long().cumsum(1).argmax(1) + 1  # position of the last real token + 1
+    lengths = torch.where(mask.ne(0).any(1), lengths, torch.ones_like(lengths))
+    order = torch.argsort(lengths, stable=True)
+    out: list[Batch] = []
+    for s in range(0, n, size):
+        idx = order[s : s + size]
+        w = int(lengths[idx].max())
+        b = {}
+        for k in keys:
+            v = whole[k]
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+                v = v.index_select(0, idx.to(v.device))
+                if v.dim() >= 2 and v.shape[1] == width:
+                    v = v[:, :w]
+            b[k] = v
+        out.append(b)
+    return out
+
+
 # --------------------------------------------------------------------------- losses
 @torch.no_grad()
 def dataset_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch]) -> float:
@@ -395,5 +440,6 @@ __all__ = [
     "dataset_loss",
     "eval_mode",
     "merge_batches",
+    "rebatch_by_length",
     "to_device",
 ]

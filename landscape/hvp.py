@@ -56,6 +56,7 @@ from ._params import (
     batch_weights,
     data_info,
     eval_mode,
+    rebatch_by_length,
 )
 
 Method = Literal["auto", "double_backward", "func"]
@@ -204,11 +205,15 @@ class HessianOperator(LinearOperator):
         method: Method = "auto",
         cache_graph: bool = True,
         precision: Precision = "fp32",
+        rebatch: bool | int = False,
     ):
         if method not in ("auto", "double_backward", "func"):
             raise LandscapeError(f"method must be auto|double_backward|func, got {method!r}")
         self.model = model
         self.batches = as_batch_list(batches)
+        self.rebatch = rebatch
+        if rebatch:  # same Hessian (see rebatch_by_length), fewer padded positions per product
+            self.batches = rebatch_by_length(self.batches, None if rebatch is True else int(rebatch))
         self.weights = batch_weights(self.batches)
         self.pset = ParamSet.from_model(model, params)
         self.precision = precision
@@ -232,6 +237,8 @@ class HessianOperator(LinearOperator):
     def info(self) -> dict[str, Any]:
         d = {"n_params": self.n, "method": self.method_used or self.method, "cache_graph": self.cache_graph,
              "precision": self.precision}
+        if self.rebatch:
+            d["rebatch"] = "by length" if self.rebatch is True else f"by length, groups of {int(self.rebatch)}"
         d.update(data_info(self.batches))
         return d
 
@@ -304,6 +311,41 @@ class HessianOperator(LinearOperator):
         with self.pset.grad_enabled():
             hv = torch.autograd.grad(outs, self.pset.params, grad_outputs=gouts, retain_graph=True, allow_unused=True)
         return self.pset.flatten(hv)
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``H V^T`` for a block of vectors ``V`` of shape (k, n): one row per vector.
+
+        With the cached graph this is ONE batched double backward
+        (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. vmap over the
+        backward): the graph is walked once for all k vectors. Why offer it: on a GPU the
+        k products fill the device far better than one; on a CPU that is already
+        FLOP-bound it costs about k single products (measured in
+        benchmarks/RESULTS.md), so the spectrum routines keep single products there.
+        Uncached paths fall back to one product per row. Counts k products.
+        """
+        if V.dim() != 2 or V.shape[1] != self.n:
+            raise LandscapeError(f"block has shape {tuple(V.shape)}, expected (k, {self.n})")
+        V = V.to(dtype=self.dtype, device=self.device)
+        k = V.shape[0]
+        if not self.cache_graph or k == 1:
+            return torch.stack([self.matvec(v) for v in V])
+        self.n_matvecs += k
+        if self._cache is None or self._versions != self.pset.versions():
+            self._build()
+        cols = [V[:, a:b].reshape(k, *shape) for a, b, shape in zip(self.pset.offsets[:-1], self.pset.offsets[1:], self.pset.shapes)]
+        outs, gouts = [], []
+        for w, (gs, keep) in zip(self.weights, self._cache):  # type: ignore[union-attr]
+            for g, i in zip(gs, keep):
+                outs.append(g)
+                gouts.append(cols[i] * w)
+        if not outs:
+            return torch.zeros_like(V)
+        with self.pset.grad_enabled():
+            hv = torch.autograd.grad(outs, self.pset.params, grad_outputs=gouts, retain_graph=True,
+                                     allow_unused=True, is_grads_batched=True)
+        parts = [torch.zeros(k, m, dtype=self.dtype, device=self.device) if h is None else h.reshape(k, -1)
+                 for h, m in zip(hv, self.pset.numels)]
+        return torch.cat(parts, dim=1)
 
     # -- uncached paths
     def _matvec_double_backward(self, v: torch.Tensor) -> torch.Tensor:

@@ -184,4 +184,25 @@ def pyhessian_trace(
     return TraceResult(float(np.mean(samples)), se, samples, settings, conv)
 
 
-__all__ = ["pyhessian_eigenvalues", "pyhessian_trace"]
+def pyhessian_probes(model: nn.Module, n: int, params: ParamSpec = None, seed: int = 0) -> torch.Tensor:
+    """The first ``n`` Rademacher vectors PyHessian's ``trace()`` draws after ``torch.manual_seed(seed)``
+    (as :func:`pyhessian_trace` seeds it), as rows of an (n, dim) tensor.
+
+    Why: give them to :func:`landscape.hutchinson` (``probes=``) and the two estimates
+    use the same samples, so they can be compared to float precision rather than to
+    Monte-Carlo error. Mirrors its draw: ``randint_like(p, high=2)`` per parameter in
+    order, zeros set to -1. The global RNG is restored afterwards.
+    """
+    ps = ParamSet.from_model(model, params)
+    rows = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(n):
+            v = [torch.randint_like(p, high=2) for p in ps.params]
+            for t in v:
+                t[t == 0] = -1
+            rows.append(ps.flatten([t.detach() for t in v]))
+    return torch.stack(rows)
+
+
+__all__ = ["pyhessian_eigenvalues", "pyhessian_probes", "pyhessian_trace"]

@@ -467,31 +467,58 @@ def hutchinson(
     tol: float = 1e-3,
     seed: int = 0,
     min_iter: int = 2,
+    probes: torch.Tensor | None = None,
+    block_size: int = 1,
 ) -> TraceResult:
     """Hutchinson trace ``E[z^T H z]`` with Rademacher ``z``.
 
     Stops when the running mean changes by less than ``tol`` (relative), as PyHessian's
     ``trace()`` does, after at least ``min_iter`` samples; ``tol=0`` runs ``max_iter``.
+    ``probes`` (m, n): use these vectors in order instead of drawing them (e.g. the
+    ones another tool drew, to compare estimates sample by sample); at most m samples.
+    ``block_size`` > 1 asks the operator for that many products at once
+    (``op.matmat``, one batched double backward for a :class:`HessianOperator`); the
+    stopping rule is still checked after every sample, so the estimate is the same as
+    with single products, but up to ``block_size - 1`` extra products may be spent.
     """
     op = as_operator(op)
+    if block_size < 1:
+        raise LandscapeError("block_size must be >= 1")
+    if probes is not None:
+        if probes.dim() != 2 or probes.shape[1] != op.n:
+            raise LandscapeError(f"probes must have shape (m, {op.n}), got {tuple(probes.shape)}")
+        max_iter = min(max_iter, probes.shape[0])
     settings = _settings(op, "hutchinson", max_iter=max_iter, tol=tol, seed=seed, criterion="change")
+    if probes is not None:
+        settings.extra["probes"] = "given"
     t0 = time.perf_counter()
     g = _gen(seed)
     samples: list[float] = []
     history: list[float] = []
     mean = 0.0
     conv = False
-    for i in range(max_iter):
-        z = _rademacher(op, g, op.dtype)
-        samples.append(float(torch.dot(z, _mv(op, z))))
-        new = float(np.mean(samples))
-        history.append(new)
-        if i + 1 >= max(min_iter, 2) and abs(new - mean) / (abs(new) + 1e-6) < tol:
-            mean, conv = new, True
-            break
-        mean = new
+    n_mv = 0
+    matmat = getattr(op, "matmat", None) if block_size > 1 else None
+    i = 0
+    while i < max_iter and not conv:
+        k = min(block_size, max_iter - i)
+        if probes is not None:
+            Z = probes[i : i + k].to(dtype=op.dtype, device=op.device)
+        else:
+            Z = torch.stack([_rademacher(op, g, op.dtype) for _ in range(k)])
+        HZ = matmat(Z) if (matmat is not None and k > 1) else torch.stack([_mv(op, z) for z in Z])
+        n_mv += k
+        for z, hz in zip(Z, HZ):
+            samples.append(float(torch.dot(z, hz)))
+            new = float(np.mean(samples))
+            history.append(new)
+            i += 1
+            if i >= max(min_iter, 2) and abs(new - mean) / (abs(new) + 1e-6) < tol:
+                mean, conv = new, True
+                break
+            mean = new
     se = float(np.std(samples, ddof=1) / math.sqrt(len(samples))) if len(samples) > 1 else float("nan")
-    c = Convergence(conv, len(samples), len(samples), time.perf_counter() - t0, history)
+    c = Convergence(conv, len(samples), n_mv, time.perf_counter() - t0, history)
     return TraceResult(mean, se, samples, settings, c)
 
 

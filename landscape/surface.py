@@ -41,6 +41,7 @@ from ._params import (
     data_info,
     eval_mode,
     merge_batches,
+    rebatch_by_length,
 )
 
 Norm = Literal["filter", "layer", "model", "unit", "none"]
@@ -266,12 +267,19 @@ def _grid(
     label: str | None,
     eval_batch_size: int | None,
     keep_directions: bool,
+    rebatch: bool | int = False,
+    precision: str = "fp32",
 ) -> Surface:
+    from .hvp import autocast_loss
+
     ps = ParamSet.from_model(model, params)
     bl = as_batch_list(batches)
     info = data_info(bl)
     if eval_batch_size:
         bl = merge_batches(bl, eval_batch_size)
+    if rebatch:  # same losses (up to float summation order), fewer padded positions per pass
+        bl = rebatch_by_length(bl, None if rebatch is True else int(rebatch))
+    loss_fn = autocast_loss(loss_fn, precision, ps.device.type)  # type: ignore[arg-type]
     ws = batch_weights(bl)
     vecs, descs = zip(*[_vec(d, ps) for d in dirs])
     axes = [np.asarray(a, dtype=np.float64).reshape(-1) for a in axes]
@@ -306,6 +314,8 @@ def _grid(
         "n_points": int(np.prod(shape)),
         "seconds": seconds,
         "eval_batch_size": eval_batch_size,
+        "rebatch": rebatch,
+        "precision": precision,
         "loss": "example-weighted mean over the fixed batches, eval mode, no grad",
         **info,
     }
@@ -324,11 +334,15 @@ def loss_surface_1d(
     label: str | None = None,
     eval_batch_size: int | None = None,
     keep_directions: bool = True,
+    rebatch: bool | int = False,
+    precision: str = "fp32",
 ) -> Surface:
     """Loss along ``theta0 + alpha * d`` for each alpha (default 21 points in [-1, 1]);
-    one no-grad pass over the batches per point."""
+    one no-grad pass over the batches per point. ``rebatch`` / ``precision``: see
+    :func:`loss_surface_2d`."""
     alphas = np.linspace(-1.0, 1.0, 21) if alphas is None else alphas
-    return _grid(model, loss_fn, batches, [direction], [np.asarray(alphas)], params, progress, label, eval_batch_size, keep_directions)
+    return _grid(model, loss_fn, batches, [direction], [np.asarray(alphas)], params, progress, label, eval_batch_size,
+                 keep_directions, rebatch, precision)
 
 
 def loss_surface_2d(
@@ -344,12 +358,22 @@ def loss_surface_2d(
     label: str | None = None,
     eval_batch_size: int | None = None,
     keep_directions: bool = True,
+    rebatch: bool | int = False,
+    precision: str = "fp32",
 ) -> Surface:
     """Loss on the grid ``theta0 + x * d1 + y * d2`` (``xs`` default: 21 points in
-    [-1, 1]; ``ys`` defaults to ``xs``); ``losses[i, j]`` is at ``(xs[i], ys[j])``."""
+    [-1, 1]; ``ys`` defaults to ``xs``); ``losses[i, j]`` is at ``(xs[i], ys[j])``.
+
+    Speed (the cost is one forward per point): ``rebatch=True`` (or a group size)
+    regroups HF dict batches by real length and cuts their padding
+    (:func:`landscape._params.rebatch_by_length`): the same losses up to float
+    summation order. ``precision="bf16"`` evaluates under bf16 autocast (AMX / tensor
+    cores): the surface of the autocast model, off by ~1e-3 relative; the settings
+    record both, and benchmarks/RESULTS.md states the measured difference."""
     xs = np.linspace(-1.0, 1.0, 21) if xs is None else xs
     ys = xs if ys is None else ys
-    return _grid(model, loss_fn, batches, [d1, d2], [np.asarray(xs), np.asarray(ys)], params, progress, label, eval_batch_size, keep_directions)
+    return _grid(model, loss_fn, batches, [d1, d2], [np.asarray(xs), np.asarray(ys)], params, progress, label, eval_batch_size,
+                 keep_directions, rebatch, precision)
 
 
 __all__ = [

@@ -7,6 +7,11 @@ The teacher prefix P_t is one broadcast tensor, never copied per example.
 
 - safe (default): the teacher is trained on the public split only.
 - paper: the teacher is trained on the private training set (as the authors do): NOT DP.
+
+A safe teacher reads only public data, so it is cached under the output dir, keyed by
+everything it depends on (``_cache``: model state incl. keep-mask, public and eval
+split content, seed, fit settings); runs that share it (a sweep over ε) train it once.
+A paper-mode teacher is never cached: it would carry private data into later runs.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, FlatConfig
+from . import _cache
 from ._fit import fit_nonprivate, steps_for_epochs
 from .base import FlatLevel, TrainContext
 
@@ -51,14 +57,32 @@ class Distillation(FlatLevel):
             data = ctx.private.read(PAPER_WHO, PAPER_HOW, accounted=False)
             count = lambda nb: ctx.private.count(PAPER_WHO, PAPER_HOW, False, nb)  # noqa: E731
         steps = steps_for_epochs(c.teacher_epochs, len(data), tc.batch_size)
+        ctx.info["teacher_data"] = "public split" if c.distill_mode == "safe" else "private split (not DP)"
+        ctx.info["teacher_steps"] = steps
+        cache_key = None
+        if c.distill_mode == "safe" and _cache.enabled():  # public data only: safe to reuse across runs
+            cache_key = _cache.key("teacher", {
+                "model": _cache.fingerprint_model(ctx.model), "public": _cache.fingerprint_dataset(data),
+                "eval": _cache.fingerprint_dataset(ctx.eval), "seed": tc.seed, "steps": steps,
+                "batch_size": tc.batch_size, "lr": tc.lr, "eval_batch_size": tc.eval_batch_size,
+                "device": ctx.device.type, "torch": torch.__version__,
+            })
+            hit = _cache.load(ctx.cfg.train.output_dir, cache_key)
+            if hit is not None:
+                self.teacher = hit["teacher"].to(ctx.device)
+                ctx.info["teacher_accuracy"] = float(hit["accuracy"])
+                ctx.info["teacher_cached"] = True
+                return
         teacher = fit_nonprivate(ctx.model, data, steps=steps, batch_size=tc.batch_size, lr=tc.lr,
                                  device=ctx.device, seed=tc.seed + 17, on_batch=count)
         self.teacher = teacher.prefix.embedding.weight.detach().clone()
         from ..evaluate import evaluate
 
         ctx.info["teacher_accuracy"] = evaluate(teacher, ctx.eval, tc.eval_batch_size, ctx.device)["accuracy"]
-        ctx.info["teacher_data"] = "public split" if c.distill_mode == "safe" else "private split (not DP)"
-        ctx.info["teacher_steps"] = steps
+        if cache_key is not None:
+            _cache.save(ctx.cfg.train.output_dir, cache_key,
+                        {"teacher": self.teacher.cpu(), "accuracy": float(ctx.info["teacher_accuracy"])})
+        ctx.info["teacher_cached"] = False
 
     def _keep_cols(self, ctx: TrainContext) -> torch.Tensor | None:
         keep = ctx.model.prefix.keep_mask

@@ -13,6 +13,13 @@ thrown away, so the level changes only the keep-mask.
 
 - safe (default): warm-up and S use the public split only: no privacy cost.
 - paper: they use the private training data (as the authors): NOT DP.
+
+Cost (the one-off setup of a DP-Flat run): the scored examples are regrouped by length
+and their padding cut (``landscape.rebatch_by_length``; the same S up to float
+summation order, so the same ranking -- tests/test_flat_speed.py checks it), and in
+safe mode the outcome is cached under the output dir keyed by everything it depends on
+(``_cache``), so runs that share backbone, public split, seed and settings (a sweep
+over ε) select once. Paper mode is never cached.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from landscape._params import rebatch_by_length
 from landscape.sharpness import prefix_indicator
 
 from ..config import ConfigError, FlatConfig
 from ..evaluate import model_inputs
+from . import _cache
 from ._fit import fit_nonprivate
 from .base import FlatLevel, TrainContext
 
@@ -40,10 +49,19 @@ def ce_loss(model, batch) -> torch.Tensor:
                            batch["labels"].to(model.head.weight.device))
 
 
+SCORE_GROUP = 32  # examples per length group when scoring S (cost only: S is the same)
+
+
 def fixed_batches(dataset, n: int, batch_size: int = 128) -> list[dict[str, torch.Tensor]]:
     """The first ``n`` rows as a fixed list of batches (the data is already shuffled by the split)."""
     sub = dataset.select(range(min(n, len(dataset))))
     return list(torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False))
+
+
+def scoring_batches(dataset, n: int, group: int = SCORE_GROUP) -> list[dict[str, torch.Tensor]]:
+    """``fixed_batches`` regrouped by length with the padding cut: the same example-weighted
+    loss (so the same S) at about 60% of the padded positions on SST-2."""
+    return rebatch_by_length(fixed_batches(dataset, n), group)
 
 
 def indicator(model, batches, keep: list[bool], rho: float, n_random: int, seed: int) -> float:
@@ -104,21 +122,41 @@ class LayerSelection(FlatLevel):
         else:
             data = ctx.private.read(PAPER_WHO, PAPER_HOW, accounted=False)
             count = lambda nb: ctx.private.count(PAPER_WHO, PAPER_HOW, False, nb)  # noqa: E731
+        cache_key = None
+        if c.layers_mode == "safe" and _cache.enabled():  # public data only: safe to reuse across runs
+            cache_key = _cache.key("layers", {
+                "model": _cache.fingerprint_model(ctx.model), "public": _cache.fingerprint_dataset(data),
+                "seed": tc.seed, "batch_size": tc.batch_size, "lr": tc.lr, "device": ctx.device.type,
+                "torch": torch.__version__, "n_drop": c.n_drop, "rho": c.layers_rho,
+                "directions": c.layers_directions, "warmup": c.layers_warmup_steps,
+                "examples": c.layers_examples, "stop_early": c.layers_stop_early, "group": SCORE_GROUP,
+            })
+            hit = _cache.load(ctx.cfg.train.output_dir, cache_key)
+            if hit is not None:
+                self._finish(ctx, list(hit["keep"]), list(hit["trace"]), cached=True)
+                return
         if c.layers_warmup_steps > 0:
             scorer = fit_nonprivate(ctx.model, data, steps=c.layers_warmup_steps, batch_size=tc.batch_size,
                                     lr=tc.lr, device=ctx.device, seed=tc.seed + 29, on_batch=count)
         else:
             scorer = copy.deepcopy(ctx.model).eval()
-        batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in fixed_batches(data, c.layers_examples)]
+        batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in scoring_batches(data, c.layers_examples)]
         n_sub = sum(len(b["labels"]) for b in batches)
         passes = 1 + 2 * c.layers_directions  # gradient + both signs of each random direction, + base loss
         keep, trace = greedy_drop(scorer, batches, c.n_drop, c.layers_rho, c.layers_directions, tc.seed,
                                   c.layers_stop_early, on_eval=lambda: count(n_sub * passes))
+        if cache_key is not None:
+            _cache.save(ctx.cfg.train.output_dir, cache_key, {"keep": keep, "trace": trace})
+        self._finish(ctx, keep, trace, cached=False)
+
+    def _finish(self, ctx: TrainContext, keep: list[bool], trace: list[dict[str, Any]], cached: bool) -> None:
+        c = self.cfg
         ctx.model.prefix.set_keep(keep)
         self.keep, self.trace = keep, trace
         ctx.info["layers_keep"] = ",".join(str(i) for i, k in enumerate(keep) if k)
         ctx.info["layers_data"] = "public split" if c.layers_mode == "safe" else "private split (not DP)"
         ctx.info["layers_trace"] = trace
+        ctx.info["layers_cached"] = cached
 
     def state_dict(self) -> dict[str, Any]:
         return {"keep": self.keep, "trace": self.trace}

@@ -1,0 +1,127 @@
+"""The cheaper DP-Flat setup selects the same layers and trains the same model.
+
+- scoring S on length-regrouped batches (padding cut) gives the same S for every
+  candidate (float noise only) and so the same greedy ranking, on a fixed seed;
+- the safe setup cache: a second run that shares backbone, public split, seed and
+  settings reuses the layer selection and the teacher, and trains exactly the model
+  a run without the cache trains; paper mode never writes the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpflat.cli import main
+from dpflat.config import ModelConfig
+from dpflat.flat import _cache
+from dpflat.flat import distill as distill_mod
+from dpflat.flat.layers import fixed_batches, greedy_drop, scoring_batches
+from dpflat.models import build_model
+
+
+def _ragged_dataset(n: int = 40, width: int = 16, seed: int = 0):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(3, width + 1, (n,), generator=g)
+    am = (torch.arange(width).unsqueeze(0) < lens.unsqueeze(1)).long()
+    ids = torch.randint(5, 100, (n, width), generator=g) * am
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": am.tolist(),
+                              "token_type_ids": torch.zeros_like(ids).tolist(), "labels": labels.tolist()}).with_format("torch")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_regrouped_scoring_gives_the_same_ranking(seed):
+    torch.set_num_threads(1)
+    model = build_model(ModelConfig(backbone="tiny-bert", prefix_len=2, prefix_init="random"), 2, seed=seed).eval()
+    ds = _ragged_dataset(seed=seed)
+    plain, fast = fixed_batches(ds, 40), scoring_batches(ds, 40, group=8)
+    assert sum(b["input_ids"].numel() for b in fast) < sum(b["input_ids"].numel() for b in plain)
+    keep_a, trace_a = greedy_drop(model, plain, n_drop=2, rho=0.05, n_random=2, seed=seed)
+    keep_b, trace_b = greedy_drop(model, fast, n_drop=2, rho=0.05, n_random=2, seed=seed)
+    assert keep_a == keep_b
+    for ra, rb in zip(trace_a, trace_b):
+        assert ra["dropped"] == rb["dropped"]
+        assert rb["S"] == pytest.approx(ra["S"], rel=1e-4, abs=1e-7)
+        assert ra["candidates"].keys() == rb["candidates"].keys()
+        for k in ra["candidates"]:
+            assert rb["candidates"][k] == pytest.approx(ra["candidates"][k], rel=1e-4, abs=1e-7)
+
+
+def _args(out: Path, data: Path, mode: str, eps: float) -> list[str]:
+    return [
+        "train", "--variant", "dpflat", "--mode", mode, "--backbone", "tiny-bert", "--data-dir", str(data),
+        "--train-size", "64", "--eval-size", "32", "--public-size", "32", "--max-length", "16",
+        "--prefix-len", "2", "--prefix-init", "random", "--epochs", "1", "--batch-size", "16",
+        "--physical-batch-size", "8", "--checkpoint-every", "100", "--output-dir", str(out), "--no-progress",
+        "--epsilon", str(eps), "--awp-epochs", "1", "--layers-warmup-steps", "2", "--layers-examples", "32",
+        "--layers-directions", "1", "--teacher-epochs", "0.5",
+    ]
+
+
+def _run(out: Path, data: Path, mode: str, eps: float, teachers: list | None = None) -> dict:
+    """One tiny DP-Flat run through the CLI; appends the teacher prefix it used to ``teachers``."""
+    orig = distill_mod.Distillation.setup
+
+    def spy(self, ctx):
+        orig(self, ctx)
+        if teachers is not None:
+            teachers.append(self.teacher.detach().clone())
+
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+        mp.setattr(distill_mod.Distillation, "setup", spy)
+        assert main(_args(out, data, mode, eps)) == 0
+    row = json.loads(buf.getvalue().strip().splitlines()[-1])
+    return json.loads((Path(row["run_dir"]) / "result.json").read_text())
+
+
+def _info(res: dict) -> dict:
+    return res.get("info", res)
+
+
+def test_safe_setup_cache_reuses_selection_and_teacher_and_trains_the_same_model(tmp_path, shared_data, monkeypatch):
+    torch.set_num_threads(1)
+    out = tmp_path / "runs"
+    teachers: list[torch.Tensor] = []
+    first = _run(out, shared_data, "safe", 8.0, teachers)
+    files = sorted(p.name for p in (out / ".setup-cache").iterdir())
+    assert len(files) == 2 and {f.split("-")[0] for f in files} == {"layers", "teacher"}
+    second = _run(out, shared_data, "safe", 3.0, teachers)  # another ε: same public work
+    i1, i2 = _info(first), _info(second)
+    assert i1["layers_cached"] is False and i1["teacher_cached"] is False
+    assert i2["layers_cached"] is True and i2["teacher_cached"] is True
+    assert i2["layers_keep"] == i1["layers_keep"] and i2["teacher_accuracy"] == i1["teacher_accuracy"]
+    assert i2["layers_trace"] == i1["layers_trace"]
+    # the same ε=3 run without the cache computes the same setup outcome, to the bit
+    monkeypatch.setenv("DPFLAT_NO_SETUP_CACHE", "1")
+    cold = _run(tmp_path / "cold", shared_data, "safe", 3.0, teachers)
+    assert not (tmp_path / "cold" / ".setup-cache").exists()
+    ic = _info(cold)
+    assert ic["layers_cached"] is False and ic["teacher_cached"] is False
+    assert ic["layers_keep"] == i2["layers_keep"] and ic["teacher_accuracy"] == i2["teacher_accuracy"]
+    assert ic["layers_trace"] == i2["layers_trace"]
+    assert len(teachers) == 3 and torch.equal(teachers[0], teachers[1]) and torch.equal(teachers[1], teachers[2])
+
+
+def test_paper_mode_never_writes_the_setup_cache(tmp_path, shared_data):
+    torch.set_num_threads(1)
+    out = tmp_path / "runs"
+    _run(out, shared_data, "paper", 8.0)
+    assert not (out / ".setup-cache").exists()
+
+
+def test_cache_key_changes_with_every_input():
+    base = {"model": "a", "public": "b", "seed": 0, "lr": 0.1}
+    k = _cache.key("teacher", base)
+    assert k.startswith("teacher-")
+    for name, val in [("model", "x"), ("public", "y"), ("seed", 1), ("lr", 0.2)]:
+        assert _cache.key("teacher", {**base, name: val}) != k
+    assert _cache.key("layers", base) != k
