@@ -191,6 +191,12 @@ class TrainConfig:
     # (the frozen backbone dominates the cost; tensor cores), fp32 elsewhere. Clipping, noise,
     # the optimizer and the trainable weights stay fp32 in every case.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # diagnostics (dpflat/flat/trajectory.py): sharpness over time, never on the private split
+    sharpness_every: int = field(default=0, metadata={"help": "record the top Hessian eigenvalue and SAM "
+                                 "sharpness every N steps into sharpness.jsonl (0: off; a diagnostic)"})
+    sharpness_data: Literal["public", "eval"] = field(default="public", metadata={"help": "split the sharpness "
+                                                      "trajectory is measured on (never the private split)"})
+    sharpness_examples: int = field(default=64, metadata={"help": "examples behind each trajectory point"})
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
@@ -207,6 +213,10 @@ class TrainConfig:
             dev == "cpu" or dev == "mps" or dev.startswith("cuda"),
             f"device must be cpu, cuda[:N] or mps, got {self.device}",
         )
+        _check(self.sharpness_every >= 0, f"sharpness_every must be >= 0, got {self.sharpness_every}")
+        _check(self.sharpness_data in ("public", "eval"),
+               f"sharpness_data must be public|eval (never the private split), got {self.sharpness_data}")
+        _check(self.sharpness_examples >= 1, f"sharpness_examples must be >= 1, got {self.sharpness_examples}")
 
     def resolved_precision(self) -> str:
         """fp32 or bf16: what ``auto`` means on this run's device."""
