@@ -32,6 +32,7 @@ import pandas as pd
 
 from .analysis import run_label
 from .config import PAPER_AWP_GAMMA, FlatConfig, RunConfig
+from .figures import responsive
 from .privacy import DP, NOT_DP_NONPRIVATE, NOT_DP_PAPER, PrivacyLedger
 
 # Metric columns of the results table the explorer can plot (label for axes); MIA
@@ -1431,16 +1432,6 @@ def audit_bars(audits: Sequence[Any]):
 
 
 # --------------------------------------------------------------------------- figure layout helpers
-def responsive(fig):
-    """Drop a fixed pixel width (``landscape.plots`` sizes multi-panel figures for a wide
-    screen): the figure then fills the notebook's width instead of being cut off."""
-    fig.update_layout(width=None, autosize=True, margin=dict(l=10, r=10, t=70, b=10))
-    for key in fig.layout:
-        if key.startswith("scene"):  # 3D: room for the z-axis title ("loss", not "ss")
-            fig.layout[key].update(aspectmode="cube", zaxis=dict(title=dict(font=dict(size=11))))
-    return fig
-
-
 # --------------------------------------------------------------------------- 03: the Hessian's own axes
 AXES: dict[str, str] = {
     "random": "two random filter-normalised directions (Li et al. 2018)",

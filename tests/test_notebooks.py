@@ -144,4 +144,4 @@ def test_notebook_runs_end_to_end(path, python3_kernel, shared_data, tmp_path):
         import pandas as pd
 
         variants = set(pd.read_parquet(tmp_path / "out" / "results.parquet")["variant"])
-        assert {"bb-nonprivate", "bb-dp", "bb-dpflat-safe"} <= variants
+        assert {"bb-dp", "bb-dpflat-safe"} <= variants

@@ -470,3 +470,26 @@ def test_setup_status_names_each_setup_phase_and_restores_the_library(tiny_base)
     assert Distillation.setup is orig
     phases = [p for p, _ in st.phases]
     assert phases[0] == "loading and tokenising the data" and W.SETUP_PHASES["Distillation"] in phases
+
+
+# --------------------------------------------------------------------------- report
+def test_report_hover_shows_the_claimed_epsilon_and_unknown_guarantees():
+    from dpflat.report import UNKNOWN, sharpness_vs_epsilon
+
+    t = _rows()
+    t = t[t["variant"].isin(["dp", "dpflat-paper"])].copy()
+    fig = sharpness_vs_epsilon(t, ("accuracy",))
+    dp_tr = next(tr for tr in fig.data if tr.name.startswith("dp ·"))
+    assert [cd[1] for cd in dp_tr.customdata] == ["claimed ε = 0.99", "claimed ε = 2.97", "claimed ε = 7.92"]
+    assert "customdata[1]" in dp_tr.hovertemplate and fig.layout.width is None  # fills the page
+    paper = next(tr for tr in fig.data if tr.name.startswith("dpflat-paper"))
+    assert all(cd[1].startswith("no ε claimed (DP-SGD part only") for cd in paper.customdata)
+    old = t.drop(columns=["guarantee", "epsilon"])  # a table from before the ledger columns
+    names = {tr.name for tr in sharpness_vs_epsilon(old, ("accuracy",)).data}
+    assert all(UNKNOWN in n for n in names)
+
+
+def test_report_text_avoids_glyphs_default_fonts_lack():
+    from dpflat.figures import safe_text
+
+    assert safe_text("SAM sharpness (ρ=0.05·‖θ‖)") == "SAM sharpness (ρ=0.05·||θ||)"
