@@ -538,7 +538,7 @@ class PrivacyPanel(Panel):
         c["sample_rate"] = w.FloatLogSlider(value=sample_rate, base=10, min=-4, max=0, step=0.05, description="q",
                                             readout_format=".4f", continuous_update=False)
         c["steps"] = w.IntSlider(value=steps, min=10, max=20000, step=10, description="steps", continuous_update=False)
-        c["delta_exp"] = w.IntSlider(value=delta_exp, min=-10, max=-3, description="log10 δ", continuous_update=False)
+        c["delta_exp"] = w.IntSlider(value=delta_exp, min=-10, max=-2, description="log10 δ", continuous_update=False)
         c["clip"] = w.FloatSlider(value=clip, min=0.1, max=10.0, step=0.1, description="C", continuous_update=False)
         c["accountant"] = w.Dropdown(options=["rdp", "prv"], value=accountant, description="accountant")
         c["readout"] = w.HTML()
@@ -547,8 +547,9 @@ class PrivacyPanel(Panel):
         view = self._add_figure("epsilon", fig)
         for k in ("sigma", "sample_rate", "steps", "delta_exp", "clip", "accountant"):
             c[k].observe(lambda _ch: self.update(), names="value")
-        left = w.VBox([c[k] for k in ("sigma", "sample_rate", "steps", "delta_exp", "clip", "accountant")] + [c["readout"]])
-        self.widget = w.HBox([left, view])
+        left = w.VBox([c[k] for k in ("sigma", "sample_rate", "steps", "delta_exp", "clip", "accountant")] + [c["readout"]],
+                      layout=w.Layout(min_width="330px"))  # room for the sliders and the readout
+        self.widget = w.HBox([left, view], layout=w.Layout(flex_flow="row wrap"))
         self.epsilon: float = math.nan
         self.update()
 
@@ -571,7 +572,7 @@ class PrivacyPanel(Panel):
         replace_traces(self.figures["epsilon"], [
             go.Scatter(x=ts, y=eps, mode="lines", name="ε(t)"),
             go.Scatter(x=[ts[-1]], y=[eps[-1]], mode="markers", marker=dict(size=10), name=f"after {steps} steps"),
-        ], title=f"ε after t steps: σ={sigma:.2f}, q={q:.4g}, δ=1e{c['delta_exp'].value}, {acc.upper()}")
+        ], title=f"ε after t steps: σ={sigma:.2f}, q={q:.4g}, δ={fmt_delta(self.delta)}, {acc.upper()}")
         epochs = steps * q
         c["readout"].value = (f"<b>ε = {self.epsilon:.3g}</b> at δ = {fmt_delta(self.delta)}<br>"
                               f"≈ {epochs:.3g} epochs (steps × q)<br>"

@@ -58,6 +58,7 @@ def lab(tmp_path_factory, shared_data):
         pytest.skip("jupyterlab is not installed (the 'lab' extra)")
     import nbformat
     import papermill.parameterize as pz
+    from papermill.iorw import load_notebook_node
     from test_notebooks import PER_NOTEBOOK, TINY
 
     root = tmp_path_factory.mktemp("lab")
@@ -71,7 +72,7 @@ def lab(tmp_path_factory, shared_data):
     nbs = root / "notebooks"
     nbs.mkdir()
     for name, extra in PER_NOTEBOOK.items():
-        nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+        nb = load_notebook_node(str(ROOT / "notebooks" / f"{name}.ipynb"))  # papermill's reader (tags metadata)
         params = {**TINY, **extra, "data_dir": str(shared_data), "out_dir": str(root / "out")}
         nbformat.write(pz.parameterize_notebook(nb, params), nbs / f"{name}.ipynb")
     port, token = _free_port(), "dpflat-browser-test"
