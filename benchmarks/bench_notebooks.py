@@ -64,6 +64,32 @@ def run_one(name: str, out: Path, size: str, threads: int | None, timeout: int) 
             "load_end": os.getloadavg()[0], "error": err}
 
 
+def trajectory_cost(out: Path) -> list[str]:
+    """Cost of one sharpness-trajectory point (``--sharpness-every``), from the runs' own
+    ``sharpness.jsonl`` rows (each row times itself), by variant."""
+    import statistics as st
+
+    by: dict[str, list[dict]] = {}
+    for f in sorted(out.glob("*/sharpness.jsonl")):
+        variant = f.parent.name.split("_sst2_")[0]
+        rows = [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
+        by.setdefault(variant, []).extend(rows)
+    if not by:
+        return ["(no run recorded a sharpness trajectory)"]
+    lines = ["Sharpness trajectory, cost per point (top eigenvalue by warm-started Lanczos + 1-step SAM), from the "
+             "runs above; wall time is under the same load, CPU time is the process's own (training pauses "
+             "while a point is measured):", "",
+             "| variant | points | examples/point | HVPs/point | median wall (s) | median CPU (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for v, rows in sorted(by.items()):
+        cpu = [r["cpu_seconds"] for r in rows if "cpu_seconds" in r]
+        lines.append(f"| {v} | {len(rows)} | {rows[0]['n_examples']} | {st.median(r['hvp_products'] for r in rows):g} | "
+                     f"{st.median(r['seconds'] for r in rows):.1f} | {st.median(cpu):.1f} |" if cpu else
+                     f"| {v} | {len(rows)} | {rows[0]['n_examples']} | {st.median(r['hvp_products'] for r in rows):g} | "
+                     f"{st.median(r['seconds'] for r in rows):.1f} | n/a |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="quick", choices=["quick", "full"])
@@ -117,6 +143,7 @@ def main(argv: list[str] | None = None) -> str:
         lines.append("")
         lines.append(f"PARTIAL: {len(NOTEBOOKS) - len(rows)} notebook(s) not measured yet "
                      "(rerun the same command to continue)")
+    lines += ["", *trajectory_cost(out)]
     text = "\n".join(lines)
     print(text)
     if not a.no_append:
