@@ -30,7 +30,8 @@ test-all: $(VENV)/.installed
 
 lab: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[lab]"
-	$(BIN)/jupyter lab notebooks/
+	# as root (containers, cloud notebooks) Jupyter refuses to start without --allow-root
+	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -344,6 +344,12 @@ class TrainConfig:
     # the optimizer and the trainable weights stay fp32 in every case.
     precision: Literal["auto", "fp32", "bf16"] = _opt(
         "auto", "matmul precision: auto = bf16 autocast on a CUDA GPU that has it, fp32 elsewhere")
+    # diagnostics (dpflat/flat/trajectory.py): sharpness over time, never on the private split
+    sharpness_every: int = _opt(0, "record the top Hessian eigenvalue and SAM sharpness every N steps into "
+                                   "sharpness.jsonl (0: off; a diagnostic)")
+    sharpness_data: Literal["public", "eval"] = _opt("public", "split the sharpness trajectory is measured on "
+                                                               "(never the private split)")
+    sharpness_examples: int = _opt(64, "examples behind each trajectory point")
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
@@ -361,6 +367,8 @@ class TrainConfig:
         _check(self.num_threads is None or self.num_threads >= 1, f"num_threads must be >= 1, got {self.num_threads}")
         if self.run_name is not None:
             check_run_name(self.run_name)
+        _check(self.sharpness_every >= 0, f"sharpness_every must be >= 0, got {self.sharpness_every}")
+        _check(self.sharpness_examples >= 1, f"sharpness_examples must be >= 1, got {self.sharpness_examples}")
 
     def resolved_precision(self) -> str:
         """fp32 or bf16: what ``auto`` means on this run's device."""

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from .analysis import load_analysis, load_density, load_surface, run_label
-from .privacy import DP, ledger_guarantee
+from .figures import responsive, safe_text
+from .privacy import DP, UNKNOWN, ledger_guarantee
 from .runs import load_results
 
 METRICS = {
@@ -44,6 +45,26 @@ def _series_name(variant: str, guarantee: str) -> str:
     return f"{variant} · {guarantee}"
 
 
+def _guarantees(sub: pd.DataFrame) -> str:
+    g = sub["guarantee"] if "guarantee" in sub.columns else pd.Series([None] * len(sub), dtype=object)
+    return " / ".join(sorted({UNKNOWN if (x is None or (isinstance(x, float) and np.isnan(x)) or x == "") else str(x)
+                              for x in g}))
+
+
+def _claim_text(sub: pd.DataFrame) -> list[str]:
+    """Per target ε: the claimed ε of the rows (their ``epsilon``: set only for DP runs), else why none."""
+    out = []
+    for _eps, rows in sub.groupby("target_epsilon"):
+        claimed = pd.to_numeric(rows["epsilon"], errors="coerce").dropna() if "epsilon" in rows.columns else pd.Series([], dtype=float)
+        if len(claimed):
+            out.append(f"claimed ε = {claimed.max():.4g}")
+        else:
+            part = rows.get("dpsgd_part_epsilon", rows.get("epsilon_spent"))
+            part = pd.to_numeric(part, errors="coerce").dropna() if part is not None else pd.Series([], dtype=float)
+            out.append("no ε claimed" + (f" (DP-SGD part only: {part.max():.3g})" if len(part) else ""))
+    return out
+
+
 def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_eigenvalue", "sam_sharpness", "accuracy")):
     """Metric (mean ± std over seeds) against target ε, one line per variant.
 
@@ -64,7 +85,7 @@ def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_e
     x_lo, x_hi = (float(eps_all.min()), float(eps_all.max())) if len(eps_all) else (0.0, 1.0)
     for vi, v in enumerate(variants):
         sub = table[table["variant"] == v]
-        name = _series_name(v, " / ".join(sorted(set(sub["guarantee"]))))
+        name = _series_name(v, _guarantees(sub))
         color = colors[vi % len(colors)]
         for mi, m in enumerate(metrics, start=1):
             if (sub["guarantee"] != DP).any() or sub["target_epsilon"].isna().all():
@@ -75,18 +96,21 @@ def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_e
                               row=1, col=mi)
                 continue
             g = sub.groupby("target_epsilon")[m].agg(["mean", "std", "count"]).reset_index().sort_values("target_epsilon")
+            claims = _claim_text(sub)  # groupby sorts by target ε too: the same order as g
             fig.add_trace(go.Scatter(
                 x=g["target_epsilon"], y=g["mean"], error_y=dict(type="data", array=g["std"].fillna(0.0)),
                 mode="lines+markers", name=name, legendgroup=name, showlegend=mi == 1,
                 line=dict(color=color, dash="solid" if DP in name else "dot"),
                 marker=dict(symbol="circle" if DP in name else "circle-open", size=9),
-                customdata=g["count"], hovertemplate=f"{name}<br>ε=%{{x}}<br>{m}=%{{y:.4g}} (n=%{{customdata}})<extra></extra>",
+                customdata=np.stack([g["count"].astype(str), np.array(claims, dtype=object)], axis=-1),
+                hovertemplate=(f"{name}<br>%{{customdata[1]}} (target %{{x:g}})<br>{m}=%{{y:.4g}} "
+                               "(n=%{customdata[0]})<extra></extra>"),
             ), row=1, col=mi)
         for mi in range(1, len(metrics) + 1):
             fig.update_xaxes(title_text="target ε", row=1, col=mi)
     fig.update_layout(title="Sharpness and accuracy against the privacy budget ε (mean ± std over seeds)",
-                      height=430, width=max(700, 430 * len(metrics)), legend=dict(orientation="h", y=-0.25))
-    return fig
+                      height=430, legend=dict(orientation="h", y=-0.25))
+    return responsive(fig)
 
 
 def _table_html(table: pd.DataFrame) -> str:
@@ -130,6 +154,7 @@ def build_report(output_dir: str | Path, title: str = "dpflat report", notes: li
 
     def add(fig) -> None:
         nonlocal first
+        responsive(fig)  # fills the page; 3D scenes keep room for their axis titles
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
         first = False
 
@@ -174,7 +199,7 @@ def build_report(output_dir: str | Path, title: str = "dpflat report", notes: li
         add(fig)
 
     n_dp = int((table["guarantee"] == DP).sum())
-    notes = list(notes or [])
+    notes = [safe_text(n) for n in (notes or [])]
     notes.append(f"{len(table)} runs, {n_dp} of them (ε, δ)-DP by their ledgers. A run labelled \"not DP\" or "
                  "\"unknown guarantee\" (no valid ledger.json) claims no ε and is drawn as a band, not on the ε axis.")
     notes.append("Covered by a DP run's guarantee: its model and eval-split metrics. Private diagnostics (training "

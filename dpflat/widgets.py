@@ -32,6 +32,7 @@ import pandas as pd
 
 from .analysis import run_label
 from .config import PAPER_AWP_GAMMA, FlatConfig, RunConfig
+from .figures import responsive
 from .privacy import DP, NOT_DP_NONPRIVATE, NOT_DP_PAPER, PrivacyLedger
 
 # Metric columns of the results table the explorer can plot (label for axes); MIA
@@ -53,8 +54,47 @@ def project_root() -> Path:
     return here if (here / "pyproject.toml").is_file() else Path.cwd()
 
 
-def setup_notebook(out_dir: str | Path, data_dir: str | Path | None = None, threads: int | None = None
-                   ) -> tuple[Path, str | None]:
+# The lessons' sizes. "quick": the default path of every notebook in <= 10 min on 2 CPU cores
+# (benchmarks/bench_notebooks.py measures it); "full": the earlier CPU setting (2-4x longer,
+# smaller run-to-run noise). A notebook parameter left at None takes its value from here;
+# the paper's GPU scale is in each parameters cell. Sharpness trajectories are on in both,
+# on the public split (a diagnostic: the private split is never read for it).
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": dict(train_size=1000, eval_size=300, public_size=200, max_length=32, prefix_len=8, epochs=2.0,
+                  batch_size=64, physical_batch_size=64, lr=0.05,
+                  flat={"layers_warmup_steps": 8, "layers_examples": 64, "layers_directions": 1,
+                        "teacher_epochs": 2.0},
+                  sharpness_every=8, sharpness_examples=32),
+    "full": dict(train_size=2000, eval_size=500, public_size=0.1, max_length=40, prefix_len=16, epochs=2.0,
+                 batch_size=128, physical_batch_size=64, lr=0.02, flat={}, sharpness_every=8, sharpness_examples=64),
+}
+
+
+def sized(size: str, **given: Any) -> dict[str, Any]:
+    """The size preset with every parameter the notebook gave (not None) on top.
+
+    Why None means "from the preset": the lessons share one run cache, so a run is reused
+    only when its config is identical; one preset name keeps the six notebooks in step.
+    """
+    from .config import ConfigError
+
+    if size not in SIZES:
+        raise ConfigError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    out = dict(SIZES[size])
+    for k, v in given.items():
+        if v is None:
+            continue
+        out[k] = ({**out.get("flat", {}), **v} if k == "flat" else v)
+    return out
+
+
+def default_out_dir(size: str) -> str:
+    """One folder per size, shared by all six notebooks (their one run cache)."""
+    return f"out/notebooks/{size}"
+
+
+def setup_notebook(out_dir: str | Path | None, data_dir: str | Path | None = None, threads: int | None = None,
+                   size: str = "quick") -> tuple[Path, str | None]:
     """Quiet library logs, set torch's threads, resolve the output and data folders.
 
     A relative ``out_dir`` is taken from the project root, so runs land in
@@ -72,7 +112,7 @@ def setup_notebook(out_dir: str | Path, data_dir: str | Path | None = None, thre
         import torch
 
         torch.set_num_threads(int(threads))
-    out = Path(out_dir).expanduser()
+    out = Path(out_dir if out_dir is not None else default_out_dir(size)).expanduser()
     if not out.is_absolute():
         out = project_root() / out
     out.mkdir(parents=True, exist_ok=True)
@@ -84,13 +124,28 @@ def setup_notebook(out_dir: str | Path, data_dir: str | Path | None = None, thre
 
 
 def base_config(*, out_dir: str | Path, backbone: str = "minilm", task: str = "sst2", data_dir: str | None = None,
-                train_size: int | None = 2000, eval_size: int | None = 500, public_size: float = 0.1,
-                max_length: int = 40, prefix_len: int = 16, epochs: float = 2.0, batch_size: int = 128,
-                physical_batch_size: int = 64, lr: float = 2e-2, epsilon: float = 3.0, seed: int = 0,
-                device: str = "cpu", progress: bool = True, flat: Mapping[str, Any] | None = None,
+                size: str | None = None, train_size: int | None = 2000, eval_size: int | None = 500,
+                public_size: float = 0.1, max_length: int = 40, prefix_len: int = 16, epochs: float = 2.0,
+                batch_size: int = 128, physical_batch_size: int = 64, lr: float = 2e-2, epsilon: float = 3.0,
+                seed: int = 0, device: str = "cpu", progress: bool = True, flat: Mapping[str, Any] | None = None,
                 **train_extra: Any) -> RunConfig:
-    """The notebooks' shared run config, from their ``parameters`` cell (one place, one meaning)."""
+    """The notebooks' shared run config, from their ``parameters`` cell (one place, one meaning).
+
+    With ``size`` ("quick" or "full", see :data:`SIZES`) every parameter passed as None
+    takes the preset's value; ``train_size=0`` means all of the private split.
+    """
     from .config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
+
+    if size is not None:
+        given = dict(train_size=train_size, eval_size=eval_size, public_size=public_size, max_length=max_length,
+                     prefix_len=prefix_len, epochs=epochs, batch_size=batch_size,
+                     physical_batch_size=physical_batch_size, lr=lr, flat=flat, **train_extra)
+        p = sized(size, **given)
+        train_size, eval_size, public_size = p.pop("train_size"), p.pop("eval_size"), p.pop("public_size")
+        max_length, prefix_len, epochs = p.pop("max_length"), p.pop("prefix_len"), p.pop("epochs")
+        batch_size, physical_batch_size, lr = p.pop("batch_size"), p.pop("physical_batch_size"), p.pop("lr")
+        flat = p.pop("flat")
+        train_extra = p
 
     cfg = RunConfig(
         data=DataConfig(task=task, data_dir=data_dir, max_length=max_length, train_size=train_size,
@@ -102,6 +157,103 @@ def base_config(*, out_dir: str | Path, backbone: str = "minilm", task: str = "s
         variant="dp",
     )
     return cfg.replace(flat=dict(flat)) if flat else cfg
+
+
+# --------------------------------------------------------------------------- set-up status
+# What each slow step before a run's first training step is doing (the training loop's own
+# bar starts only after them): level class -> the line shown while its ``setup`` runs.
+SETUP_PHASES = {
+    "LayerSelection": "cross-layer level: warming up a prefix and scoring each layer's sharpness on the public split",
+    "Distillation": "cross-model level: training the teacher on the public split",
+    "SharpnessTrajectory": "sharpness trajectory: preparing its public/eval batches",
+}
+
+
+class SetupStatus:
+    """A live status line (tqdm, elapsed seconds) for the set-up phases of ``train``/``sweep``.
+
+    Why here and not in the levels: the levels' code stays free of display concerns. The
+    context wraps ``prepare_data`` and each level class's ``setup`` for its duration only,
+    and a small thread refreshes the elapsed time, so a 10-minute teacher never looks hung.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.phase = ""
+        self.phases: list[tuple[str, float]] = []  # (phase, seconds), for tests and summaries
+        self._patched: list[tuple[Any, str, Any]] = []
+        self._bar = None
+        self._stop = None
+
+    def _set(self, phase: str) -> None:
+        import time
+
+        self.phase = phase
+        self._t0 = time.monotonic()
+        if self._bar is not None:
+            self._bar.reset()
+            self._bar.set_description_str(phase, refresh=True)
+
+    def _wrap(self, owner: Any, attr: str, phase: str) -> None:
+        import functools
+        import time
+
+        orig = getattr(owner, attr)
+        status = self
+
+        @functools.wraps(orig)
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            status._set(phase)
+            t0 = time.monotonic()
+            try:
+                return orig(*a, **kw)
+            finally:
+                status.phases.append((phase, time.monotonic() - t0))
+                status._set("training (the run's own progress bar)")
+
+        self._patched.append((owner, attr, orig))
+        setattr(owner, attr, wrapped)
+
+    def __enter__(self) -> "SetupStatus":
+        import importlib
+        import threading
+
+        from . import train as train_mod
+
+        self._wrap(train_mod, "prepare_data", "loading and tokenising the data")
+        for mod, cls in (("layers", "LayerSelection"), ("distill", "Distillation"),
+                         ("trajectory", "SharpnessTrajectory")):
+            self._wrap(getattr(importlib.import_module(f"dpflat.flat.{mod}"), cls), "setup", SETUP_PHASES[cls])
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=None, bar_format="{desc} · {elapsed}", leave=False)
+            self._stop = threading.Event()
+
+            def tick() -> None:
+                while not self._stop.wait(1.0):
+                    self._bar.refresh()
+
+            threading.Thread(target=tick, daemon=True).start()
+        self._set("starting")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, attr, orig in reversed(self._patched):
+            setattr(owner, attr, orig)
+        self._patched.clear()
+        if self._stop is not None:
+            self._stop.set()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def train_run(cfg: RunConfig, **kw: Any) -> dict[str, Any]:
+    """``dpflat.train.train`` with a status line for every set-up step (see :class:`SetupStatus`)."""
+    from .train import train
+
+    with SetupStatus(enabled=cfg.train.progress):
+        return train(cfg, **kw)
 
 
 # --------------------------------------------------------------------------- labels and tables
@@ -138,7 +290,7 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """One line per run: label, accuracy and the privacy numbers its ledger recorded.
 
     ``claimed ε`` is the row's ``epsilon`` (set only when the whole run is DP): a
-    paper-mode run spends noise but claims nothing, so its cell says "none".
+    paper-mode or non-private run claims nothing, so its cell is NaN, as in every table.
     """
     out = []
     for r in map(_row, rows):
@@ -147,7 +299,7 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             "model": run_label(r),
             "guarantee": r.get("guarantee"),
             "accuracy": r.get("accuracy"),
-            "claimed ε": "none" if _is_missing(claim) else float(claim),
+            "claimed ε": math.nan if _is_missing(claim) else float(claim),  # NaN (not "inf"/"none"): no claim
             "δ": r.get("delta"),
             "σ (noise multiplier)": r.get("sigma"),
             "q (sampling rate)": r.get("sample_rate"),
@@ -315,9 +467,22 @@ def epsilon_vs_steps(sigmas: Sequence[float], sample_rate: float, steps: int, de
     for s in sigmas:
         ts, eps = epsilon_curve(s, sample_rate, steps, delta, accountant, n_points)
         fig.add_trace(go.Scatter(x=ts, y=eps, mode="lines", name=f"σ = {s:g}"))
-    fig.update_layout(title=f"ε after t steps (q = {sample_rate:g}, δ = {delta:.0e}, {accountant.upper()} accountant)",
-                      xaxis_title="steps t", yaxis_title="ε", xaxis_type="log", yaxis_type="log", height=420)
+    fig.update_layout(title=f"ε after t steps (q = {sample_rate:.3g}, δ = {fmt_delta(delta)}, {accountant.upper()} accountant)",
+                      xaxis_title="steps t", yaxis_title="ε", height=420)
+    _log_ticks(fig, "x")
+    _log_ticks(fig, "y")
     return fig
+
+
+def fmt_delta(delta: float) -> str:
+    """δ as every figure and printout of the lessons writes it (two significant digits)."""
+    return f"{delta:.2g}"
+
+
+def _log_ticks(fig, axis: str = "y", **sel: Any) -> None:
+    """Label a log axis at powers of ten only (plotly's default labels minor ticks "2, 5")."""
+    upd = dict(type="log", dtick=1, exponentformat="power", showexponent="all", minor=dict(showgrid=True))
+    (fig.update_yaxes if axis == "y" else fig.update_xaxes)(**upd, **sel)
 
 
 def noise_vs_batch(n: int, epochs: float, epsilon: float, delta: float, batch_sizes: Sequence[int],
@@ -345,10 +510,12 @@ def noise_vs_batch(n: int, epochs: float, epsilon: float, delta: float, batch_si
     fig.add_trace(go.Scatter(x=list(batch_sizes), y=sig, mode="lines+markers", name="σ (noise multiplier)"), secondary_y=False)
     fig.add_trace(go.Scatter(x=list(batch_sizes), y=per, mode="lines+markers", name="noise std on the mean gradient σ·C/B"),
                   secondary_y=True)
-    fig.update_layout(title=f"Target ε = {epsilon:g}, δ = {delta:.0e}, N = {n}, {epochs:g} epochs, C = {clip:g}",
-                      xaxis_title="batch size B", xaxis_type="log", height=420)
+    fig.update_layout(title=f"Target ε = {epsilon:g}, δ = {fmt_delta(delta)}, N = {n}, {epochs:g} epochs, C = {clip:g}",
+                      xaxis_title="batch size B", height=420)
+    fig.update_xaxes(type="log", tickvals=list(batch_sizes), ticktext=[str(b) for b in batch_sizes])
     fig.update_yaxes(title_text="σ", secondary_y=False)
-    fig.update_yaxes(title_text="σ·C/B", type="log", secondary_y=True)
+    fig.update_yaxes(title_text="σ·C/B (log)", secondary_y=True)
+    _log_ticks(fig, secondary_y=True)
     return fig
 
 
@@ -371,7 +538,7 @@ class PrivacyPanel(Panel):
         c["sample_rate"] = w.FloatLogSlider(value=sample_rate, base=10, min=-4, max=0, step=0.05, description="q",
                                             readout_format=".4f", continuous_update=False)
         c["steps"] = w.IntSlider(value=steps, min=10, max=20000, step=10, description="steps", continuous_update=False)
-        c["delta_exp"] = w.IntSlider(value=delta_exp, min=-10, max=-3, description="log10 δ", continuous_update=False)
+        c["delta_exp"] = w.IntSlider(value=delta_exp, min=-10, max=-2, description="log10 δ", continuous_update=False)
         c["clip"] = w.FloatSlider(value=clip, min=0.1, max=10.0, step=0.1, description="C", continuous_update=False)
         c["accountant"] = w.Dropdown(options=["rdp", "prv"], value=accountant, description="accountant")
         c["readout"] = w.HTML()
@@ -380,8 +547,9 @@ class PrivacyPanel(Panel):
         view = self._add_figure("epsilon", fig)
         for k in ("sigma", "sample_rate", "steps", "delta_exp", "clip", "accountant"):
             c[k].observe(lambda _ch: self.update(), names="value")
-        left = w.VBox([c[k] for k in ("sigma", "sample_rate", "steps", "delta_exp", "clip", "accountant")] + [c["readout"]])
-        self.widget = w.HBox([left, view])
+        left = w.VBox([c[k] for k in ("sigma", "sample_rate", "steps", "delta_exp", "clip", "accountant")] + [c["readout"]],
+                      layout=w.Layout(min_width="330px"))  # room for the sliders and the readout
+        self.widget = w.HBox([left, view], layout=w.Layout(flex_flow="row wrap"))
         self.epsilon: float = math.nan
         self.update()
 
@@ -404,9 +572,9 @@ class PrivacyPanel(Panel):
         replace_traces(self.figures["epsilon"], [
             go.Scatter(x=ts, y=eps, mode="lines", name="ε(t)"),
             go.Scatter(x=[ts[-1]], y=[eps[-1]], mode="markers", marker=dict(size=10), name=f"after {steps} steps"),
-        ], title=f"ε after t steps: σ={sigma:.2f}, q={q:.4g}, δ=1e{c['delta_exp'].value}, {acc.upper()}")
+        ], title=f"ε after t steps: σ={sigma:.2f}, q={q:.4g}, δ={fmt_delta(self.delta)}, {acc.upper()}")
         epochs = steps * q
-        c["readout"].value = (f"<b>ε = {self.epsilon:.3g}</b> at δ = 1e{c['delta_exp'].value}<br>"
+        c["readout"].value = (f"<b>ε = {self.epsilon:.3g}</b> at δ = {fmt_delta(self.delta)}<br>"
                               f"≈ {epochs:.3g} epochs (steps × q)<br>"
                               f"noise std on each summed gradient: σ·C = {sigma * c['clip'].value:.3g}")
         self._refresh()
@@ -416,6 +584,21 @@ class PrivacyPanel(Panel):
 def privacy_panel(**kw: Any) -> PrivacyPanel:
     """Build the σ/q/steps/δ explorer of notebook 02."""
     return PrivacyPanel(**kw)
+
+
+def run_mechanism(cfg: RunConfig) -> dict[str, Any]:
+    """N, q, T and δ a run of this config will have (what its ledger will record).
+
+    Why: the sliders of notebook 02 start from the lessons' own runs, not from a
+    textbook setting, so the ε read off the panel is the ε the training cells spend.
+    """
+    n = cfg.data.train_size
+    if n is None:
+        raise ValueError("train_size is 'all': give the number of private examples explicitly")
+    q = cfg.train.batch_size / n
+    steps = max(1, int(round(cfg.train.epochs * -(-n // cfg.train.batch_size))))
+    return {"n": int(n), "q": q, "steps": steps, "delta": cfg.privacy.resolve_delta(int(n)),
+            "delta_exp": int(math.floor(math.log10(cfg.privacy.resolve_delta(int(n)))))}
 
 
 # --------------------------------------------------------------------------- 04: results explorer
@@ -562,8 +745,10 @@ class Explorer(Panel):
         v_e = self._add_figure("epsilon", fig_e)
         v_r = self._add_figure("runs", fig_r)
         self._muted = False
+        self._versus_chosen = False  # True once the user picks "versus": then it is kept
         self.set_table(table, metric)
         c["metric"].observe(self._metric_changed, names="value")
+        c["versus"].observe(self._versus_changed, names="value")
         for k in ("versus", "variants", "eps_range"):
             c[k].observe(lambda _ch: self.update(), names="value")
         self.widget = w.VBox([w.HBox([c["metric"], c["versus"]]), w.HBox([c["variants"], c["eps_range"]]),
@@ -600,10 +785,22 @@ class Explorer(Panel):
             self._muted = False
         self.update()
 
+    def _versus_changed(self, change: dict[str, Any]) -> None:
+        if not self._muted:
+            self._versus_chosen = True
+
     def _metric_changed(self, change: dict[str, Any]) -> None:
-        """A metric plotted against itself says nothing: move "versus" off it first."""
+        """A metric plotted against itself says nothing: move "versus" off it first; until
+        the user picks one, "versus" is accuracy whenever the metric is not (as the text says)."""
         c = self.controls
-        if change["new"] is not None and c["versus"].value == change["new"]:
+        if (change["new"] not in (None, "accuracy") and not self._versus_chosen and c["versus"].value != "accuracy"
+                and "accuracy" in c["versus"].options):
+            self._muted = True
+            try:
+                c["versus"].value = "accuracy"
+            finally:
+                self._muted = False
+        elif change["new"] is not None and c["versus"].value == change["new"]:
             others = [m for m in c["versus"].options if m != change["new"]]
             if others:
                 self._muted = True
@@ -662,9 +859,13 @@ class Explorer(Panel):
             return pd.DataFrame()
         out = summarize(sel, metric)
         claims = aggregate(sel, metric)[["variant", "target_epsilon", "claimed_epsilon"]]
-        claims = claims.assign(target_epsilon=claims["target_epsilon"].fillna(float("inf")))
+        key = out["target_epsilon"].astype(float).replace(math.inf, math.nan)  # non-private: no ε (NaN)
+        out = out.assign(target_epsilon=key)
         out = out.merge(claims, on=["variant", "target_epsilon"], how="left")
-        return out.rename(columns={"epsilon": "ε claimed (max)", "dpsgd_part_epsilon": "DP-SGD part ε (run not DP)"})
+        # one claimed-ε column (NaN unless the run is DP as a whole); the accountant's number of a noisy
+        # non-DP run (paper mode) is not a claim and appears only as the DP-SGD part's
+        out = out.drop(columns=[c for c in ("epsilon_spent", "epsilon") if c in out.columns])
+        return out.rename(columns={"dpsgd_part_epsilon": "DP-SGD part ε (run not DP)"})
 
     def _show_summary(self, metric: str) -> None:
         out = self.controls["summary"]
@@ -754,13 +955,16 @@ class SweepRunner(Panel):
 
         c = self.controls
         c["button"].disabled = True
+        nothing = not self.missing() and not (self.analyze and any(
+            RunDir(p).done and not analysis_done(p) for p in self.run_dirs()))
         try:
             with c["log"]:
                 if self.missing():
                     self._update_status(f"· training {len(self.missing())} missing cell(s)")
                     variants, epsilons, seeds, modes = self.spec
-                    sweep(self.base, variants, epsilons, seeds, modes, progress=self.base.train.progress,
-                          on_cell=lambda _row: self._update_status("· training"))
+                    with SetupStatus(enabled=self.base.train.progress):
+                        sweep(self.base, variants, epsilons, seeds, modes, progress=self.base.train.progress,
+                              on_cell=lambda _row: self._update_status("· training"))
                     self._update_status()
                 if self.analyze:
                     from .analysis import analyze_run
@@ -782,7 +986,8 @@ class SweepRunner(Panel):
                     self._update_status()
         finally:
             c["button"].disabled = False
-        self._update_status("· done")
+        self._update_status("· nothing was missing: every cell was already trained"
+                            + (" and analysed" if self.analyze else "") if nothing else "· done")
         table = load_results(self.base.train.output_dir)
         ids = {p.name for p in self.run_dirs()}
         table = table[table["run_id"].isin(ids)].reset_index(drop=True) if len(table) else table
@@ -884,12 +1089,23 @@ class AblationPanel(Panel):
             c[k].observe(lambda _ch: self._sync(), names="value")
         c["launch"].on_click(lambda _b: self.launch())
         live = new_figure(title="live: training loss and eval accuracy", xaxis_title="step", yaxis_title="train loss",
-                          yaxis2=dict(title="eval accuracy", overlaying="y", side="right"), height=350)
+                          yaxis2=dict(title="eval accuracy", overlaying="y", side="right", range=[0, 1]), height=350)
         live.add_scatter(x=[], y=[], mode="lines", name="train loss")
         live.add_scatter(x=[], y=[], mode="lines+markers", name="eval accuracy", yaxis="y2")
         v_live = self._add_figure("live", live)
+        sharp = new_figure(title="live: sharpness (public data, a diagnostic) beside the ε spent so far",
+                           xaxis_title="step", yaxis_title="top Hessian eigenvalue λ1",
+                           yaxis2=dict(title="ε spent so far", overlaying="y", side="right", rangemode="tozero"),
+                           height=330)
+        sharp.add_scatter(x=[], y=[], mode="lines+markers", name="λ1 (sharpness trajectory)")
+        sharp.add_scatter(x=[], y=[], mode="lines+markers", name="ε spent (accountant)", yaxis="y2",
+                          line=dict(dash="dot"))
+        v_sharp = self._add_figure("sharpness", sharp)
+        self._traj_seen = 0
         v_cmp = self._add_figure("compare", new_figure(height=420))
+        c["legend"] = w.HTML(ABLATION_LEGEND)
         self.last: dict[str, Any] | None = None
+        self._run_dir: Path | None = None
         self._epochs = base.train.epochs
         levels = w.VBox([
             w.HBox([c["awp"], c["awp_mode"], c["awp_gamma"]]),
@@ -897,7 +1113,7 @@ class AblationPanel(Panel):
             w.HBox([c["distill"], c["distill_mode"], c["distill_lambda"]]),
         ])
         self.widget = w.VBox([c["epsilon"], levels, w.HBox([c["launch"], c["name"]]), c["progress"], c["status"],
-                              v_live, v_cmp, c["log"]])
+                              v_live, v_sharp, v_cmp, c["legend"], c["log"]])
         self._sync()
         self.refresh_compare()
 
@@ -947,7 +1163,25 @@ class AblationPanel(Panel):
         else:
             eps = ""
         c["status"].value = f"step {step}{eps}"
+        sharp = self.figures["sharpness"]
+        if "epsilon" in row:
+            e_t = sharp.data[1]
+            e_t.x, e_t.y = tuple(e_t.x or ()) + (step,), tuple(e_t.y or ()) + (float(row["epsilon"]),)
+        self._draw_trajectory()
         self._refresh()
+
+    def _draw_trajectory(self) -> None:
+        """λ1 points the run has written to its ``sharpness.jsonl`` so far (read when it grows)."""
+        if self._run_dir is None:
+            return
+        from .flat.trajectory import load_trajectory
+
+        traj = load_trajectory(self._run_dir)
+        if len(traj) != self._traj_seen:
+            self._traj_seen = len(traj)
+            t0 = self.figures["sharpness"].data[0]
+            t0.x, t0.y = [t["step"] for t in traj], [t["top_eigenvalue"] for t in traj]
+            self._refresh()
 
     def launch(self) -> dict[str, Any]:
         """Train the configured run (a finished one is loaded from its folder) and compare it."""
@@ -957,17 +1191,22 @@ class AblationPanel(Panel):
         self._epochs = cfg.train.epochs
         c = self.controls
         live = self.figures["live"]
-        for t in live.data:
+        for t in (*live.data, *self.figures["sharpness"].data):
             t.x, t.y = (), ()
+        from .runs import RunDir
+
+        self._run_dir, self._traj_seen = RunDir.for_config(cfg).path, 0
         c["progress"].value, c["progress"].max = 0, 1
         c["launch"].disabled = True
         c["status"].value = f"training {cfg.variant} at target ε={cfg.privacy.epsilon:g} ..."
         live.update_layout(title=f"live: {cfg.variant} (its guarantee is the ledger's, once it finishes)")
         try:
             with c["log"]:
-                row = train(cfg, on_step=self.on_step)
+                with SetupStatus(enabled=cfg.train.progress):
+                    row = train(cfg, on_step=self.on_step)
         finally:
             c["launch"].disabled = False
+        self._draw_trajectory()  # a run read back from its folder: its stored trajectory
         c["progress"].value = c["progress"].max
         self.last = row
         live.update_layout(title=f"training loss and eval accuracy: {run_label(row)}")
@@ -1003,8 +1242,17 @@ class AblationPanel(Panel):
                 ))
         replace_traces(self.figures["compare"], traces,
                        title="eval accuracy of every run in this results table (outlined: the last one trained)",
-                       yaxis_title="eval accuracy", showlegend=False)
+                       yaxis_title="eval accuracy", yaxis_range=[0, 1], showlegend=False)
         self._refresh()
+
+
+ABLATION_LEGEND = (
+    "<small><b>variant names</b>: <code>dp</code> plain DP-SGD · <code>dp+awp</code>, <code>dp+layers</code>, "
+    "<code>dp+distill</code> one level · <code>dpflat</code> all three · suffix <code>-safe</code>/<code>-paper</code>: "
+    "the mode of every level (mixed modes: <code>level.mode</code>) · settings off their defaults: "
+    "<code>_g</code> AWP γ, <code>_k</code> n_drop (prefix layers dropped by the cross-layer level), "
+    "<code>_l</code> distillation λ. Example: <code>dp+awp+layers-safe_k1</code> = AWP and cross-layer "
+    "selection in safe mode, dropping 1 layer.</small>")
 
 
 def ablation_panel(base: RunConfig, **kw: Any) -> AblationPanel:
@@ -1098,23 +1346,34 @@ def mia_roc_figure(rocs: Mapping[str, tuple[np.ndarray, np.ndarray]], results: M
 
     fig = go.Figure()
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
-    lo = 1e-3
+    # Resolution: with n non-members the smallest non-zero FPR is 1/n; below it an empirical
+    # ROC says nothing (a step at FPR 0 would sit above any claim's limit by construction),
+    # so each curve and the axis start at 1/n (the largest over the models).
+    steps = [float(np.min(np.asarray(f)[np.asarray(f) > 0])) for f, _ in rocs.values() if np.any(np.asarray(f) > 0)]
+    lo = max(steps) if steps else 1e-3
     for i, (label, (fpr, tpr)) in enumerate(rocs.items()):
         color = palette[i % len(palette)]
-        fig.add_trace(go.Scatter(x=np.maximum(fpr, lo) if log else fpr, y=np.maximum(tpr, lo) if log else tpr,
-                                 mode="lines", name=label, line=dict(color=color, shape="hv")))
+        fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+        keep = fpr >= lo - 1e-12 if log else np.ones_like(fpr, dtype=bool)
+        fig.add_trace(go.Scatter(x=fpr[keep], y=np.maximum(tpr[keep], lo) if log else tpr, mode="lines", name=label,
+                                 line=dict(color=color, shape="hv")))
         r = (results or {}).get(label)
         if r is not None and r.guarantee == DP and not _is_missing(r.claimed_epsilon):
             bf, bt = dp_roc_bound(float(r.claimed_epsilon), float(r.delta or 0.0))
-            fig.add_trace(go.Scatter(x=np.maximum(bf, lo) if log else bf, y=np.maximum(bt, lo) if log else bt,
+            kb = bf >= lo if log else np.ones_like(bf, dtype=bool)
+            fig.add_trace(go.Scatter(x=bf[kb], y=np.maximum(bt[kb], lo) if log else bt,
                                      mode="lines", line=dict(color=color, dash="dot"),
                                      name=f"limit of its claim ({label})"))
     grid = np.geomspace(lo, 1, 50) if log else np.linspace(0, 1, 50)
     fig.add_trace(go.Scatter(x=grid, y=grid, mode="lines", line=dict(color="gray", dash="dash"), name="chance"))
     kind = "log" if log else "linear"
     fig.update_layout(title="Membership inference (loss threshold): ROC per model",
-                      xaxis_title="false positive rate", yaxis_title="true positive rate",
-                      xaxis_type=kind, yaxis_type=kind, height=480)
+                      xaxis_title=(f"false positive rate (from 1/n = {lo:.2g}: the attack's resolution with n "
+                                   "non-members)" if log else "false positive rate"),
+                      yaxis_title="true positive rate", xaxis_type=kind, yaxis_type=kind, height=480)
+    if log:
+        fig.update_xaxes(range=[math.log10(lo), 0])
+        fig.update_yaxes(range=[math.log10(lo), 0])
     return fig
 
 
@@ -1154,14 +1413,225 @@ def audit_bars(audits: Sequence[Any]):
     import plotly.graph_objects as go
 
     labels = [run_label({"variant": a.variant, "epsilon": a.claimed_epsilon, "guarantee": a.guarantee}) for a in audits]
+    lower = [float(a.epsilon_lower_bound) for a in audits]
+    claimed = [None if _is_missing(a.claimed_epsilon) else float(a.claimed_epsilon) for a in audits]
     fig = go.Figure([
-        go.Bar(x=labels, y=[a.epsilon_lower_bound for a in audits], name="empirical ε lower bound (canary audit)"),
-        go.Bar(x=labels, y=[None if _is_missing(a.claimed_epsilon) else a.claimed_epsilon for a in audits],
-               name="claimed ε (ledger; none for a run that is not DP)"),
+        # a bound of 0 is a real result (no evidence against the claim): its value is written on the axis
+        go.Bar(x=labels, y=lower, name="empirical ε lower bound (canary audit)",
+               text=[f"{v:.2g}" + (" (no evidence of leakage)" if v == 0 else "") for v in lower],
+               textposition="outside", marker_line=dict(width=2, color="#1f77b4")),
+        go.Bar(x=labels, y=claimed, name="claimed ε (ledger; none for a run that is not DP)",
+               text=["none" if v is None else f"{v:.3g}" for v in claimed], textposition="outside"),
     ])
     fig.update_layout(barmode="group", yaxis_title="ε", height=420,
                       title="A claim is refuted only if the lower bound rises above it")
     return fig
+
+
+
+# --------------------------------------------------------------------------- figure layout helpers
+# --------------------------------------------------------------------------- 03: the Hessian's own axes
+AXES: dict[str, str] = {
+    "random": "two random filter-normalised directions (Li et al. 2018)",
+    "top-2 eigenvectors": "the top two Hessian eigenvectors v1, v2 (the sharpest directions)",
+    "towards non-private": "the straight line to the non-private model (x: 0 = this model, 1 = non-private)"
+                           " and one random direction",
+}
+
+
+def axis_definition(surface: Any) -> str:
+    """One line that says what the two axes of a stored surface are."""
+    dirs = surface.settings.get("directions", []) if isinstance(surface.settings, dict) else []
+    parts = []
+    for i, d in enumerate(dirs[:2], start=1):
+        kind = d.get("kind") if isinstance(d, dict) else None
+        if kind == "eigen":
+            parts.append(f"d{i} = Hessian eigenvector v{d.get('index', i - 1) + 1} (λ = {d.get('eigenvalue', float('nan')):.3g}),"
+                         f" scaled to the norm of a filter-normalised random direction")
+        elif kind == "interpolation":
+            parts.append(f"d{i} = θ_non-private − θ (distance {d.get('distance', float('nan')):.3g}): x = 1 is the "
+                         "non-private model")
+        elif kind:
+            parts.append(f"d{i} = {kind} direction" + (" (filter-normalised)" if kind == "random" else ""))
+    return "axes: " + "; ".join(parts) if parts else "axes: two directions through the trained θ (x = y = 0)"
+
+
+def name_axes(fig, surface: Any) -> None:
+    """Axis titles that say what each axis is, in every panel/scene of a surface figure."""
+    dirs = surface.settings.get("directions", []) if isinstance(surface.settings, dict) else []
+    names = []
+    for i, d in enumerate(dirs[:2], start=1):
+        kind = d.get("kind") if isinstance(d, dict) else None
+        names.append({"eigen": f"v{(d.get('index', i - 1) if isinstance(d, dict) else i - 1) + 1} (Hessian eigenvector)",
+                      "interpolation": "towards non-private (1 = non-private θ)",
+                      "random": f"random direction d{i}"}.get(kind, f"d{i}"))
+    if len(names) < 2:
+        return
+    fig.update_xaxes(title_text=names[0])
+    fig.update_yaxes(title_text=names[1])
+    for key in fig.layout:
+        if key.startswith("scene"):
+            fig.layout[key].update(xaxis_title=names[0], yaxis_title=names[1])
+
+
+def axis_surfaces(run_dirs: Mapping[str, str | Path], axes: str, *, grid: int = 7, span: float = 1.0,
+                  n_examples: int = 64, seed: int = 0, reference: str | None = None) -> dict[str, Any]:
+    """2D loss surfaces of each model along ``axes`` (a key of :data:`AXES`), cached in the run folder.
+
+    ``random``: the surface ``analyze_run`` stored. ``top-2 eigenvectors``: Lanczos on the
+    model's own Hessian (``landscape.eigen_directions``), each unit eigenvector scaled to
+    the norm of the random filter-normalised direction, so the units match the random
+    view. ``towards non-private``: x along ``landscape.interpolation_direction`` to the
+    ``reference`` run (the non-private model), y a random direction; the reference itself
+    gets no surface. All on the eval subset analyze_run uses (no private data).
+    """
+    import landscape as ls
+    from landscape.surface import Surface
+
+    from . import analysis as A
+
+    if axes not in AXES:
+        raise ValueError(f"axes must be one of {list(AXES)}, got {axes!r}")
+    if axes == "random":
+        return {lab: A.load_surface(d) for lab, d in run_dirs.items()}
+    tag = {"top-2 eigenvectors": "eigen", "towards non-private": "interp"}[axes]
+    out: dict[str, Any] = {}
+    for lab, d in run_dirs.items():
+        if tag == "interp" and (reference is None or Path(d) == Path(reference)):
+            continue
+        cache = Path(d) / "landscape" / f"surface_{tag}_g{grid}_n{n_examples}_s{seed}"
+        if cache.with_suffix(".json").is_file():
+            out[lab] = Surface.load(cache)
+            continue
+        run = A.load_run(d)
+        batches = A.analysis_batches(run, n_examples)
+        rnd = ls.random_direction(run.model, seed=seed)
+        if tag == "eigen":
+            with ls.HessianOperator(run.model, A.ce_loss, batches) as H:
+                eig = ls.top_eigenvalues(H, k=2, max_iter=30, tol=1e-3, seed=seed)
+            d1, d2 = ls.eigen_directions(eig, 2)
+            scale = float(rnd.vector.norm())
+            d1.vector, d2.vector = d1.vector * scale, d2.vector * scale
+            xs = np.linspace(-span, span, grid)
+        else:
+            other = A.load_run(reference).model
+            d1 = ls.interpolation_direction(run.model, other)
+            d2 = rnd
+            xs = np.linspace(-0.5, 1.5, grid)
+        surf = ls.loss_surface_2d(run.model, A.ce_loss, batches, d1, d2, xs=xs, ys=np.linspace(-span, span, grid),
+                                  label=lab, progress=False, keep_directions=False)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        surf.save(cache)
+        out[lab] = surf
+    return out
+
+
+# --------------------------------------------------------------------------- sharpness over time
+def trajectories(run_dirs: Mapping[str, str | Path]) -> dict[str, pd.DataFrame]:
+    """Each run's ``sharpness.jsonl`` (``--sharpness-every``) as a table; runs without one are left out."""
+    from .flat.trajectory import load_trajectory
+
+    out = {}
+    for lab, d in run_dirs.items():
+        rows = load_trajectory(d)
+        if rows:
+            out[lab] = pd.DataFrame(rows)
+    return out
+
+
+def trajectory_figure(run_dirs: Mapping[str, str | Path], colors: Mapping[str, str] | None = None):
+    """Top Hessian eigenvalue and SAM sharpness over training, one line per model.
+
+    Measured on public (or eval) data by the run itself, every ``sharpness_every`` steps:
+    a diagnostic, not part of any guarantee (it never reads the private split).
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    tr = trajectories(run_dirs)
+    data = next(iter(tr.values()))["data"].iloc[0] if tr else "public"
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["top Hessian eigenvalue λ1", "SAM sharpness (ρ = 0.05 relative)"])
+    palette = ["#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#d62728"]
+    for i, (lab, t) in enumerate(tr.items()):
+        col = (colors or {}).get(lab, palette[i % len(palette)])
+        for j, key in enumerate(("top_eigenvalue", "sam_sharpness"), start=1):
+            fig.add_trace(go.Scatter(x=t["step"], y=t[key], mode="lines+markers", name=lab, legendgroup=lab,
+                                     showlegend=(j == 1), line=dict(color=col)), row=1, col=j)
+        fig.update_xaxes(title_text="training step")
+    fig.update_layout(title=f"Sharpness over training (on {data} data; a diagnostic, lower = flatter)",
+                      height=400, legend=dict(orientation="h", y=-0.25))
+    if not tr:
+        fig.add_annotation(text="no run recorded a trajectory (train with sharpness_every > 0)", showarrow=False,
+                           xref="paper", yref="paper", x=0.5, y=0.5)
+    return fig
+
+
+def flatness_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Accuracy, eval loss and the last trajectory point (λ1, SAM) per run, side by side."""
+    out = []
+    for r in map(_row, rows):
+        tr = trajectories({"x": r["run_dir"]}).get("x")
+        last = tr.iloc[-1] if tr is not None else {}
+        out.append({"model": run_label(r), "accuracy": r.get("accuracy"), "eval loss": r.get("eval_loss"),
+                    "λ1 (end of training)": last.get("top_eigenvalue", math.nan) if len(last) else math.nan,
+                    "SAM sharpness (end)": last.get("sam_sharpness", math.nan) if len(last) else math.nan})
+    return pd.DataFrame(out)
+
+
+def payoff_figure(rows: Sequence[Mapping[str, Any]], title: str | None = None):
+    """Accuracy, eval loss, λ1 and SAM sharpness per model in four panels: "flatter" and
+    "as accurate" are separate questions, answered side by side."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    t = flatness_table(rows)
+    keys = ["accuracy", "eval loss", "λ1 (end of training)", "SAM sharpness (end)"]
+    fig = make_subplots(rows=1, cols=4, subplot_titles=keys)
+    palette = ["#1f77b4", "#2ca02c", "#7f7f7f", "#ff7f0e", "#9467bd"]
+    for j, k in enumerate(keys, start=1):
+        for i, r in t.iterrows():
+            fig.add_trace(go.Bar(x=[r["model"]], y=[r[k]], name=r["model"], legendgroup=r["model"],
+                                 showlegend=(j == 1), marker_color=palette[i % len(palette)],
+                                 text=[f"{r[k]:.3g}" if not _is_missing(r[k]) else "n/a"], textposition="outside"),
+                          row=1, col=j)
+        fig.update_xaxes(showticklabels=False, row=1, col=j)
+    fig.update_yaxes(range=[0, 1.08], row=1, col=1)
+    fig.update_layout(title=title or "Accurate and flat? (sharpness on public data at the end of training; lower = flatter)",
+                      height=420, legend=dict(orientation="h", y=-0.12))
+    return fig
+
+
+def paired_accuracy_difference(run_a: str | Path, run_b: str | Path, n_boot: int = 2000, seed: int = 0,
+                               split: str = "eval") -> dict[str, Any]:
+    """Held-out accuracy of B minus A on the same examples, with a paired 95% bootstrap interval.
+
+    Why paired: both models answer the same examples, so resampling examples (not models)
+    removes the between-example variance that two separate intervals would double count.
+    It is the interval of one seed's difference; run-to-run (seed) variance comes on top.
+    (dpflat.stats, where present, holds the project's shared paired statistics; this one
+    needs only the two run folders.)
+    """
+    import torch
+
+    from . import analysis as A
+    from .evaluate import model_inputs
+
+    correct = []
+    for d in (run_a, run_b):
+        run = A.load_run(d, attn="sdpa")
+        ds = run.data[split]
+        hits = []
+        with torch.inference_mode():
+            for b in torch.utils.data.DataLoader(ds, batch_size=128, shuffle=False):
+                pred = run.model(**model_inputs(b, "cpu")).argmax(-1)
+                hits.append((pred == b["labels"]).float().numpy())
+        correct.append(np.concatenate(hits))
+    diff = correct[1] - correct[0]
+    rng = np.random.default_rng(seed)
+    boots = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    return {"difference": float(diff.mean()), "ci_low": float(lo), "ci_high": float(hi), "n": int(len(diff)),
+            "accuracy_a": float(correct[0].mean()), "accuracy_b": float(correct[1].mean()), "split": split}
 
 
 # --------------------------------------------------------------------------- 03: landscapes
@@ -1194,7 +1664,8 @@ def eigen_result(analysis: Mapping[str, Any]):
 class SurfacePanel(Panel):
     """Pick a model and a view (contour or 3D, linear or log loss) of its 2D loss surface."""
 
-    def __init__(self, surfaces: Mapping[str, Any], kind: str = "contour"):
+    def __init__(self, surfaces: Mapping[str, Any], kind: str = "contour",
+                 axes_source: Callable[[str], Mapping[str, Any]] | None = None):
         super().__init__()
         import ipywidgets as w
 
@@ -1202,25 +1673,51 @@ class SurfacePanel(Panel):
             raise ValueError("no surfaces to show")
         self.surfaces = dict(surfaces)
         c = self.controls
-        c["model"] = w.Dropdown(options=list(self.surfaces), description="model", layout=w.Layout(width="60%"))
-        c["kind"] = w.ToggleButtons(options=["contour", "3d"], value=kind)
-        c["log"] = w.Checkbox(value=False, description="log10 loss")
-        for k in ("model", "kind", "log"):
+        self.axes_source = axes_source  # axes -> {label: Surface}, computed on first use (see axis_surfaces)
+        self._by_axes: dict[str, dict[str, Any]] = {"random": self.surfaces}
+        c["model"] = w.Dropdown(options=list(self.surfaces), description="model", layout=w.Layout(width="auto"))
+        # buttons in one row: ToggleButtons stack vertically in narrow boxes unless their width is fixed
+        row_btn = {"button_width": "72px"}
+        c["kind"] = w.ToggleButtons(options=["contour", "3d"], value=kind, style=row_btn)
+        c["axes"] = w.ToggleButtons(options=list(AXES), value="random", style={"button_width": "150px"},
+                                    tooltips=[AXES[a] for a in AXES], disabled=axes_source is None)
+        c["log"] = w.Checkbox(value=False, description="log10 loss", layout=w.Layout(width="auto"))
+        c["axes_note"] = w.HTML()
+        for k in ("model", "kind", "log", "axes"):
             c[k].observe(lambda _ch: self.update(), names="value")
         view = self._add_figure("surface", new_figure())
-        self.widget = w.VBox([w.HBox([c["model"], c["kind"], c["log"]]), view])
+        flow = w.Layout(flex_flow="row wrap", align_items="center")
+        self.widget = w.VBox([w.HBox([c["model"], c["kind"], c["log"]], layout=flow),
+                              w.HBox([c["axes"]], layout=flow), c["axes_note"], view])
         self.update()
+
+    def current(self) -> dict[str, Any]:
+        """The surfaces along the chosen axes (computed once per axes kind)."""
+        ax = self.controls["axes"].value
+        if ax not in self._by_axes:
+            self.controls["axes_note"].value = f"<i>computing the surfaces along {AXES[ax]} ...</i>"
+            self._by_axes[ax] = dict(self.axes_source(ax))
+        return self._by_axes[ax]
 
     def update(self) -> None:
         from landscape import plots
 
         c = self.controls
         label = c["model"].value
-        s = self.surfaces[label]
-        src = (plots.plot_contour if c["kind"].value == "contour" else plots.plot_surface_3d)(s, labels=label, log=c["log"].value)
+        surfaces = self.current()
         fig = self.figures["surface"]
+        if label not in surfaces:  # e.g. the non-private model has no "towards non-private" axis
+            replace_traces(fig, [], title=f"{label}: no surface along {AXES[c['axes'].value]}")
+            c["axes_note"].value = ""
+            self._refresh()
+            return
+        s = surfaces[label]
+        src = (plots.plot_contour if c["kind"].value == "contour" else plots.plot_surface_3d)(s, labels=label, log=c["log"].value)
+        responsive(src)
+        name_axes(src, s)
         replace_traces(fig, src.data)
         fig.layout = src.layout
+        c["axes_note"].value = f"<small>{axis_definition(s)}</small>"
         self._refresh()
 
 
@@ -1230,6 +1727,22 @@ def surface_panel(surfaces: Mapping[str, Any], **kw: Any) -> SurfacePanel:
 
 
 __all__ = [
+    "AXES",
+    "SIZES",
+    "SetupStatus",
+    "axis_definition",
+    "axis_surfaces",
+    "flatness_table",
+    "fmt_delta",
+    "name_axes",
+    "paired_accuracy_difference",
+    "payoff_figure",
+    "responsive",
+    "run_mechanism",
+    "sized",
+    "train_run",
+    "trajectories",
+    "trajectory_figure",
     "METRICS",
     "audit_bars",
     "dp_roc_bound",

@@ -133,6 +133,23 @@ def test_explorer_metric_dropdown_changes_the_plotted_values():
     assert sorted(runs.x) == pytest.approx(sorted(_rows().query("variant == 'dp'")["accuracy"]))
 
 
+def test_explorer_bottom_figure_is_against_accuracy_until_the_user_picks():
+    """The text says the bottom plot is against accuracy by default (it drifted to eval_loss)."""
+    ex = W.explorer(_rows())
+    ex.controls["metric"].value = "top_eigenvalue"
+    assert ex.controls["versus"].value == "accuracy"
+    ex.controls["versus"].value = "hessian_trace"  # a user choice is kept
+    ex.controls["metric"].value = "sam_sharpness"
+    assert ex.controls["versus"].value == "hessian_trace"
+
+
+def test_explorer_summary_has_one_epsilon_column_and_nan_for_non_private():
+    s = W.explorer(_rows()).summary()
+    assert not any("spent" in c for c in s.columns)
+    nonpriv = s[s["variant"] == "nonprivate"]
+    assert nonpriv["target_epsilon"].isna().all() and not np.isinf(s["target_epsilon"].astype(float)).any()
+
+
 def test_explorer_variant_toggles_and_epsilon_range_filter_traces():
     ex = W.explorer(_rows())
     ex.controls["variants"].value = ("dp", "nonprivate")
@@ -174,7 +191,7 @@ def test_static_figures_and_tables_take_labels_from_the_rows():
     paper = t[t["variant"] == "dpflat-paper"].iloc[0].to_dict()
     dp_row = t[t["variant"] == "dp"].iloc[0].to_dict()
     table = W.comparison_table([dp_row, paper])
-    assert table.loc[1, "guarantee"] == NOT_DP_PAPER and table.loc[1, "claimed ε"] == "none"
+    assert table.loc[1, "guarantee"] == NOT_DP_PAPER and math.isnan(table.loc[1, "claimed ε"])  # NaN as elsewhere
     assert NOT_DP_PAPER in table.loc[1, "model"] and "ε=" not in table.loc[1, "model"]
     assert "ε=0.99" in table.loc[0, "model"] and DP in table.loc[0, "model"]
     bars = W.accuracy_bars([dp_row, paper])
@@ -377,3 +394,103 @@ def test_setup_resolves_relative_output_dirs_from_the_project_root(tmp_path, mon
         assert out == W.project_root() / rel and out.is_dir() and data_dir == "/some/where"
     finally:
         out.rmdir()
+
+
+# --------------------------------------------------------------------------- Notebooks II fixes
+def test_roc_starts_at_the_attacks_resolution_so_no_dp_curve_crosses_its_claim():
+    """With n non-members FPR moves in steps of 1/n; below that a curve says nothing and,
+    drawn at FPR 0, it sat above the claim's limit (a learner read a broken guarantee)."""
+    from types import SimpleNamespace
+
+    n = 64
+    fpr = np.concatenate([[0.0, 0.0], np.arange(1, n + 1) / n])
+    tpr = np.concatenate([[0.0, 1 / n], np.minimum(1.0, np.arange(1, n + 1) / n + 1 / n)])
+    res = SimpleNamespace(guarantee=DP, claimed_epsilon=1.0, delta=1e-5)
+    fig = W.mia_roc_figure({"dp": (fpr, tpr)}, {"dp": res})
+    curve, bound = fig.data[0], fig.data[1]
+    assert min(curve.x) == pytest.approx(1 / n) and min(bound.x) >= 1 / n - 1e-12
+    limit = lambda x: np.minimum(1.0, math.exp(1.0) * np.asarray(x) + 1e-5)  # noqa: E731
+    assert np.all(np.asarray(curve.y) <= limit(curve.x) + 1e-9)
+    assert fig.layout.xaxis.range[0] == pytest.approx(math.log10(1 / n))
+
+
+def test_audit_bar_of_zero_is_labelled():
+    from types import SimpleNamespace
+
+    a = SimpleNamespace(variant="dp", claimed_epsilon=3.0, guarantee=DP, epsilon_lower_bound=0.0)
+    fig = W.audit_bars([a])
+    assert fig.data[0].y[0] == 0 and "0" in fig.data[0].text[0] and fig.data[0].textposition == "outside"
+
+
+def test_noise_vs_batch_log_axis_labels_decades_and_batch_sizes():
+    fig = W.noise_vs_batch(2000, 1.0, epsilon=3.0, delta=1e-4, batch_sizes=[16, 64, 256], clip=1.0)
+    assert list(fig.layout.xaxis.tickvals) == [16, 64, 256] and fig.layout.yaxis2.dtick == 1
+    assert "δ = 0.0001" in fig.layout.title.text
+
+
+def test_run_mechanism_gives_the_runs_own_numbers():
+    from dpflat.config import RunConfig
+
+    cfg = RunConfig().replace(data={"train_size": 1000}, train={"batch_size": 64, "epochs": 2.0})
+    m = W.run_mechanism(cfg)
+    assert m["n"] == 1000 and m["q"] == pytest.approx(0.064) and m["steps"] == 32
+    assert m["delta"] == pytest.approx(1000 ** -1.1) and m["delta_exp"] == -4
+
+
+def test_sized_presets_fill_only_what_the_notebook_left_at_none():
+    p = W.sized("quick", train_size=None, epochs=3.0, flat={"n_drop": 1})
+    assert p["train_size"] == W.SIZES["quick"]["train_size"] and p["epochs"] == 3.0
+    assert p["flat"]["n_drop"] == 1 and p["flat"]["layers_examples"] == W.SIZES["quick"]["flat"]["layers_examples"]
+    cfg = W.base_config(out_dir="x", size="full", train_size=None, eval_size=None, public_size=None, max_length=None,
+                        prefix_len=None, epochs=None, batch_size=None, physical_batch_size=None, lr=None, flat=None,
+                        sharpness_every=0)
+    assert cfg.data.train_size == 2000 and cfg.train.sharpness_every == 0
+    from dpflat.config import ConfigError
+
+    with pytest.raises(ConfigError, match="size must be"):
+        W.sized("huge")
+
+
+def test_ablation_legend_explains_the_name_suffixes(tiny_base):
+    p = W.ablation_panel(tiny_base)
+    legend = p.controls["legend"].value
+    assert "_k" in legend and "n_drop" in legend and "_g" in legend and "_l" in legend
+    assert tuple(p.figures["compare"].layout.yaxis.range) == (0, 1)
+    assert tuple(p.figures["live"].layout.yaxis2.range) == (0, 1)
+
+
+def test_setup_status_names_each_setup_phase_and_restores_the_library(tiny_base):
+    from dpflat.flat.distill import Distillation
+
+    orig = Distillation.setup
+    cfg = tiny_base.replace(flat={"distill": True}, variant="dp+distill-safe", train={"epochs": 0.25})
+    with W.SetupStatus(enabled=False) as st:
+        from dpflat.train import train
+
+        train(cfg)
+    assert Distillation.setup is orig
+    phases = [p for p, _ in st.phases]
+    assert phases[0] == "loading and tokenising the data" and W.SETUP_PHASES["Distillation"] in phases
+
+
+# --------------------------------------------------------------------------- report
+def test_report_hover_shows_the_claimed_epsilon_and_unknown_guarantees():
+    from dpflat.report import UNKNOWN, sharpness_vs_epsilon
+
+    t = _rows()
+    t = t[t["variant"].isin(["dp", "dpflat-paper"])].copy()
+    fig = sharpness_vs_epsilon(t, ("accuracy",))
+    dp_tr = next(tr for tr in fig.data if tr.name.startswith("dp ·"))
+    assert [cd[1] for cd in dp_tr.customdata] == ["claimed ε = 0.99", "claimed ε = 2.97", "claimed ε = 7.92"]
+    assert "customdata[1]" in dp_tr.hovertemplate and fig.layout.width is None  # fills the page
+    paper = next(tr for tr in fig.data if tr.name.startswith("dpflat-paper"))
+    assert all(cd[1].startswith("no ε claimed (DP-SGD part only") for cd in paper.customdata)
+    old = t.drop(columns=["guarantee", "epsilon"])  # a table from before the ledger columns
+    names = {tr.name for tr in sharpness_vs_epsilon(old, ("accuracy",)).data}
+    assert all(UNKNOWN in n for n in names)
+
+
+def test_report_text_avoids_glyphs_default_fonts_lack():
+    from dpflat.figures import safe_text
+
+    assert safe_text("SAM sharpness (ρ=0.05·‖θ‖)") == "SAM sharpness (ρ=0.05·||θ||)"

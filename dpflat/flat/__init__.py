@@ -31,6 +31,10 @@ def build_levels(cfg: "RunConfig") -> list[FlatLevel]:
         from .awp import AWP
 
         levels.append(AWP(f))
+    if cfg.train.sharpness_every:  # a diagnostic, last: it sees the step the others shaped
+        from .trajectory import SharpnessTrajectory
+
+        levels.append(SharpnessTrajectory(cfg.train))
     return levels
 
 
