@@ -75,6 +75,8 @@ def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_e
     from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
+    g = table["guarantee"] if "guarantee" in table.columns else pd.Series(UNKNOWN, index=table.index)
+    table = table.assign(guarantee=g.fillna(UNKNOWN).replace("", UNKNOWN))  # old tables: no ledger column
     metrics = tuple(m for m in metrics if m in table.columns and table[m].notna().any())
     if not metrics:
         raise ValueError("the results table has none of the requested metric columns; run the landscape analysis first")
@@ -90,9 +92,10 @@ def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_e
         for mi, m in enumerate(metrics, start=1):
             if (sub["guarantee"] != DP).any() or sub["target_epsilon"].isna().all():
                 mu, sd = float(sub[m].mean()), float(sub[m].std(ddof=1)) if len(sub) > 1 else 0.0
+                why = "; ".join(sorted(set(_claim_text(sub)))) or "no ε claimed"  # paper mode: its DP-SGD part's
                 fig.add_trace(go.Scatter(x=[x_lo, x_hi], y=[mu, mu], mode="lines", name=name, legendgroup=name,
                                          showlegend=mi == 1, line=dict(color=color, dash="dash"),
-                                         hovertemplate=f"{name}<br>{m}={mu:.4g} ± {sd:.2g}<extra></extra>"),
+                                         hovertemplate=f"{name}<br>{why}<br>{m}={mu:.4g} ± {sd:.2g}<extra></extra>"),
                               row=1, col=mi)
                 continue
             g = sub.groupby("target_epsilon")[m].agg(["mean", "std", "count"]).reset_index().sort_values("target_epsilon")
