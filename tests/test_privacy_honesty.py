@@ -81,7 +81,7 @@ def test_sigkill_between_checkpoints_then_resume_is_bit_identical(tmp_path, make
     """Killed at step 6 (checkpoint at 4, an eval at 6 may have written best.safetensors), then
     resumed *without* the noise seed: the generator state comes from the checkpoint, the lost
     steps are replayed exactly, and the run equals the uninterrupted one bit for bit."""
-    over = {"train": {"epochs": 3, "checkpoint_every": 4, "eval_every": 2}}
+    over = {"train": {"epochs": 2, "checkpoint_every": 4, "eval_every": 2}}
     cfg, ref_cfg = make_cfg(tmp_path / "killed", **over), make_cfg(tmp_path / "clean", **over)
     cfg.save(tmp_path / "cfg.json")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -93,16 +93,16 @@ def test_sigkill_between_checkpoints_then_resume_is_bit_identical(tmp_path, make
     assert [json.loads(x)["step"] for x in rd.metrics_file.read_text().splitlines()] == list(range(1, 7))
     res = train(cfg)  # resume: no noise seed given
     ref = train(ref_cfg, noise_seed=SEED)
-    assert res["steps"] == ref["steps"] == 12 and res["best_step"] == ref["best_step"]
+    assert res["steps"] == ref["steps"] == 8 and res["best_step"] == ref["best_step"]
     assert res["epsilon"] == ref["epsilon"] and res["accuracy"] == ref["accuracy"]
     for f in ("model.safetensors", "last.safetensors", "best.safetensors"):
         assert (rd.path / f).read_bytes() == (RunDir.for_config(ref_cfg).path / f).read_bytes(), f
     drop = lambda r: {k: v for k, v in r.items() if k != "examples_per_s"}  # noqa: E731
     rows = [drop(json.loads(x)) for x in rd.metrics_file.read_text().splitlines()]
     ref_rows = [drop(json.loads(x)) for x in RunDir.for_config(ref_cfg).metrics_file.read_text().splitlines()]
-    assert rows == ref_rows and [r["step"] for r in rows] == list(range(1, 13))  # no duplicates after the restart
+    assert rows == ref_rows and [r["step"] for r in rows] == list(range(1, 9))  # no duplicates after the restart
     led, ref_led = (json.loads(Path(r["run_dir"], "ledger.json").read_text()) for r in (res, ref))
-    assert led["batch_sizes"] == ref_led["batch_sizes"] and led["batch_sizes"]["steps"] == 12 == led["steps"]
+    assert led["batch_sizes"] == ref_led["batch_sizes"] and led["batch_sizes"]["steps"] == 8 == led["steps"]
 
 
 def test_secure_rng_without_torchcsprng_is_refused_with_one_line():
@@ -231,14 +231,14 @@ def test_dpzero_noise_differs_across_runs_and_a_noise_seed_reproduces(tmp_path, 
 
 # --------------------------------------------------------------------------- the cross-check
 def test_cross_check_against_dp_accounting_and_poisson_batch_sizes(tmp_path, make_cfg):
-    res = train(make_cfg(tmp_path / "runs", train={"epochs": 4}), noise_seed=3)  # 16 steps
+    res = train(make_cfg(tmp_path / "runs"), noise_seed=3)  # 8 steps
     c = from_ledger(res["run_dir"])
     assert c.claim_above_pld is True and c.claim_near_rdp is True
-    assert c.poisson["steps"] == 16 and c.poisson["consistent"] is True and c.ledger_matches is True
+    assert c.poisson["steps"] == 8 and c.poisson["consistent"] is True and c.ledger_matches is True
     assert "independent cross-check: passed" in c.table()
     led = json.loads(Path(res["run_dir"], "ledger.json").read_text())
     # shuffled fixed-size batches (what --no-poisson did): the variance test fails
-    fixed = {**led, "batch_sizes": {"steps": 16, "sum": 16 * 32.0, "sumsq": 16 * 32.0**2}}
+    fixed = {**led, "batch_sizes": {"steps": 8, "sum": 8 * 32.0, "sumsq": 8 * 32.0**2}}
     assert from_ledger(fixed).poisson["consistent"] is False and from_ledger(fixed).ledger_matches is False
     # a claim below what the recorded mechanism can justify
     low = {**led, "epsilon": 0.5 * c.epsilons["dp_accounting_pld"]}
