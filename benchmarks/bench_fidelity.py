@@ -53,14 +53,17 @@ def base_config(a):
 
 
 def grid(a):
-    """All cells, seed-major (task, then variant, ε, mode inside a seed)."""
+    """All cells, seed-major; inside a seed and task: nonprivate, then per ε dp, dpflat-safe,
+    dpflat-paper, so that a partial table compares every variant at the first ε."""
     from dpflat.sweep import cells
 
     base = base_config(a)
     out = []
     for seed in a.seeds:
         for task in a.tasks:
-            out += cells(base.replace(data={"task": task}), VARIANTS, a.epsilons, [seed], MODES)
+            cs = cells(base.replace(data={"task": task}), VARIANTS, a.epsilons, [seed], MODES)
+            out += sorted(cs, key=lambda c: (c.privacy.enabled, a.epsilons.index(c.privacy.epsilon)
+                                             if c.privacy.enabled else 0, ORDER.get(c.variant, 9)))
     return out
 
 
