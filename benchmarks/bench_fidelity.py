@@ -53,14 +53,17 @@ def base_config(a):
 
 
 def grid(a):
-    """All cells, seed-major (task, then variant, ε, mode inside a seed)."""
+    """All cells, seed-major; inside a seed and task: nonprivate, then per ε dp, dpflat-safe,
+    dpflat-paper, so that a partial table compares every variant at the first ε."""
     from dpflat.sweep import cells
 
     base = base_config(a)
     out = []
     for seed in a.seeds:
         for task in a.tasks:
-            out += cells(base.replace(data={"task": task}), VARIANTS, a.epsilons, [seed], MODES)
+            cs = cells(base.replace(data={"task": task}), VARIANTS, a.epsilons, [seed], MODES)
+            out += sorted(cs, key=lambda c: (c.privacy.enabled, a.epsilons.index(c.privacy.epsilon)
+                                             if c.privacy.enabled else 0, ORDER.get(c.variant, 9)))
     return out
 
 
@@ -84,7 +87,7 @@ def run_cells(a) -> None:
         except RunLocked as e:
             print(f"skipped (locked): {e}", flush=True)
             continue
-        if a.landscape and not (rd.path / "landscape" / "landscape.json").exists():
+        if a.landscape:  # cached per run; also puts its columns back into a row that train() re-appended
             landscape(res["run_dir"], a)
         print(f"[{i + 1}/{len(todo)}] {c.data.task} {res['variant']} ε={res.get('target_epsilon')} "
               f"seed={res['seed']} test={res['accuracy']:.4f} val={res.get('val_accuracy', float('nan')):.4f} "
@@ -94,22 +97,32 @@ def run_cells(a) -> None:
 def table_lines(a) -> tuple[list[str], int, int]:
     import pandas as pd
 
+    from dpflat.analysis import load_analysis
     from dpflat.runs import RunDir, load_results
     from dpflat.stats import paired_differences
 
     g = grid(a)
     ids = {RunDir.for_config(c).path.name for c in g}
+
+    def _flatness(row):
+        """From the run's landscape.json (the table row can lose them when a finished cell is re-appended)."""
+        try:
+            s = load_analysis(row["run_dir"])
+            return s.get("top_eigenvalue"), s.get("sam_sharpness")
+        except (FileNotFoundError, TypeError):
+            return row.get("top_eigenvalue"), row.get("sam_sharpness")
+
     t = load_results(a.output_dir)
     t = t[t["run_id"].isin(ids) & t["finished"].astype(bool)].copy() if len(t) else t
-    if len(t) and a.landscape and "top_eigenvalue" in t:
-        done = int(t["top_eigenvalue"].notna().sum())
-    else:
-        done = len(t)
     if not len(t):
         return ["(no finished cells yet)"], 0, len(g)
     for col in ("val_accuracy", "top_eigenvalue", "sam_sharpness", "wall_s", "setup_s", "examples_per_s", "peak_mem_mb"):
         if col not in t:
             t[col] = float("nan")
+    flat = pd.DataFrame([_flatness(r) for r in t.to_dict("records")], index=t.index,
+                        columns=["top_eigenvalue", "sam_sharpness"])
+    t["top_eigenvalue"], t["sam_sharpness"] = flat["top_eigenvalue"], flat["sam_sharpness"]
+    done = int(t["top_eigenvalue"].notna().sum()) if a.landscape else len(t)  # a cell = trained + measured
     t["eps"] = pd.to_numeric(t["target_epsilon"], errors="coerce").fillna(float("inf"))
     paired = paired_differences(t, "dp", "accuracy")
     rows = []
@@ -120,7 +133,12 @@ def table_lines(a) -> tuple[list[str], int, int]:
              "gap closed | top Hessian eig | SAM sharpness | wall s | setup s | ex/s | peak MiB |",
              "|" + "---|" * 15]
     for task, e, _, v, gg, p in sorted(rows, key=lambda r: r[:3]):
-        if p.empty:
+        if v == "nonprivate":  # pairs with dp at every ε: the DP -> non-private gap itself
+            p = paired[(paired["task"] == task) & (paired["variant"] == v)]
+            diff = "; ".join(f"ε{r.target_epsilon:g}: {r.mean_diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]"
+                             for r in p.itertuples()) or "—"
+            gap = "—"
+        elif p.empty:
             diff, gap = "—", "—"
         else:
             r = p.iloc[0]

@@ -164,9 +164,10 @@ def make_canaries(cfg, m: int, seed: int = 0):
         raise ConfigError(f"an audit needs at least 2 canaries, got {m}")
     card = data_mod.get_task(cfg.data.task)
     raw = data_mod.load_raw(card, cfg.data.data_dir)
-    splits = data_mod.make_splits(raw, seed=cfg.train.seed, public_size=cfg.data.public_size,
-                                  train_size=cfg.data.train_size, eval_size=cfg.data.eval_size)
+    splits = data_mod.splits_for_config(raw, cfg.data, cfg.train.seed)  # the run's own splits (val_size included)
     used = set(data_mod.column(splits.private, "idx")) | set(data_mod.column(splits.public, "idx"))
+    if splits.val is not None:  # canaries must not be validation rows either
+        used |= set(data_mod.column(splits.val, "idx"))
     unused = np.array(sorted(set(range(len(raw["train"]))) - used), dtype=np.int64)
     if len(unused) < m:
         raise ConfigError(f"the audit needs {m} train rows outside the run's private/public splits, "

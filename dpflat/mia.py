@@ -222,8 +222,7 @@ def _private_idx(cfg) -> set[int]:
     from . import data as data_mod
 
     raw = data_mod.load_raw(data_mod.get_task(cfg.data.task), cfg.data.data_dir)
-    s = data_mod.make_splits(raw, seed=cfg.train.seed, public_size=cfg.data.public_size,
-                             train_size=cfg.data.train_size, eval_size=cfg.data.eval_size)
+    s = data_mod.splits_for_config(raw, cfg.data, cfg.train.seed)  # the run's own splits (val_size included)
     return set(int(i) for i in data_mod.column(s.private, "idx"))
 
 

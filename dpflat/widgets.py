@@ -38,8 +38,9 @@ from .privacy import DP, NOT_DP_NONPRIVATE, NOT_DP_PAPER, PrivacyLedger
 # Metric columns of the results table the explorer can plot (label for axes); MIA
 # columns (``mia_*``) are picked up as they appear.
 METRICS: dict[str, str] = {
-    "accuracy": "eval accuracy",
-    "eval_loss": "eval loss",
+    "accuracy": "test accuracy",  # the test split (the task's eval file), checkpoint selected on val
+    "eval_loss": "test loss",
+    "val_accuracy": "val accuracy",  # absent from run folders older than the val split: offered only if present
     "top_eigenvalue": "top Hessian eigenvalue λ1",
     "hessian_trace": "Hessian trace",
     "sam_sharpness": "SAM sharpness",

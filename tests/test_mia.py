@@ -118,8 +118,10 @@ def test_membership_sets_are_balanced_disjoint_and_same_distribution(overfit_run
 
 
 def test_eval_fallback_when_the_run_used_the_whole_train_file(make_cfg, tmp_path):
-    """Disaster: 4,430 train rows; all but the public 64 are private, so no unused rows remain."""
-    cfg = make_cfg(tmp_path, data={"task": "disaster", "train_size": None, "eval_size": 48, "public_size": 64})
+    """Disaster: 4,430 train rows; all but the public 64 and one val row are private, and fewer than
+    100 unused rows remain (the val row and the rows dropped as duplicates of test/public/val)."""
+    cfg = make_cfg(tmp_path, data={"task": "disaster", "train_size": None, "eval_size": 48, "public_size": 64,
+                                   "val_size": 1})
     members, nonmembers, source = membership_sets(cfg)
     assert source == "eval" and len(members) == len(nonmembers) == 48
 
