@@ -1207,7 +1207,12 @@ class AblationPanel(Panel):
                     row = train(cfg, on_step=self.on_step)
         finally:
             c["launch"].disabled = False
-        self._draw_trajectory()  # a run read back from its folder: its stored trajectory
+        if not live.data[0].x:  # a run read back from its folder: draw its stored curves
+            from .runs import RunDir
+
+            for m in RunDir(row["run_dir"]).metrics():
+                self.on_step(m)
+        self._draw_trajectory()
         c["progress"].value = c["progress"].max
         self.last = row
         live.update_layout(title=f"training loss and eval accuracy: {run_label(row)}")

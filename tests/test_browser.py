@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # runs in the page and returns true when it found its control.
 ACTIONS: dict[str, list[tuple[str, str]]] = {
     "02_dp_tradeoffs": [("σ slider: one step right (keyboard on its handle)", "slider")],
-    "03_flatness_landscapes": [("viewer: the '3d' view button", "button:3d")],
+    "03_flatness_landscapes": [("viewer: the 'contour' view button (the notebook left it on 3d)", "button:contour")],
     "04_sharpness_vs_epsilon": [("explorer: the metric dropdown", "select:metric")],
     "05_ablations": [("ablation panel: the Train button", "button:Train")],
 }
@@ -75,8 +75,15 @@ def lab(tmp_path_factory, shared_data):
         nb = load_notebook_node(str(ROOT / "notebooks" / f"{name}.ipynb"))  # papermill's reader (tags metadata)
         params = {**TINY, **extra, "data_dir": str(shared_data), "out_dir": str(root / "out")}
         nbformat.write(pz.parameterize_notebook(nb, params), nbs / f"{name}.ipynb")
+    # every cell in the DOM (JupyterLab 4 renders only the visible ones by default), no news pop-up
+    settings = root / "lab-settings"
+    for ext, name, value in (("notebook-extension", "tracker", {"windowingMode": "none"}),
+                             ("apputils-extension", "notification", {"fetchNews": "false"})):
+        (settings / f"@jupyterlab/{ext}").mkdir(parents=True, exist_ok=True)
+        (settings / f"@jupyterlab/{ext}" / f"{name}.jupyterlab-settings").write_text(json.dumps(value))
     port, token = _free_port(), "dpflat-browser-test"
-    env = {**os.environ, "JUPYTER_PATH": str(root / "jupyter"), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "JUPYTER_PATH": str(root / "jupyter"), "PYTHONPATH": str(ROOT),
+           "JUPYTERLAB_SETTINGS_DIR": str(settings)}
     cmd = [str(jlab) if jlab.is_file() else "jupyter-lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={nbs}", "--LabApp.expose_app_in_browser=True"]
     if hasattr(os, "getuid") and os.getuid() == 0:
@@ -131,12 +138,13 @@ STATE = """() => {
   const status = w.sessionContext.session.kernel ? w.sessionContext.session.kernel.status : 'none';
   return {ready: true, done, errors, status, n: cells.length};
 }"""
-FIGURES = "() => Array.from(document.querySelectorAll('.js-plotly-plot .main-svg')).map(e => e.innerHTML.length + ':' + e.innerHTML.slice(-400))"
+# scoped to the open notebook: earlier lessons stay open in other (hidden) tabs
+FIGURES = "() => Array.from(window.jupyterapp.shell.currentWidget.node.querySelectorAll('.js-plotly-plot .main-svg')).map(e => e.innerHTML.length + ':' + e.innerHTML.slice(-400))"
 MOVE = """(what) => {
-  const out = document.querySelector('.jp-Notebook');
+  const out = window.jupyterapp.shell.currentWidget.node;
   if (what === 'slider') {
     const h = out.querySelector('.widget-slider .noUi-handle, .widget-hslider .noUi-handle, .widget-slider .slider-handle');
-    if (!h) return false; h.focus();
+    if (!h) return false; h.scrollIntoView(); h.focus();
     h.dispatchEvent(new KeyboardEvent('keydown', {key: 'ArrowRight', keyCode: 39, bubbles: true}));
     h.dispatchEvent(new KeyboardEvent('keyup', {key: 'ArrowRight', keyCode: 39, bubbles: true}));
     return true;
@@ -144,13 +152,14 @@ MOVE = """(what) => {
   if (what.startsWith('button:')) {
     const label = what.slice(7);
     const b = Array.from(out.querySelectorAll('button')).find(e => e.textContent.trim() === label);
-    if (!b) return false; b.click(); return true;
+    if (!b) return false; b.scrollIntoView(); b.click(); return true;
   }
   if (what.startsWith('select:')) {
     const desc = what.slice(7);
     const box = Array.from(out.querySelectorAll('.widget-dropdown')).find(e => e.textContent.trim().startsWith(desc));
     const s = box && box.querySelector('select');
     if (!s || s.options.length < 2) return false;
+    s.scrollIntoView();
     s.selectedIndex = (s.selectedIndex + 1) % s.options.length;
     s.dispatchEvent(new Event('change', {bubbles: true}));
     return true;
@@ -173,20 +182,27 @@ def test_lesson_runs_in_jupyterlab_and_its_widgets_redraw(lab, browser, name):
     deadline = time.time() + 900
     while True:
         st = page.evaluate(STATE)
-        if st["done"] and st["status"] == "idle":
+        if st.get("done") and st.get("status") == "idle":
             break
         assert time.time() < deadline, f"{name}: cells still running after 15 min: {st}"
         time.sleep(2)
     shots = _shots(lab)
     page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
-    errors = page.evaluate("() => document.querySelectorAll('[data-mime-type=\"application/vnd.jupyter.error\"]').length")
+    errors = page.evaluate("() => window.jupyterapp.shell.currentWidget.node"
+                           ".querySelectorAll('[data-mime-type=\"application/vnd.jupyter.error\"]').length")
     assert errors == 0, f"{name}: {errors} cell error(s) in the page (screenshot {shots / (name + '.png')})"
     for what, how in ACTIONS.get(name, []):
         before = page.evaluate(FIGURES)
-        assert page.evaluate(MOVE, how), f"{name}: control not found in the page: {what}"
-        deadline = time.time() + 300
+        found = page.evaluate(MOVE, how)
+        if not found:
+            page.screenshot(path=str(shots / f"{name}-missing-control.png"))
+        assert found, f"{name}: control not found in the page: {what}"
+        deadline = time.time() + (300 if "Train" in how else 90)
         while page.evaluate(FIGURES) == before:
-            assert time.time() < deadline, f"{name}: moving the {what} did not redraw any figure"
+            if time.time() > deadline:
+                page.screenshot(path=str(shots / f"{name}-no-redraw.png"))
+                pytest.fail(f"{name}: moving the {what} did not redraw any figure "
+                            f"({len(before)} figures in the page)")
             time.sleep(1)
         page.screenshot(path=str(shots / f"{name}-after-{how.replace(':', '_')}.png"), full_page=True)
     page.close()

@@ -270,7 +270,7 @@ def test_ablation_launch_trains_live_and_compares(tiny_base, one_thread):
     from dpflat.train import train
 
     baseline = train(apply_variant(tiny_base, "nonprivate"))  # a run already in the results table
-    p = W.ablation_panel(tiny_base)
+    p = W.ablation_panel(tiny_base.replace(train={"sharpness_every": 2, "sharpness_examples": 16}))
     assert [b.x[0] for b in p.figures["compare"].data] == [W.run_label(baseline)]
     p.controls["awp"].value = True
     p.controls["awp_mode"].value = "paper"
@@ -284,6 +284,13 @@ def test_ablation_launch_trains_live_and_compares(tiny_base, one_thread):
     assert set(bars) == {W.run_label(baseline), f"dp+awp-paper · {NOT_DP_PAPER}"}
     assert bars[f"dp+awp-paper · {NOT_DP_PAPER}"].marker.line.width > 0  # the new run is outlined
     assert bars[W.run_label(baseline)].marker.line.width == 0
+    # the run recorded its sharpness trajectory: drawn beside ε
+    lam = p.figures["sharpness"].data[0]
+    assert len(lam.x) >= 1 and lam.x[-1] == row["steps"]
+    # launching the same configuration again reads the run back, and still draws its stored curves
+    again = p.launch()
+    assert again["run_id"] == row["run_id"] and list(p.figures["live"].data[0].x) == list(loss.x)
+    assert list(p.figures["sharpness"].data[0].x) == list(lam.x)
 
 
 # --------------------------------------------------------------------------- sweep runner
