@@ -116,15 +116,21 @@ def summarize(table: pd.DataFrame, metric: str = "accuracy", baseline: str | Non
     t["target_epsilon"] = t["target_epsilon"].astype(float).fillna(float("inf"))
     multi = "task" in t and t["task"].nunique() > 1
     keys = (["task"] if multi else []) + ["variant", "target_epsilon"]
-    g = t.groupby(keys, dropna=False)
     aggs = dict(
         guarantee=("guarantee", lambda s: " / ".join(sorted(set(s)))),
         n_seeds=("seed", "nunique"),
         mean=(metric, "mean"),
         std=(metric, "std"),
-        dpsgd_part_epsilon=("dpsgd_part_epsilon", "max") if "dpsgd_part_epsilon" in t else ("epsilon", "max"),
-        epsilon=("epsilon", "max"),
     )
+    # the claim (DP runs only) and, for runs not DP as a whole, their DP-SGD part's ε; tables from
+    # before issue 14 call the latter epsilon_spent (or have neither)
+    part = next((c for c in ("dpsgd_part_epsilon", "epsilon_spent") if c in t), None)
+    for name, col in (("dpsgd_part_epsilon", part), ("epsilon", "epsilon" if "epsilon" in t else None)):
+        if col is None:
+            t[f"_{name}"] = float("nan")
+            col = f"_{name}"
+        aggs[name] = (col, "max")
+    g = t.groupby(keys, dropna=False)
     val_col = "val_" + ("accuracy" if metric in ("accuracy", "test_accuracy") else metric)
     if val_col in t:
         aggs["val_mean"] = (val_col, "mean")
@@ -160,9 +166,9 @@ def markdown(summary: pd.DataFrame, metric: str = "accuracy") -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary.to_dict("records"):
         eps = "∞" if r["target_epsilon"] == float("inf") else f"{r['target_epsilon']:g}"
-        if r["guarantee"] == DP and not pd.isna(r["epsilon"]):
+        if r["guarantee"] == DP and not pd.isna(r.get("epsilon")):
             spent = f"{r['epsilon']:.2f}"
-        elif r["guarantee"] != DP and not pd.isna(r["dpsgd_part_epsilon"]):  # the run as a whole has no ε
+        elif r["guarantee"] != DP and not pd.isna(r.get("dpsgd_part_epsilon")):  # the run as a whole has no ε
             spent = f"none (DP-SGD part alone: {r['dpsgd_part_epsilon']:.2f})"
         else:
             spent = "—"
