@@ -146,6 +146,8 @@ def test_audit_catches_dp_sgd_without_noise(tmp_path, shared_data, monkeypatch):
 
     monkeypatch.setattr(opt_mod, "_generate_noise", lambda std, reference, **kw: torch.zeros_like(reference))
     cfg = _audit_cfg(shared_data, tmp_path / "runs", {"enabled": True, "epsilon": 1.0}, 150)
-    r = audit_config(cfg, canaries=128)
+    # the Poisson batches come from the secret generator: pin it so the test is deterministic (with
+    # noise seeds 0-3 this audit's bound was 1.33, 1.06, 1.06, 1.33; with OS entropy one run gave 0.84)
+    r = audit_config(cfg, canaries=128, noise_seed=0)
     assert r.guarantee == DP and r.claimed_epsilon <= 1.0
     assert r.refutes_claim and r.epsilon_lower_bound > 1.0, r.table()
