@@ -163,13 +163,9 @@ def load_mlm_backbone(cfg: ModelConfig, seed: int = 0) -> tuple[nn.Module, nn.Mo
     """
     from transformers import AutoModelForMaskedLM
 
-    register_attention()
-    attn = f"dpflat_{cfg.attn}"
+    attn = _attn_name(cfg)
     if cfg.backbone in TINY:
-        torch.manual_seed(seed)
-        conf = tiny_config(cfg.backbone)
-        conf._attn_implementation = attn
-        return _mlm_parts(AutoModelForMaskedLM.from_config(conf, attn_implementation=attn), cfg.backbone)
+        return _mlm_parts(_tiny_model(AutoModelForMaskedLM, cfg, seed), cfg.backbone)
     src = resolve_backbone(cfg.backbone)
     _refuse_without_mlm(cfg.backbone, src)
     try:
@@ -221,16 +217,27 @@ class LabelWordHead(nn.Module):
         return self.mlm_head(h)[..., self.word_ids]
 
 
+def _attn_name(cfg: ModelConfig) -> str:
+    """Our registered attention kernel (prefix-aware) for the config's sdpa/eager choice."""
+    register_attention()
+    return f"dpflat_{cfg.attn}"
+
+
+def _tiny_model(auto_cls, cfg: ModelConfig, seed: int) -> nn.Module:
+    """A tiny random model built in memory (tests): ``auto_cls`` is AutoModel or AutoModelForMaskedLM."""
+    attn = _attn_name(cfg)
+    torch.manual_seed(seed)
+    conf = tiny_config(cfg.backbone)
+    conf._attn_implementation = attn
+    return auto_cls.from_config(conf, attn_implementation=attn)
+
+
 def load_backbone(cfg: ModelConfig, seed: int = 0) -> nn.Module:
     from transformers import AutoModel
 
-    register_attention()
-    attn = f"dpflat_{cfg.attn}"
+    attn = _attn_name(cfg)
     if cfg.backbone in TINY:
-        torch.manual_seed(seed)
-        conf = tiny_config(cfg.backbone)
-        conf._attn_implementation = attn
-        return AutoModel.from_config(conf, attn_implementation=attn)
+        return _tiny_model(AutoModel, cfg, seed)
     src = resolve_backbone(cfg.backbone)
     try:
         return AutoModel.from_pretrained(src, attn_implementation=attn)
