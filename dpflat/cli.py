@@ -344,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_libraries()
         handlers = {"train": _cmd_train, "sweep": _cmd_sweep, "landscape": _cmd_landscape, "tasks": _cmd_tasks,
                     "demo": _cmd_demo, "report": _cmd_report, "audit": _cmd_audit}
-        return handlers[ns.cmd](ns)
+        rc = handlers[ns.cmd](ns)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below, not at interpreter exit
+        return rc
     except KeyboardInterrupt:
         if debug:
             import traceback
@@ -353,6 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         again = "; run the same command again to resume from the last checkpoint" if cmd in ("train", "sweep") else ""
         print(f"dpflat: interrupted{again}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`dpflat tasks | head`): nothing to say, as `yes | head`
+        try:  # Python would report the failed flush of stdout at exit: point it at /dev/null instead
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # not a real file (captured output)
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a command cut off by a closed pipe
     except Exception as e:  # noqa: BLE001 - the one place where errors become a line
         if debug:
             import traceback

@@ -140,3 +140,15 @@ def test_flags_override_variant_preset():
     cfg = config_from_args(ns)
     assert cfg.variant == "dpflat-paper" and not cfg.flat.awp and cfg.flat.layers and cfg.flat.distill_mode == "paper"
     assert cfg.privacy.epsilon == 3.0
+
+
+def test_a_closed_pipe_is_not_an_error():
+    """`dpflat tasks | head -1`: the reader closes the pipe early; no error line, no traceback."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time, dpflat.cli as c; time.sleep(0.5); sys.exit(c.main(['tasks']))"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before the first line is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err
