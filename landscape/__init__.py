@@ -12,6 +12,8 @@ work), over a parameter subset (default: the parameters that require grad).
     >>> prefix_indicator(model, loss_fn, batches, rho=0.05).definition.formula
 
 Dataset loss = example-weighted mean over the batches, in eval mode (see ``_params``).
+The top level exports what a user calls; result and helper types live in their modules
+(``landscape.results``, ``landscape.surface.Direction``, ``landscape._params.merge_batches``...).
 """
 
 from . import plots, pyhessian_bridge  # noqa: F401  (lazy heavy imports inside)
@@ -19,19 +21,15 @@ from ._params import (
     LandscapeError,
     ParamSet,
     batch_size,
-    dataset_grad,
     dataset_loss,
-    eval_mode,
-    merge_batches,
     rebatch_by_length,
 )
-from .hvp import DenseOperator, GaussNewtonOperator, HessianOperator, LinearOperator, RestrictedOperator, hvp
-from .sharpness import Sharpness, SharpnessDefinition, group_sharpness, prefix_indicator, sam_sharpness
+from .hvp import DenseOperator, GaussNewtonOperator, HessianOperator, LinearOperator, hvp
+from .sharpness import Sharpness, group_sharpness, prefix_indicator, sam_sharpness
 from .spectrum import (
     Convergence,
     DensityResult,
     EigenResult,
-    GroupSpectrum,
     SpectrumSettings,
     exact_trace,
     group_spectrum,
@@ -44,7 +42,6 @@ from .spectrum import (
     trace,
 )
 from .surface import (
-    Direction,
     Surface,
     eigen_directions,
     interpolation_direction,
@@ -57,24 +54,18 @@ __all__ = [
     "Convergence",
     "DenseOperator",
     "DensityResult",
-    "Direction",
     "EigenResult",
     "GaussNewtonOperator",
-    "GroupSpectrum",
     "HessianOperator",
     "LandscapeError",
     "LinearOperator",
     "ParamSet",
-    "RestrictedOperator",
     "Sharpness",
-    "SharpnessDefinition",
     "SpectrumSettings",
     "Surface",
     "batch_size",
-    "dataset_grad",
     "dataset_loss",
     "eigen_directions",
-    "eval_mode",
     "exact_trace",
     "group_sharpness",
     "group_spectrum",
@@ -85,7 +76,6 @@ __all__ = [
     "lanczos",
     "loss_surface_1d",
     "loss_surface_2d",
-    "merge_batches",
     "power_iteration",
     "prefix_indicator",
     "random_direction",

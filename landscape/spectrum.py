@@ -17,11 +17,9 @@ the Ritz residual ``||H y - l y|| / |l| < tol`` (stricter, a bound on the error)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -30,171 +28,9 @@ from scipy.linalg import eigh_tridiagonal
 
 from ._params import GroupSpec, LandscapeError
 from .hvp import DenseOperator, LinearOperator, RestrictedOperator
+from .results import Convergence, DensityResult, EigenResult, GroupSpectrum, SpectrumSettings, TraceResult
 
 Which = Literal["LA", "LM"]
-
-
-# --------------------------------------------------------------------------- results
-@dataclass
-class SpectrumSettings:
-    """How a spectral quantity was computed (stored with every result)."""
-
-    method: str
-    k: int | None = None
-    max_iter: int | None = None
-    tol: float | None = None
-    seed: int | None = None
-    criterion: str | None = None
-    n_params: int | None = None
-    n_batches: int | None = None
-    n_examples: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.k is not None and self.k < 1:
-            raise LandscapeError(f"k must be >= 1, got {self.k}")
-        if self.max_iter is not None and self.max_iter < 1:
-            raise LandscapeError(f"max_iter must be >= 1, got {self.max_iter}")
-        if self.tol is not None and not self.tol >= 0:
-            raise LandscapeError(f"tol must be >= 0, got {self.tol}")
-        if self.criterion is not None and self.criterion not in ("change", "residual", "fixed"):
-            raise LandscapeError(f"criterion must be change|residual|fixed, got {self.criterion!r}")
-
-
-@dataclass
-class Convergence:
-    """Did it converge, after how much work; ``history`` is the estimate per iteration."""
-
-    converged: bool
-    n_iter: int
-    n_matvecs: int
-    seconds: float
-    history: list[float] = field(default_factory=list)
-    residuals: list[float] = field(default_factory=list)
-    note: str = ""
-
-
-@dataclass
-class EigenResult:
-    """Top eigenvalues (descending) and unit eigenvectors as rows of a (k, n) tensor."""
-
-    eigenvalues: np.ndarray
-    eigenvectors: torch.Tensor | None
-    settings: SpectrumSettings
-    convergence: Convergence
-
-    def __post_init__(self) -> None:
-        self.eigenvalues = np.asarray(self.eigenvalues, dtype=np.float64)
-        if self.eigenvectors is not None and self.eigenvectors.shape[0] != len(self.eigenvalues):
-            raise LandscapeError("one eigenvector per eigenvalue expected")
-
-    @property
-    def top(self) -> float:
-        return float(self.eigenvalues[0])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "eigenvalues": self.eigenvalues.tolist(),
-            "settings": dataclasses.asdict(self.settings),
-            "convergence": dataclasses.asdict(self.convergence),
-        }
-
-
-@dataclass
-class TraceResult:
-    """Trace estimate; ``std_error`` is the Monte-Carlo standard error (0 when exact)."""
-
-    trace: float
-    std_error: float
-    samples: list[float]
-    settings: SpectrumSettings
-    convergence: Convergence
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "trace": self.trace,
-            "std_error": self.std_error,
-            "samples": list(self.samples),
-            "settings": dataclasses.asdict(self.settings),
-            "convergence": dataclasses.asdict(self.convergence),
-        }
-
-
-@dataclass
-class DensityResult:
-    """Stochastic Lanczos quadrature: per run, Ritz values (nodes) and weights (sum 1).
-
-    The spectral density is ``phi(t) = mean_runs sum_i w_i delta(t - node_i)``; it
-    integrates to 1 and its mean estimates ``trace / n`` (``n`` = parameter count).
-    :meth:`density` smooths it with a Gaussian for plotting.
-    """
-
-    nodes: list[np.ndarray]
-    weights: list[np.ndarray]
-    n: int
-    settings: SpectrumSettings
-    convergence: Convergence
-
-    def __post_init__(self) -> None:
-        if len(self.nodes) != len(self.weights) or not self.nodes:
-            raise LandscapeError("need one weight array per node array, at least one run")
-        self.nodes = [np.asarray(x, dtype=np.float64) for x in self.nodes]
-        self.weights = [np.asarray(x, dtype=np.float64) for x in self.weights]
-
-    @property
-    def mean(self) -> float:
-        """Mean eigenvalue: an unbiased estimate of ``trace / n``."""
-        return float(np.mean([np.sum(w * x) for x, w in zip(self.nodes, self.weights)]))
-
-    @property
-    def trace_estimate(self) -> float:
-        return self.mean * self.n
-
-    def moment(self, p: int) -> float:
-        return float(np.mean([np.sum(w * x**p) for x, w in zip(self.nodes, self.weights)]))
-
-    def density(
-        self, grid: np.ndarray | None = None, sigma: float | None = None, n_grid: int = 1000
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Gaussian-smoothed density on a grid (default: 1% of the spectral span)."""
-        allx = np.concatenate(self.nodes)
-        lo, hi = float(allx.min()), float(allx.max())
-        span = hi - lo if hi > lo else max(abs(hi), 1.0)
-        if sigma is None:
-            sigma = 0.01 * span
-        if sigma <= 0:
-            raise LandscapeError("sigma must be > 0")
-        if grid is None:
-            grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, n_grid)
-        grid = np.asarray(grid, dtype=np.float64)
-        dens = np.zeros_like(grid)
-        for x, w in zip(self.nodes, self.weights):
-            dens += (w[None, :] * np.exp(-((grid[:, None] - x[None, :]) ** 2) / (2 * sigma**2))).sum(1)
-        dens /= len(self.nodes) * sigma * math.sqrt(2 * math.pi)
-        return grid, dens
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "nodes": [x.tolist() for x in self.nodes],
-            "weights": [w.tolist() for w in self.weights],
-            "n": self.n,
-            "settings": dataclasses.asdict(self.settings),
-            "convergence": dataclasses.asdict(self.convergence),
-        }
-
-
-@dataclass
-class GroupSpectrum:
-    """Top eigenvalue(s) and trace of one parameter group's diagonal Hessian block."""
-
-    group: str
-    n_params: int
-    eigen: EigenResult
-    trace: TraceResult
-
-    @property
-    def top(self) -> float:
-        return self.eigen.top
 
 
 # --------------------------------------------------------------------------- helpers
@@ -268,6 +104,74 @@ def _rel_change(new: np.ndarray, old: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- Lanczos
+def _reorth(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Full reorthogonalisation against the rows of ``Q``; twice is enough (Kahan/Parlett)."""
+    for _ in range(2):
+        w = w - Q.T @ (Q @ w)
+    return w
+
+
+class _Krylov:
+    """The Lanczos recurrence with full reorthogonalisation, shared by :func:`lanczos` and
+    :func:`slq_density`: a growing basis ``Q`` and the tridiagonal ``(alphas, betas)``."""
+
+    def __init__(self, op: LinearOperator, m_max: int, dtype: torch.dtype):
+        self.op = op
+        self.Q = torch.zeros(min(m_max, 8), op.n, dtype=dtype, device=op.device)  # grows: most runs stop early
+        self.m_max = m_max
+        self.alphas: list[float] = []
+        self.betas: list[float] = []
+        self.n_mv = 0
+
+    @property
+    def m(self) -> int:
+        return len(self.alphas)
+
+    def step(self, q: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Append the unit vector ``q``; return the next residual ``w`` and its norm."""
+        j = self.m
+        if j == self.Q.shape[0]:
+            grow = min(self.Q.shape[0], self.m_max - self.Q.shape[0])
+            self.Q = torch.cat([self.Q, self.Q.new_zeros(grow, self.Q.shape[1])])
+        self.Q[j] = q
+        w = _mv(self.op, q)
+        self.n_mv += 1
+        alpha = float(torch.dot(w, q))
+        w = w - alpha * q
+        if j > 0:
+            w = w - self.betas[-1] * self.Q[j - 1]
+        w = _reorth(w, self.Q[: j + 1])
+        self.alphas.append(alpha)
+        return w, float(w.norm())
+
+    def next_vector(self, w: torch.Tensor, beta: float, g: torch.Generator, breakdown: bool = False) -> torch.Tensor:
+        """The next basis vector; at a breakdown (an invariant subspace) a fresh orthogonal one."""
+        if breakdown:
+            w = _reorth(_randn(self.op, g, self.Q.dtype), self.Q[: self.m])
+            self.betas.append(0.0)
+            return w / w.norm()
+        self.betas.append(beta)
+        return w / beta
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray]:
+        """Ritz values and the tridiagonal's eigenvectors (columns)."""
+        if self.m == 1:
+            return np.array(self.alphas), np.ones((1, 1))
+        return eigh_tridiagonal(np.array(self.alphas), np.array(self.betas))
+
+    def ritz_vectors(self, S: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        """Unit Ritz vectors of the picked values, as rows."""
+        Sk = torch.as_tensor(S[:, idx].T.copy(), dtype=self.Q.dtype, device=self.Q.device)
+        vecs = Sk @ self.Q[: self.m]
+        return vecs / vecs.norm(dim=1, keepdim=True)
+
+
+def _converged(top: np.ndarray, prev: np.ndarray | None, resid: np.ndarray, tol: float, criterion: str) -> bool:
+    if criterion == "residual":
+        return bool(np.all(resid < tol))
+    return prev is not None and len(prev) == len(top) and _rel_change(top, prev) < tol
+
+
 def lanczos(
     op: LinearOperator | torch.Tensor,
     k: int = 1,
@@ -301,82 +205,39 @@ def lanczos(
     if which not in ("LA", "LM"):
         raise LandscapeError(f"which must be LA|LM, got {which!r}")
     settings = _settings(op, "lanczos", k=k, max_iter=max_iter, tol=tol, seed=seed, criterion=criterion)
-    n = op.n
-    if k > n:
-        raise LandscapeError(f"k={k} exceeds the dimension {n}")
-    dt = dtype or op.dtype
-    m_max = min(max_iter, n)
+    if k > op.n:
+        raise LandscapeError(f"k={k} exceeds the dimension {op.n}")
+    dt, m_max = dtype or op.dtype, min(max_iter, op.n)
     if m_max < k:
         raise LandscapeError(f"max_iter={max_iter} is smaller than k={k}")
-    t0 = time.perf_counter()
-    g = _gen(seed)
-    Q = torch.zeros(min(m_max, 8), n, dtype=dt, device=op.device)  # grows: most runs stop early
-    q, start_used = _start_vector(op, g, dt, start)
-    settings.extra["start"] = start_used
-    alphas: list[float] = []
-    betas: list[float] = []
+    t0, g = time.perf_counter(), _gen(seed)
+    q, settings.extra["start"] = _start_vector(op, g, dt, start)
+    kry = _Krylov(op, m_max, dt)
     history: list[float] = []
     prev: np.ndarray | None = None
-    converged, note = False, ""
-    theta = np.zeros(0)
-    S = np.zeros((0, 0))
-    idx = np.zeros(0, dtype=int)
-    beta = 0.0
-    n_mv = 0
-    scale = 0.0
+    converged, note, scale = False, "", 0.0
     for j in range(m_max):
-        if j == Q.shape[0]:
-            Q = torch.cat([Q, torch.zeros(min(Q.shape[0], m_max - Q.shape[0]), n, dtype=dt, device=op.device)])
-        Q[j] = q
-        w = _mv(op, q)
-        n_mv += 1
-        alpha = float(torch.dot(w, q))
-        w = w - alpha * q
-        if j > 0:
-            w = w - betas[-1] * Q[j - 1]
-        for _ in range(2):  # full reorthogonalisation, twice is enough (Kahan/Parlett)
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        beta = float(w.norm())
-        alphas.append(alpha)
-        theta, S = eigh_tridiagonal(np.array(alphas), np.array(betas)) if j > 0 else (np.array(alphas), np.ones((1, 1)))
+        w, beta = kry.step(q)
+        theta, S = kry.ritz()
         scale = max(scale, float(np.max(np.abs(theta))))
-        kk = min(k, j + 1)
-        idx = _pick(theta, kk, which)
-        top = theta[idx]
-        history.append(float(top[0]))
-        resid = beta * np.abs(S[-1, idx]) / (np.abs(top) + 1e-12)
+        idx = _pick(theta, min(k, j + 1), which)
+        history.append(float(theta[idx[0]]))
         breakdown = beta <= 1e-10 * max(scale, 1e-30)
-        if kk == k:
-            if criterion == "residual":
-                done = bool(np.all(resid < tol))
-            else:
-                done = prev is not None and len(prev) == k and _rel_change(top, prev) < tol
-            if done or (breakdown and j + 1 >= k):
-                converged = True
-                note = "invariant subspace" if breakdown and not done else ""
+        if len(idx) == k:
+            resid = beta * np.abs(S[-1, idx]) / (np.abs(theta[idx]) + 1e-12)
+            done = _converged(theta[idx], prev, resid, tol, criterion)
+            if done or breakdown:
+                converged, note = True, "invariant subspace" if breakdown and not done else ""
                 break
-        prev = top.copy()
+        prev = theta[idx].copy()
         if j + 1 == m_max:
             break
-        if breakdown:  # invariant subspace smaller than k: restart orthogonally
-            w = _randn(op, g, dt)
-            for _ in range(2):
-                w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-            betas.append(0.0)
-            q = w / w.norm()
-        else:
-            betas.append(beta)
-            q = w / beta
-    m = len(alphas)
-    if m == n and not converged:
+        q = kry.next_vector(w, beta, g, breakdown)  # breakdown: the invariant subspace is smaller than k
+    if kry.m == op.n and not converged:
         converged, note = True, "Krylov space is the whole space (exact)"
     resid_final = (beta * np.abs(S[-1, idx]) / (np.abs(theta[idx]) + 1e-12)).tolist()
-    vecs = None
-    if return_vectors:
-        Sk = torch.as_tensor(S[:, idx].T.copy(), dtype=dt, device=op.device)
-        vecs = Sk @ Q[:m]
-        vecs = vecs / vecs.norm(dim=1, keepdim=True)
-    conv = Convergence(converged, m, n_mv, time.perf_counter() - t0, history, resid_final, note)
+    vecs = kry.ritz_vectors(S, idx) if return_vectors else None
+    conv = Convergence(converged, kry.m, kry.n_mv, time.perf_counter() - t0, history, resid_final, note)
     return EigenResult(theta[idx].copy(), vecs, settings, conv)
 
 
@@ -617,33 +478,17 @@ def slq_density(
     n_mv = 0
     for _ in range(n_runs):
         q = _rademacher(op, g, dt)
-        q /= q.norm()
-        Q = torch.zeros(m_max, op.n, dtype=dt, device=op.device)
-        alphas: list[float] = []
-        betas: list[float] = []
+        kry = _Krylov(op, m_max, dt)
+        q = q / q.norm()
         scale = 0.0
         for j in range(m_max):
-            Q[j] = q
-            w = _mv(op, q)
-            n_mv += 1
-            alpha = float(torch.dot(w, q))
-            alphas.append(alpha)
-            scale = max(scale, abs(alpha))
-            w = w - alpha * q
-            if j > 0:
-                w = w - betas[-1] * Q[j - 1]
-            for _r in range(2):
-                w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-            beta = float(w.norm())
-            scale = max(scale, beta)
+            w, beta = kry.step(q)
+            scale = max(scale, abs(kry.alphas[-1]), beta)
             if j + 1 == m_max or beta <= 1e-10 * max(scale, 1e-30):
                 break  # stop at an invariant subspace: the quadrature is exact for it
-            betas.append(beta)
-            q = w / beta
-        if len(alphas) == 1:
-            theta, S = np.array(alphas), np.ones((1, 1))
-        else:
-            theta, S = eigh_tridiagonal(np.array(alphas), np.array(betas))
+            q = kry.next_vector(w, beta, g)
+        theta, S = kry.ritz()
+        n_mv += kry.n_mv
         nodes.append(theta)
         weights.append(S[0, :] ** 2)
     c = Convergence(True, m_max, n_mv, time.perf_counter() - t0, [float(np.sum(w * x)) for x, w in zip(nodes, weights)])

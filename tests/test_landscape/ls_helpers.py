@@ -20,7 +20,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from landscape import ParamSet, eval_mode  # noqa: E402
+from landscape import ParamSet  # noqa: E402
+from landscape._params import eval_mode  # noqa: E402
 from landscape._params import batch_weights  # noqa: E402
 
 

@@ -13,7 +13,8 @@ from ls_helpers import one_thread  # noqa: F401  (autouse fixture)
 from ls_helpers import TRAINABLE, bert_batches, bert_loss, dense_hessian, mlp, mlp_batches, mlp_loss, tiny_bert
 from torch import nn
 
-from landscape import GaussNewtonOperator, HessianOperator, LandscapeError, ParamSet, dataset_grad, dataset_loss, hvp
+from landscape import GaussNewtonOperator, HessianOperator, LandscapeError, ParamSet, dataset_loss, hvp
+from landscape._params import dataset_grad
 
 METHODS = [("double_backward", True), ("double_backward", False), ("func", False), ("auto", False)]
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from ls_helpers import one_thread  # noqa: F401  (autouse fixture)
 from ls_helpers import Quadratic, bert_batches, bert_loss, mlp, mlp_batches, mlp_loss, quad_batches, quad_loss, tiny_bert
 
-from landscape import LandscapeError, SharpnessDefinition, group_sharpness, prefix_indicator, sam_sharpness
+from landscape import LandscapeError, group_sharpness, prefix_indicator, sam_sharpness
+from landscape.sharpness import SharpnessDefinition
 
 
 def _quad(seed=0, n=5):

@@ -24,9 +24,9 @@ from landscape import (
     lanczos,
     loss_surface_1d,
     loss_surface_2d,
-    merge_batches,
     random_direction,
 )
+from landscape._params import merge_batches
 
 
 @functools.lru_cache(maxsize=1)
