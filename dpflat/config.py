@@ -32,9 +32,11 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _opt(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
-    """A config field: its default and its help text (the CLI flag's ``--help``) in one place."""
-    return field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, identity: bool = True) -> Any:  # noqa: A002 - argparse's word
+    """A config field: its default, its help text (the CLI flag's ``--help``) and whether it is
+    part of the run's identity, in one place. ``identity=False``: where or how a run is shown or
+    executed, never what it computes (left out of run ids and of config comparisons)."""
+    return field(default=default, metadata={"help": help, "identity": identity})
 
 
 # --------------------------------------------------------------------------- type checks
@@ -269,7 +271,7 @@ Mode = Literal["safe", "paper"]
 @section("flat")
 @dataclass
 class FlatConfig:
-    """The three flattening levels, each on/off with its mode (see DESIGN.md)."""
+    """The three flattening levels, each on/off with its mode (see docs/ARCHITECTURE.md and the README)."""
 
     awp: bool = _opt(False, "within-layer flattening: adversarial weight perturbation on the prefixes")
     awp_mode: Mode = _opt("safe", "safe: direction from the previous noisy DP gradient; paper: raw private ascent (not DP)")
@@ -334,11 +336,11 @@ class TrainConfig:
     eval_batch_size: int = _opt(256, "batch size of evaluation")
     checkpoint_every: int = _opt(20, "checkpoint every N steps")
     seed: int = _opt(0, "public seed: initialisation and data splits (never the DP noise)")
-    device: str = _opt("cpu", "cpu, cuda[:N] or mps")
-    output_dir: str = _opt("runs", "root folder of the runs and of results.parquet")
-    run_name: str | None = _opt(None, "folder name of the run (default: variant_task_eps_seed_hash)")
-    num_threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)")
-    progress: bool = _opt(True, "show a progress bar")
+    device: str = _opt("cpu", "cpu, cuda[:N] or mps", identity=False)
+    output_dir: str = _opt("runs", "root folder of the runs and of results.parquet", identity=False)
+    run_name: str | None = _opt(None, "folder name of the run (default: variant_task_eps_seed_hash)", identity=False)
+    num_threads: int | None = _opt(None, "torch CPU threads (default: torch's choice)", identity=False)
+    progress: bool = _opt(True, "show a progress bar", identity=False)
     # matmul precision of forward/backward: auto = bf16 autocast on a CUDA GPU that has it
     # (the frozen backbone dominates the cost; tensor cores), fp32 elsewhere. Clipping, noise,
     # the optimizer and the trainable weights stay fp32 in every case.
@@ -534,6 +536,23 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "blackbox": BlackBoxConfig,
 }
+
+
+def non_identity_fields() -> dict[str, tuple[str, ...]]:
+    """Per section, the fields marked ``identity=False`` (the one list of them)."""
+    return {name: tuple(f.name for f in fields(klass) if not f.metadata.get("identity", True))
+            for name, klass in SECTIONS.items()}
+
+
+def identity_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """A config's JSON form (``RunConfig.to_dict``) without its non-identity fields: what run
+    ids hash and what two configs of one run folder must agree on."""
+    d = json.loads(json.dumps(d))
+    for sect, names in non_identity_fields().items():
+        for k in names:
+            if isinstance(d.get(sect), dict):
+                d[sect].pop(k, None)
+    return d
 
 
 

@@ -27,13 +27,11 @@ from typing import Any, Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, identity_dict
 
 RESULTS = "results.parquet"
 #: seconds a writer waits for the results table's lock before giving up with one line
 LOCK_TIMEOUT = 300.0
-#: config keys that may differ between two invocations of the same run (where and how, not what)
-RUN_NEUTRAL = ("output_dir", "run_name", "progress", "device", "num_threads")
 
 
 class RunFolderError(ValueError):
@@ -57,8 +55,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def run_id(cfg: RunConfig) -> str:
     """Readable and unique: variant, task, ε, seed, plus a hash of the whole config."""
-    d = cfg.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in ("output_dir", "run_name", "progress", "device", "num_threads")}
+    d = identity_dict(cfg.to_dict())
     if d["train"].get("precision") == "auto":  # the default: run ids from before the field stay valid
         d["train"].pop("precision")
     h = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
@@ -377,10 +374,7 @@ def _read_checkpoint(ck: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
-    d = json.loads(json.dumps(d))
-    for k in RUN_NEUTRAL:
-        d.get("train", {}).pop(k, None)
-    return d
+    return identity_dict(d)
 
 
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str:

@@ -82,3 +82,19 @@ def test_load_names_the_file(tmp_path):
     p.write_text(json.dumps({"privacy": {"enabled": "no"}}))
     with pytest.raises(ConfigError, match=f"^{p}: privacy.enabled must be true or false"):
         RunConfig.load(p)
+
+
+def test_identity_fields_are_one_list_and_leave_run_ids_alone():
+    """Only the fields marked identity=False may differ without changing the run id."""
+    from dpflat.config import identity_dict, non_identity_fields
+    from dpflat.runs import run_id
+
+    neutral = non_identity_fields()
+    assert neutral["train"] == ("device", "output_dir", "run_name", "num_threads", "progress")
+    assert all(not v for k, v in neutral.items() if k != "train")
+    base = RunConfig()
+    moved = base.replace(train={"output_dir": "elsewhere", "run_name": "x", "num_threads": 1, "progress": False})
+    assert run_id(moved) == run_id(base)
+    assert identity_dict(moved.to_dict()) == identity_dict(base.to_dict())
+    assert run_id(base.replace(train={"seed": 1})) != run_id(base)
+    assert run_id(base.replace(train={"sharpness_every": 5})) != run_id(base)
