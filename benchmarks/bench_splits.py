@@ -28,9 +28,9 @@ def before_public_private(raw, seed: int, public: int, train_size: int) -> int:
     """Private rows whose text is also public under the old split (row-disjoint only)."""
     import numpy as np
 
-    from dpflat import data as D
+    from dpflat import splits as S
 
-    keys = D.normalized_keys(raw["train"])
+    keys = S.normalized_keys(raw["train"])
     order = np.random.default_rng([seed, 0]).permutation(len(keys))
     pub = {keys[i] for i in order[:public]}
     return sum(keys[i] in pub for i in order[public:public + train_size])
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-append", action="store_true")
     a = p.parse_args(argv)
     from dpflat import data as D
+    from dpflat import splits as S
     from dpflat.config import DataConfig
 
     t0 = time.time()
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         raw = D.load_raw(card, a.data_dir)
         dc = DataConfig(task=name)
-        s = D.splits_for_config(raw, dc, a.seed)
+        s = S.splits_for_config(raw, dc, a.seed)
         o = s.overlap
         old = before_public_private(raw, a.seed, int(dc.public_size), dc.train_size)
         lines.append(f"| {name} | {len(raw['train'])} | {len(raw['eval'])} | {o['test_in_train']} | {o['train_test']} "

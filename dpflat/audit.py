@@ -158,13 +158,14 @@ def make_canaries(cfg, m: int, seed: int = 0):
     from datasets import Dataset, Features, Value
 
     from . import data as data_mod
+    from . import splits as splits_mod
     from .config import ConfigError
 
     if m < 2:
         raise ConfigError(f"an audit needs at least 2 canaries, got {m}")
     card = data_mod.get_task(cfg.data.task)
     raw = data_mod.load_raw(card, cfg.data.data_dir)
-    splits = data_mod.splits_for_config(raw, cfg.data, cfg.train.seed)  # the run's own splits (val_size included)
+    splits = splits_mod.splits_for_config(raw, cfg.data, cfg.train.seed)  # the run's own splits (val_size included)
     used = set(data_mod.column(splits.private, "idx")) | set(data_mod.column(splits.public, "idx"))
     if splits.val is not None:  # canaries must not be validation rows either
         used |= set(data_mod.column(splits.val, "idx"))
@@ -196,7 +197,8 @@ def inject_private(extra) -> Iterator[None]:
     """
     from datasets import concatenate_datasets
 
-    from . import data as data_mod
+    from . import splits as splits_mod
+    from . import tokens as tokens_mod
     from . import train as train_mod
     from .models import load_tokenizer
 
@@ -205,11 +207,11 @@ def inject_private(extra) -> Iterator[None]:
     def prepare_with_canaries(cfg, tokenizer=None):
         card, splits, tokd = orig(cfg, tokenizer)
         tok = tokenizer or load_tokenizer(cfg.model)
-        can = data_mod.tokenize(extra, tok, cfg.data.max_length, cfg.data.cache_dir)
+        can = tokens_mod.tokenize(extra, tok, cfg.data.max_length, cfg.data.cache_dir)
         priv = tokd["private"]
         merged = concatenate_datasets([priv.with_format(None), can.with_format(None)])
         tokd = {**tokd, "private": merged.with_format("torch", columns=priv.column_names)}
-        splits = data_mod.Splits(private=concatenate_datasets([splits.private, extra]), public=splits.public,
+        splits = splits_mod.Splits(private=concatenate_datasets([splits.private, extra]), public=splits.public,
                                  eval=splits.eval)
         return card, splits, tokd
 
@@ -294,6 +296,7 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
     acfg = cfg.replace(train={"output_dir": str(root), "run_name": f"canary_{run_id(cfg)}_m{canaries}_a{seed}"})
     rd = RunDir.for_config(acfg)
     from . import data as data_mod
+    from . import tokens as tokens_mod
 
     record = {"rows": [int(i) for i in data_mod.column(can_rows, "idx")],
               "labels": [int(x) for x in data_mod.column(can_rows, "label")],
@@ -308,7 +311,7 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
     ledger = json.loads((rd.path / "ledger.json").read_text())
     _, model = load_run_model(rd.path)
     tok = load_tokenizer(cfg.model)
-    scored = example_losses(model, data_mod.tokenize(can_rows, tok, cfg.data.max_length, cfg.data.cache_dir),
+    scored = example_losses(model, tokens_mod.tokenize(can_rows, tok, cfg.data.max_length, cfg.data.cache_dir),
                             cfg.train.eval_batch_size)
     scores = -scored["loss"]
     delta = ledger.get("delta") or cfg.privacy.resolve_delta(int(ledger.get("n_private") or len(included)))

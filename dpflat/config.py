@@ -614,8 +614,8 @@ PAPER_PRESET: dict[str, dict[str, Any]] = {
         "backbone": "roberta-base",  # R README: --model_name_or_path roberta-base
         "prefix_len": 50,  # F: PrefixTuningConfig(num_virtual_tokens=50)
         "head": "prompt",  # W/README: --few_shot_type prompt (LM-BFF templates, label words per task: F)
-        "template": None,  # None: the task's template (W's template table; dpflat.data.PROMPTS)
-        "label_words": None,  # None: the task's label words (F's mapping; dpflat.data.PROMPTS)
+        "template": None,  # None: the task's template (W's template table; dpflat.tokens.PROMPTS)
+        "label_words": None,  # None: the task's label words (F's mapping; dpflat.tokens.PROMPTS)
     },
     "data": {"max_length": 256, "train_size": None},  # W: --max_seq_len 256; the full training file
     "privacy": {"max_grad_norm": 0.1},  # W: --per_example_max_grad_norm 0.1

@@ -220,9 +220,10 @@ def row_ids(ds) -> np.ndarray:
 def _private_idx(cfg) -> set[int]:
     """Train-file rows that a run used as private (without tokenising anything)."""
     from . import data as data_mod
+    from . import splits as splits_mod
 
     raw = data_mod.load_raw(data_mod.get_task(cfg.data.task), cfg.data.data_dir)
-    s = data_mod.splits_for_config(raw, cfg.data, cfg.train.seed)  # the run's own splits (val_size included)
+    s = splits_mod.splits_for_config(raw, cfg.data, cfg.train.seed)  # the run's own splits (val_size included)
     return set(int(i) for i in data_mod.column(s.private, "idx"))
 
 
@@ -235,6 +236,7 @@ def membership_sets(cfg, *, max_per_side: int | None = None, seed: int = 0, min_
     which are outside the split but were trained on when included).
     """
     from . import data as data_mod
+    from . import tokens as tokens_mod
     from .models import load_tokenizer
     from .train import prepare_data
 
@@ -250,7 +252,7 @@ def membership_sets(cfg, *, max_per_side: int | None = None, seed: int = 0, min_
         source = "train-unused"
         k = min(len(members), len(unused), max_per_side or len(members))
         rows = np.sort(rng.choice(unused, size=k, replace=False))
-        nonmembers = data_mod.tokenize(raw["train"].select(rows).add_column("idx", rows), tok,
+        nonmembers = tokens_mod.tokenize(raw["train"].select(rows).add_column("idx", rows), tok,
                                        cfg.data.max_length, cfg.data.cache_dir)
     else:
         source = "eval"

@@ -419,24 +419,24 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0, task: str | No
     """Backbone (frozen) + prefix + head, deterministic given ``seed``.
 
     ``head="prompt"``: the backbone's MLM head scores the label words (``cfg.label_words``,
-    else ``task``'s default, ``dpflat.data.PROMPTS``) at the template's mask token.
+    else ``task``'s default, ``dpflat.tokens.PROMPTS``) at the template's mask token.
     """
     if num_labels < 2:
         raise ConfigError(f"num_labels must be >= 2, got {num_labels}")
     if cfg.head == "prompt":
-        from . import data as data_mod
+        from . import tokens as tokens_mod
 
         if cfg.label_words is None and task is None:
             raise ConfigError("head prompt: give label_words or the task (for its default label words)")
         tok = tokenizer or load_tokenizer(cfg)
         if getattr(tok, "mask_token_id", None) is None:
             raise ModelError(f"the tokenizer of {cfg.backbone!r} has no mask token: --head prompt needs one")
-        words = (data_mod.prompt_for(task, cfg.template, cfg.label_words)[1] if task is not None
+        words = (tokens_mod.prompt_for(task, cfg.template, cfg.label_words)[1] if task is not None
                  else [w.strip() for w in cfg.label_words.split(",")])
         backbone, mlm_head = load_mlm_backbone(cfg, seed=seed)
         for p in backbone.parameters():
             p.requires_grad_(False)
-        head = LabelWordHead(mlm_head, data_mod.label_word_ids(tok, words))
+        head = LabelWordHead(mlm_head, tokens_mod.label_word_ids(tok, words))
         torch.manual_seed(seed)
         model = PrefixModel(backbone, num_labels, cfg, prompt_head=head, mask_token_id=tok.mask_token_id)
     else:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as data_mod
+from . import splits as splits_mod
+from . import tokens as tokens_mod
 from . import distributed as dist_mod
 from .config import ConfigError, RunConfig
 from .evaluate import autocast, evaluate, evaluate_test, model_inputs, peak_memory_mb, reset_peak_memory
@@ -83,13 +85,13 @@ def prepare_data(cfg: RunConfig, tokenizer=None):
     """
     card = data_mod.get_task(cfg.data.task)
     raw = data_mod.load_raw(card, cfg.data.data_dir)
-    splits = data_mod.splits_for_config(raw, cfg.data, cfg.train.seed)
+    splits = splits_mod.splits_for_config(raw, cfg.data, cfg.train.seed)
     tok = tokenizer or load_tokenizer(cfg.model)
     template = None
     if cfg.model.head == "prompt":  # LM-BFF: one sequence per example with a mask token
-        template = data_mod.prompt_for(card, cfg.model.template, cfg.model.label_words)[0]
+        template = tokens_mod.prompt_for(card, cfg.model.template, cfg.model.label_words)[0]
     tokd = {
-        name: data_mod.tokenize(getattr(splits, name), tok, cfg.data.max_length, cfg.data.cache_dir, template)
+        name: tokens_mod.tokenize(getattr(splits, name), tok, cfg.data.max_length, cfg.data.cache_dir, template)
         for name in ("private", "public", "val", "eval")
     }
     return card, splits, tokd

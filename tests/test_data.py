@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from dpflat import data as D
+from dpflat import splits as S
+from dpflat import tokens as T
 from dpflat.data import DataError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -124,7 +126,7 @@ def test_every_task_loads_with_manifest_counts(task, raw_cache):
         assert split.column_names == expected_cols
         assert split.features["label"] == datasets.ClassLabel(names=list(card.label_names))
         assert split.features["text_a"].dtype == "string"
-    summary = D.Splits(private=raw["train"], public=raw["train"].select([]), eval=raw["eval"]).summary()
+    summary = S.Splits(private=raw["train"], public=raw["train"].select([]), eval=raw["eval"]).summary()
     assert set(summary["private"]["labels"]) == set(card.label_names)  # every class present
     if train_counts:
         assert summary["private"]["labels"] == train_counts
@@ -314,9 +316,9 @@ def _idx(ds) -> list[int]:
 
 def test_split_determinism(raw_cache):
     raw = raw_cache("trec")
-    a = D.make_splits(raw, seed=3, public_size=0.1, train_size=500, eval_size=100)
-    b = D.make_splits(raw, seed=3, public_size=0.1, train_size=500, eval_size=100)
-    c = D.make_splits(raw, seed=4, public_size=0.1, train_size=500, eval_size=100)
+    a = S.make_splits(raw, seed=3, public_size=0.1, train_size=500, eval_size=100)
+    b = S.make_splits(raw, seed=3, public_size=0.1, train_size=500, eval_size=100)
+    c = S.make_splits(raw, seed=4, public_size=0.1, train_size=500, eval_size=100)
     assert a.overlap == b.overlap
     for name in ("private", "public", "val", "eval"):
         assert _idx(getattr(a, name)) == _idx(getattr(b, name))
@@ -327,7 +329,7 @@ def test_split_determinism(raw_cache):
 def test_public_private_disjoint_and_sizes(raw_cache):
     raw = raw_cache("sst2")
     n = len(raw["train"])
-    s = D.make_splits(raw, seed=0, public_size=0.1)
+    s = S.make_splits(raw, seed=0, public_size=0.1)
     pub, priv, val = set(_idx(s.public)), set(_idx(s.private)), set(_idx(s.val))
     assert not pub & priv and not val & (pub | priv)
     dropped = s.overlap["train_test"] + s.overlap["public_private"] + s.overlap["val_private"]
@@ -340,22 +342,22 @@ def test_public_private_disjoint_and_sizes(raw_cache):
 
 def test_sizes_honoured(raw_cache):
     raw = raw_cache("qnli")
-    s = D.make_splits(raw, seed=1, public_size=250, train_size=1000, eval_size=300)
+    s = S.make_splits(raw, seed=1, public_size=250, train_size=1000, eval_size=300)
     assert (len(s.public), len(s.private), len(s.val), len(s.eval)) == (250, 1000, 500, 300)
     assert not set(_idx(s.public)) & set(_idx(s.private))
     assert set(_idx(s.eval)) <= set(range(len(raw["eval"])))
     summary = s.summary()
     assert summary["private"]["rows"] == 1000 == sum(summary["private"]["labels"].values())
-    empty = D.make_splits(raw, seed=1, public_size=0, val_size=1)
+    empty = S.make_splits(raw, seed=1, public_size=0, val_size=1)
     o = empty.overlap
     assert len(empty.public) == 0 and len(empty.private) == len(raw["train"]) - 1 - o["train_test"] - o["val_private"]
 
 
 def test_public_independent_of_train_size_and_eval_seed(raw_cache):
     raw = raw_cache("mpqa")
-    a = D.make_splits(raw, seed=7, public_size=0.2, train_size=100, eval_size=50, eval_seed=0)
-    b = D.make_splits(raw, seed=8, public_size=0.2, train_size=2000, eval_size=50, eval_seed=0)
-    c = D.make_splits(raw, seed=7, public_size=0.2, train_size=2000)
+    a = S.make_splits(raw, seed=7, public_size=0.2, train_size=100, eval_size=50, eval_seed=0)
+    b = S.make_splits(raw, seed=8, public_size=0.2, train_size=2000, eval_size=50, eval_seed=0)
+    c = S.make_splits(raw, seed=7, public_size=0.2, train_size=2000)
     assert _idx(a.public) == _idx(c.public)
     assert set(_idx(a.private)) <= set(_idx(c.private))  # a larger train_size only adds rows
     assert _idx(a.eval) == _idx(b.eval)  # shared eval subset across seeds
@@ -377,7 +379,7 @@ def test_public_independent_of_train_size_and_eval_seed(raw_cache):
 def test_split_size_errors(raw_cache, kwargs, words):
     kwargs = {"public_size": 0.1, **kwargs}
     with pytest.raises(DataError) as exc:
-        D.make_splits(raw_cache("qqp"), seed=0, **kwargs)
+        S.make_splits(raw_cache("qqp"), seed=0, **kwargs)
     msg = _one_line(exc)
     for w in words:
         assert w in msg
@@ -396,21 +398,21 @@ def tokenizer():
 
 @pytest.fixture
 def fresh_cache():
-    D.clear_tokenize_cache()
+    T.clear_tokenize_cache()
     yield
-    D.clear_tokenize_cache()
+    T.clear_tokenize_cache()
 
 
 def _forbid_tokenizer(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("tokenizer ran: the cache missed")
 
-    monkeypatch.setattr(D, "_encode_batch", boom)
+    monkeypatch.setattr(T, "_encode_batch", boom)
 
 
 def test_tokenize_shapes_and_columns(raw_cache, tokenizer, fresh_cache):
-    s = D.make_splits(raw_cache("qnli"), seed=0, train_size=64)
-    tok = D.tokenize(s.private, tokenizer, 48)
+    s = S.make_splits(raw_cache("qnli"), seed=0, train_size=64)
+    tok = T.tokenize(s.private, tokenizer, 48)
     assert tok.column_names == ["input_ids", "attention_mask", "token_type_ids", "labels", "idx"]
     batch = tok[:]
     assert batch["input_ids"].shape == (64, 48) and batch["input_ids"].dtype.is_floating_point is False
@@ -426,45 +428,45 @@ def test_tokenize_shapes_and_columns(raw_cache, tokenizer, fresh_cache):
 def test_tokenize_without_token_type_ids(raw_cache, tokenizer, fresh_cache):
     roberta_like = copy.deepcopy(tokenizer)
     roberta_like.model_input_names = ["input_ids", "attention_mask"]
-    s = D.make_splits(raw_cache("sst2"), seed=0, train_size=16)
-    tok = D.tokenize(s.private, roberta_like, 16)
+    s = S.make_splits(raw_cache("sst2"), seed=0, train_size=16)
+    tok = T.tokenize(s.private, roberta_like, 16)
     assert "token_type_ids" not in tok.column_names
 
 
 def test_tokenize_cache_in_process(raw_cache, tokenizer, fresh_cache, monkeypatch):
-    s = D.make_splits(raw_cache("sst2"), seed=0, train_size=200)
-    first = D.tokenize(s.private, tokenizer, 32)[:]
+    s = S.make_splits(raw_cache("sst2"), seed=0, train_size=200)
+    first = T.tokenize(s.private, tokenizer, 32)[:]
     _forbid_tokenizer(monkeypatch)
-    again = D.tokenize(s.private, tokenizer, 32)[:]
+    again = T.tokenize(s.private, tokenizer, 32)[:]
     for k in first:
         assert (first[k] == again[k]).all()
     with pytest.raises(AssertionError, match="cache missed"):
-        D.tokenize(s.private, tokenizer, 40)  # another max_length is another entry
+        T.tokenize(s.private, tokenizer, 40)  # another max_length is another entry
 
 
 def test_tokenize_cache_on_disk(raw_cache, tokenizer, fresh_cache, monkeypatch, tmp_path):
-    s = D.make_splits(raw_cache("trec"), seed=0, train_size=100)
-    first = D.tokenize(s.private, tokenizer, 24, cache_dir=tmp_path)[:]
+    s = S.make_splits(raw_cache("trec"), seed=0, train_size=100)
+    first = T.tokenize(s.private, tokenizer, 24, cache_dir=tmp_path)[:]
     assert list(tmp_path.glob("tokenized-*.arrow"))
-    D.clear_tokenize_cache()  # as in a new process
+    T.clear_tokenize_cache()  # as in a new process
     _forbid_tokenizer(monkeypatch)
-    again = D.tokenize(s.private, tokenizer, 24, cache_dir=tmp_path)[:]
+    again = T.tokenize(s.private, tokenizer, 24, cache_dir=tmp_path)[:]
     for k in first:
         assert (first[k] == again[k]).all()
 
 
 def test_tokenize_empty_public_split(raw_cache, tokenizer, fresh_cache):
-    s = D.make_splits(raw_cache("trec"), seed=0, public_size=0, train_size=10)
-    tok = D.tokenize(s.public, tokenizer, 16)
+    s = S.make_splits(raw_cache("trec"), seed=0, public_size=0, train_size=10)
+    tok = T.tokenize(s.public, tokenizer, 16)
     assert len(tok) == 0 and "input_ids" in tok.column_names
 
 
 def test_tokenize_rejects_bad_input(raw_cache, tokenizer):
     with pytest.raises(DataError) as exc:
-        D.tokenize(raw_cache("trec")["eval"], tokenizer, 100_000)
+        T.tokenize(raw_cache("trec")["eval"], tokenizer, 100_000)
     assert "model_max_length" in _one_line(exc)
     with pytest.raises(DataError):
-        D.tokenize(datasets.Dataset.from_dict({"x": ["a"]}), tokenizer, 16)
+        T.tokenize(datasets.Dataset.from_dict({"x": ["a"]}), tokenizer, 16)
 
 
 # --------------------------------------------------------------------------- data/prepare.py
@@ -502,13 +504,13 @@ def test_prepare_copies_verifies_and_flags_tampering(data_dir, tmp_path, capsys,
 
 
 def test_normalize_text():
-    assert D.normalize_text("  A  Film .") == D.normalize_text("a film") == "a film"
-    assert D.normalize_text("\uff21bc!") == "abc"  # NFKC: full-width A
-    assert D.normalize_text("it's \"good\"") == "it's \"good"  # inner punctuation stays
+    assert S.normalize_text("  A  Film .") == S.normalize_text("a film") == "a film"
+    assert S.normalize_text("\uff21bc!") == "abc"  # NFKC: full-width A
+    assert S.normalize_text("it's \"good\"") == "it's \"good"  # inner punctuation stays
 
 
 def _keys(ds):
-    return set(D.normalized_keys(ds))
+    return set(S.normalized_keys(ds))
 
 
 @pytest.mark.parametrize("task", ["mpqa", "qnli"])
@@ -517,7 +519,7 @@ def test_default_splits_share_no_text(raw_cache, task):
     from dpflat.config import DataConfig
 
     raw = raw_cache(task)
-    s = D.splits_for_config(raw, DataConfig(task=task), seed=0)
+    s = S.splits_for_config(raw, DataConfig(task=task), seed=0)
     parts = {"private": _keys(s.private), "public": _keys(s.public), "val": _keys(s.val), "test": _keys(s.eval)}
     names = list(parts)
     for i, a in enumerate(names):
@@ -540,7 +542,7 @@ def test_pair_dedupe_uses_the_pair():
     test = {"text_a": ["q"], "text_b": ["s5"], "label": [0]}
     raw = datasets.DatasetDict(train=datasets.Dataset.from_dict(rows, features=feats),
                                eval=datasets.Dataset.from_dict(test, features=feats))
-    s = D.make_splits(raw, seed=0, public_size=2, val_size=2)
+    s = S.make_splits(raw, seed=0, public_size=2, val_size=2)
     assert s.overlap["train_test"] == 1 and s.overlap["test_in_train"] == 1
     parts = [_keys(s.private), _keys(s.public), _keys(s.val)]
     assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
@@ -549,51 +551,51 @@ def test_pair_dedupe_uses_the_pair():
     assert s.summary()["val"]["rows"] == 2
     all_val = 10 - 1 - 2 - s.overlap["public_private"]  # val takes every row left: no private rows
     with pytest.raises(DataError, match="private split is empty"):
-        D.make_splits(raw, seed=0, public_size=2, val_size=all_val)
+        S.make_splits(raw, seed=0, public_size=2, val_size=all_val)
 
 
 def test_check_disjoint_catches_shared_text(raw_cache):
     raw = raw_cache("trec")
-    s = D.make_splits(raw, seed=0, public_size=100, val_size=50)
-    bad = D.Splits(private=s.private, public=s.public.select(range(10)), eval=s.eval,
+    s = S.make_splits(raw, seed=0, public_size=100, val_size=50)
+    bad = S.Splits(private=s.private, public=s.public.select(range(10)), eval=s.eval,
                    val=s.private.select(range(3)).map(lambda r: {"idx": r["idx"] + 10**6}))
     with pytest.raises(DataError, match="private and val splits share 3 normalised texts"):
-        D._check_disjoint(bad)
+        S._check_disjoint(bad)
 
 
 # --------------------------------------------------------------------------- prompt templates (LM-BFF)
 
 
 def test_template_encoding_and_truncation(tokenizer):
-    tpl = D.PROMPTS["sst2"][0]
-    ids = D.encode_template(tokenizer, tpl, ["a fine film"], 32)
+    tpl = T.PROMPTS["sst2"][0]
+    ids = T.encode_template(tokenizer, tpl, ["a fine film"], 32)
     assert tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "a", "fine", "film", "it", "was", "[MASK]", ".", "[SEP]"]
     long = " ".join(["word"] * 100)
-    cut = D.encode_template(tokenizer, tpl, [long], 16)
+    cut = T.encode_template(tokenizer, tpl, [long], 16)
     assert len(cut) == 16 and tokenizer.mask_token_id in cut and cut[-1] == tokenizer.sep_token_id
-    pair = D.encode_template(tokenizer, D.PROMPTS["qnli"][0], ["Who wrote it?", "Smith wrote it."], 32)
+    pair = T.encode_template(tokenizer, T.PROMPTS["qnli"][0], ["Who wrote it?", "Smith wrote it."], 32)
     assert tokenizer.convert_ids_to_tokens(pair) == ["[CLS]", "who", "wrote", "it", "?", "[MASK]", ",", "smith",
                                                      "wrote", "it", ".", "[SEP]"]
     with pytest.raises(DataError, match="longer than max_length"):
-        D.encode_template(tokenizer, "*cls**sent_0*" + "_very" * 20 + "*mask*", ["x"], 8)
+        T.encode_template(tokenizer, "*cls**sent_0*" + "_very" * 20 + "*mask*", ["x"], 8)
 
 
 def test_prompt_defaults_and_errors(tokenizer):
     for name, card in D.TASKS.items():
-        tpl, words = D.prompt_for(name)
+        tpl, words = T.prompt_for(name)
         assert len(words) == card.num_labels and "*mask*" in tpl
-    assert D.prompt_for("sst2", label_words="bad, good")[1] == ["bad", "good"]
+    assert T.prompt_for("sst2", label_words="bad, good")[1] == ["bad", "good"]
     with pytest.raises(DataError, match="3 classes"):
-        D.prompt_for("mnli", label_words="yes,no")
-    assert len(D.label_word_ids(tokenizer, ["terrible", "great"])) == 2
+        T.prompt_for("mnli", label_words="yes,no")
+    assert len(T.label_word_ids(tokenizer, ["terrible", "great"])) == 2
     with pytest.raises(DataError, match="tokens for this tokenizer"):
-        D.label_word_ids(tokenizer, ["unbelievablyawful", "great"])
+        T.label_word_ids(tokenizer, ["unbelievablyawful", "great"])
 
 
 def test_tokenize_with_template(raw_cache, tokenizer, fresh_cache):
-    s = D.make_splits(raw_cache("sst2"), seed=0, train_size=32, public_size=16, val_size=16)
-    plain = D.tokenize(s.private, tokenizer, 32)
-    tpl = D.tokenize(s.private, tokenizer, 32, template=D.PROMPTS["sst2"][0])
+    s = S.make_splits(raw_cache("sst2"), seed=0, train_size=32, public_size=16, val_size=16)
+    plain = T.tokenize(s.private, tokenizer, 32)
+    tpl = T.tokenize(s.private, tokenizer, 32, template=T.PROMPTS["sst2"][0])
     ids = tpl[:]["input_ids"]
     assert ((ids == tokenizer.mask_token_id).sum(1) == 1).all()  # one mask per example
     assert not (plain[:]["input_ids"] == tokenizer.mask_token_id).any()

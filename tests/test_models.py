@@ -134,11 +134,11 @@ def _prompt_model(backbone):
 
 
 def _prompt_batch(tok, B=5, L=20):
-    from dpflat import data as D
+    from dpflat import tokens as T
 
-    tpl = D.PROMPTS["sst2"][0]
+    tpl = T.PROMPTS["sst2"][0]
     texts = ["a fine film", "dull and long", "great", "not my cup of tea at all", "it works"][:B]
-    rows = [D.encode_template(tok, tpl, [t], L) for t in texts]
+    rows = [T.encode_template(tok, tpl, [t], L) for t in texts]
     ids = torch.tensor([r + [tok.pad_token_id] * (L - len(r)) for r in rows])
     am = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
     return {"input_ids": ids, "attention_mask": am, "labels": torch.tensor([1, 0, 1, 0, 1][:B])}
@@ -147,13 +147,13 @@ def _prompt_batch(tok, B=5, L=20):
 @pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-roberta"])
 def test_prompt_head_reads_the_mlm_logits_of_the_label_words(backbone):
     """Without a prefix, the prompt head's logits are exactly the MLM's at the mask for the label words."""
-    from dpflat import data as D
+    from dpflat import tokens as T
 
     model, tok = _prompt_model(backbone)
     model.eval()
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prefix.embedding.weight"]
     b = _prompt_batch(tok)
-    words = D.label_word_ids(tok, D.PROMPTS["sst2"][1])
+    words = T.label_word_ids(tok, T.PROMPTS["sst2"][1])
     model.prefix.set_keep([False] * model.n_layers)
     with torch.no_grad():
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
