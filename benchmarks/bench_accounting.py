@@ -34,7 +34,7 @@ import _report  # noqa: E402
 
 from dpflat.accountants import from_ledger  # noqa: E402
 from dpflat.config import PrivacyConfig  # noqa: E402
-from dpflat.privacy import noise_for_target  # noqa: E402
+from dpflat.engine import noise_for_target  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -73,7 +73,7 @@ def row(label: str, led: dict, extra: str = "") -> str:
 
 def main(argv=None) -> None:
     ns = parse(argv)
-    from dpflat.privacy import epsilon_for
+    from dpflat.engine import epsilon_for
 
     lines = ["| run | q | σ | σ with Opacus' default α grid | steps | δ | claimed ε (Opacus RDP) | dp-accounting RDP ε "
              "| dp-accounting PLD ε | claim ≥ PLD | within 10% of RDP | batch sizes Poisson |",

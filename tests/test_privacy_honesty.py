@@ -23,7 +23,8 @@ import torch
 from dpflat import cli
 from dpflat.accountants import from_ledger, poisson_check
 from dpflat.config import ConfigError
-from dpflat.privacy import DP, NOT_DP_PAPER, UNKNOWN, MechanismRNG, noise_for_target
+from dpflat.engine import MechanismRNG, noise_for_target
+from dpflat.privacy import DP, NOT_DP_PAPER, UNKNOWN
 from dpflat.runs import RunDir, load_results
 from dpflat.train import LOSS_KEY, NonFiniteLoss, train
 
