@@ -39,7 +39,7 @@ from .config import (  # noqa: F401  (light: dataclasses only)
 __version__ = "0.1.0"
 
 _LAZY = {
-    "prepare_data": ("train", "prepare_data"),
+    "prepare_data": ("session", "prepare_data"),
     "cells": ("sweep", "cells"),
     "summarize": ("sweep", "summarize"),
     "load_results": ("runs", "load_results"),

@@ -221,8 +221,12 @@ class Session:
             self.rd.save_tensors(self.best_file, self.best_params)
         return r
 
-    def end_step(self, row: dict[str, Any], dp: DPSetup | None, tail: dict[str, Any] | None = None) -> None:
-        """After ``self.step`` was advanced: evaluate when due, ε, log the row, checkpoint when due."""
+    def end_step(self, row: dict[str, Any], dp: DPSetup | None,
+                 tail: Callable[[], dict[str, Any]] | None = None) -> None:
+        """After ``self.step`` was advanced: evaluate when due, ε, log the row, checkpoint when due.
+
+        ``tail``: the stepper's last columns, read after the evaluation (e.g. the black box's query count).
+        """
         tc, step = self.cfg.train, self.step
         self.bar.update(1)
         milestone = self.main and (step % self.eval_every == 0 or step == self.total_steps)
@@ -233,7 +237,7 @@ class Session:
             # is not DP as a whole (paper mode) shows it only as the DP-SGD part's
             row["epsilon" if not self.ledger.unaccounted else "dpsgd_part_epsilon"] = dp.spent()
         row["examples_per_s"] = self.seen / max(time.time() - self.t0, 1e-9)  # this rank's
-        row.update(tail or {})
+        row.update(tail() if tail else {})
         if self.main:
             self.rd.log(row)
         self.bar.set_postfix({k: round(v, 3) for k, v in row.items() if k in (LOSS_KEY, "eval_accuracy", "epsilon")

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from dpflat import privacy as privacy_mod
+from dpflat import engine as engine_mod
 from dpflat import train as train_mod
 from dpflat.cli import main
 from dpflat.config import ConfigError, FlatConfig, ModelConfig, PrivacyConfig, RunConfig
@@ -232,7 +232,7 @@ def _spy_awp(mp: pytest.MonkeyPatch, probe: Probe) -> None:
 
 # --- speed: the runs here share q, steps and δ, so the accountant's answers are memoised
 # (same inputs, same numbers; the RDP sums dominate a tiny run's time otherwise).
-_ORIG_NOISE = privacy_mod.noise_for_target
+_ORIG_NOISE = engine_mod.noise_for_target
 _ORIG_GET_EPS = RDPAccountant.get_epsilon
 
 
@@ -261,7 +261,7 @@ def _fast():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(privacy_mod, "noise_for_target", _noise_for_target)
+        mp.setattr(engine_mod, "noise_for_target", _noise_for_target)
         mp.setattr(RDPAccountant, "get_epsilon", _rdp_get_epsilon)
         yield
     torch.set_num_threads(threads)
