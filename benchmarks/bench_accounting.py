@@ -2,7 +2,7 @@
 
 For each cell the mechanism is what a run of that config records in its ledger: Poisson
 rate q = 1 / len(loader) (Opacus' rate), the step count, δ = 1/N^1.1, and σ searched for
-the target ε by ``privacy.noise_for_target`` exactly as training does (Opacus RDP over
+the target ε by ``engine.noise_for_target`` exactly as training does (Opacus RDP over
 the project's wide α grid). The claimed ε (Opacus RDP at that σ) is then recomputed by
 Google's dp-accounting RDP and PLD accountants, and the independent ledger check
 (claim >= PLD ε, within 10% of dp-accounting RDP) is applied. A second σ column shows

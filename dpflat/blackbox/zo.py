@@ -87,7 +87,7 @@ def zo_step(model: PromptModel, state: ZOState, batch: dict[str, torch.Tensor] |
             noise_generator: torch.Generator | None = None) -> dict[str, float]:
     """One SPSA / DPZero update of z in place; ``dp = (clip, sigma, expected_batch)``.
 
-    ``noise_generator``: the DP noise's secret generator (``privacy.MechanismRNG``); the
+    ``noise_generator``: the DP noise's secret generator (``engine.MechanismRNG``); the
     directions stay a function of the public ``step_seed`` (they are data-independent).
 
     An empty Poisson batch still takes a DP step (noise only), as DP-SGD does: skipping
