@@ -2,7 +2,7 @@
 
 For each cell the mechanism is what a run of that config records in its ledger: Poisson
 rate q = 1 / len(loader) (Opacus' rate), the step count, δ = 1/N^1.1, and σ searched for
-the target ε by ``privacy.noise_for_target`` exactly as training does (Opacus RDP over
+the target ε by ``engine.noise_for_target`` exactly as training does (Opacus RDP over
 the project's wide α grid). The claimed ε (Opacus RDP at that σ) is then recomputed by
 Google's dp-accounting RDP and PLD accountants, and the independent ledger check
 (claim >= PLD ε, within 10% of dp-accounting RDP) is applied. A second σ column shows
@@ -34,7 +34,7 @@ import _report  # noqa: E402
 
 from dpflat.accountants import from_ledger  # noqa: E402
 from dpflat.config import PrivacyConfig  # noqa: E402
-from dpflat.privacy import noise_for_target  # noqa: E402
+from dpflat.engine import noise_for_target  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -73,7 +73,7 @@ def row(label: str, led: dict, extra: str = "") -> str:
 
 def main(argv=None) -> None:
     ns = parse(argv)
-    from dpflat.privacy import epsilon_for
+    from dpflat.engine import epsilon_for
 
     lines = ["| run | q | σ | σ with Opacus' default α grid | steps | δ | claimed ε (Opacus RDP) | dp-accounting RDP ε "
              "| dp-accounting PLD ε | claim ≥ PLD | within 10% of RDP | batch sizes Poisson |",

@@ -1,6 +1,6 @@
 """Black-box DP-Flat on SST-2: accuracy of bb-nonprivate, bb-dp and bb-dpflat (safe, paper).
 
-The default MiniLM backbone queried forward only (dpflat/blackbox.py): a soft prompt
+The default MiniLM backbone queried forward only (dpflat/blackbox/): a soft prompt
 z (d = 50, plus a 2-number readout bias) tuned by SPSA / DPZero at ε 3 and 8, 3 seeds,
 through ``dpflat.sweep.sweep`` (run folders, results table, guarantees; finished cells
 are reused, so an interrupted benchmark continues). Sized for a 2-core CPU with one

@@ -39,7 +39,7 @@ from .config import (  # noqa: F401  (light: dataclasses only)
 __version__ = "0.1.0"
 
 _LAZY = {
-    "prepare_data": ("train", "prepare_data"),
+    "prepare_data": ("session", "prepare_data"),
     "cells": ("sweep", "cells"),
     "summarize": ("sweep", "summarize"),
     "load_results": ("runs", "load_results"),
@@ -49,8 +49,8 @@ _LAZY = {
     "evaluate_model": ("evaluate", "evaluate"),
     "per_example_losses": ("evaluate", "per_example_losses"),
     "PrivacyLedger": ("privacy", "PrivacyLedger"),
-    "epsilon_for": ("privacy", "epsilon_for"),
-    "noise_for_target": ("privacy", "noise_for_target"),
+    "epsilon_for": ("engine", "epsilon_for"),
+    "noise_for_target": ("engine", "noise_for_target"),
     "TASKS": ("data", "TASKS"),
     "get_task": ("data", "get_task"),
     "load_run": ("analysis", "load_run"),

@@ -45,7 +45,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .privacy import SAMPLED_GAUSSIAN, accountant_kwargs
+from .engine import accountant_kwargs
+from .privacy import SAMPLED_GAUSSIAN
 
 ACCOUNTANTS = ("opacus_rdp", "opacus_prv", "dp_accounting_rdp", "dp_accounting_pld")
 #: PLD discretisation of the privacy-loss values; pessimistic rounding keeps the

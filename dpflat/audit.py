@@ -8,8 +8,8 @@ One (1) Training Run" (NeurIPS 2023, arXiv:2305.08846), black-box, input-space c
    memorisation can make the model fit them.
 2. Include each canary in the private training set independently with probability
    1/2 (the secret bits S_i), and train the configuration *through the project's own
-   loop* (``dpflat.train.train``): the canaries are added to the private split that
-   ``prepare_data`` returns, so the same Poisson sampling, clipping, noise, accountant
+   loop* (``dpflat.sweep.trainer``): the canaries are passed as ``extra_private`` and
+   appended to the private split the session prepares, so the same Poisson sampling, clipping, noise, accountant
    and flattening levels (paper mode included) see them like any private example. The
    run's claimed ε is that of this audited run (its N includes the included canaries).
 3. Score every canary by minus its loss (canary label) under the final model; guess
@@ -45,10 +45,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import scipy.optimize
@@ -187,41 +186,6 @@ def make_canaries(cfg, m: int, seed: int = 0):
     return Dataset.from_dict(d, features=feats), included, true
 
 
-@contextmanager
-def inject_private(extra) -> Iterator[None]:
-    """Add the rows of ``extra`` (raw columns + idx) to the private split of ``train``.
-
-    Why a patch: the loop builds its data with ``dpflat.train.prepare_data`` and has no
-    other entry for extra rows; wrapping that one function leaves the loop itself (and
-    everything it does with private data) exactly as in a normal run. Not thread-safe.
-    """
-    from datasets import concatenate_datasets
-
-    from . import splits as splits_mod
-    from . import tokens as tokens_mod
-    from . import train as train_mod
-    from .models import load_tokenizer
-
-    orig = train_mod.prepare_data
-
-    def prepare_with_canaries(cfg, tokenizer=None):
-        card, splits, tokd = orig(cfg, tokenizer)
-        tok = tokenizer or load_tokenizer(cfg.model)
-        can = tokens_mod.tokenize(extra, tok, cfg.data.max_length, cfg.data.cache_dir)
-        priv = tokd["private"]
-        merged = concatenate_datasets([priv.with_format(None), can.with_format(None)])
-        tokd = {**tokd, "private": merged.with_format("torch", columns=priv.column_names)}
-        splits = splits_mod.Splits(private=concatenate_datasets([splits.private, extra]), public=splits.public,
-                                 eval=splits.eval)
-        return card, splits, tokd
-
-    train_mod.prepare_data = prepare_with_canaries
-    try:
-        yield
-    finally:
-        train_mod.prepare_data = orig
-
-
 # --------------------------------------------------------------------------- audit
 @dataclass
 class AuditResult:
@@ -285,10 +249,10 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
     same canaries is reused. ``noise_seed`` / ``secure_rng``: the mechanism's randomness
     (default: OS entropy), as for ``dpflat.train.train``.
     """
-    from . import train as train_mod
     from .mia import attack_point_metrics, example_losses, load_run_model
     from .models import load_tokenizer
     from .runs import RunDir, atomic_write_text, run_id
+    from .sweep import trainer
 
     t0 = time.time()
     can_rows, included, true = make_canaries(cfg, canaries, seed)
@@ -306,8 +270,8 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
         raise FileExistsError(f"{rd.path} holds a canary run with other canaries; remove it or change the seed")
     rd.path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cf, json.dumps(record))
-    with inject_private(can_rows.select(np.flatnonzero(included))):
-        res = train_mod.train(acfg, resume=resume, noise_seed=noise_seed, secure_rng=secure_rng)
+    res = trainer(acfg)(acfg, resume=resume, noise_seed=noise_seed, secure_rng=secure_rng,
+                        extra_private=can_rows.select(np.flatnonzero(included)))  # the canaries: private data
     ledger = json.loads((rd.path / "ledger.json").read_text())
     _, model = load_run_model(rd.path)
     tok = load_tokenizer(cfg.model)
@@ -351,7 +315,6 @@ __all__ = [
     "audit_run",
     "epsilon_lower_bound",
     "guess_grid",
-    "inject_private",
     "make_canaries",
     "one_run_epsilon",
     "one_run_p_value",

@@ -389,13 +389,13 @@ ZOOptimizer = Literal["sgd", "adam", "cma"]
 @section("blackbox")
 @dataclass
 class BlackBoxConfig:
-    """Black-box DP-Flat (``dpflat/blackbox.py``): a soft prompt tuned from forward queries only.
+    """Black-box DP-Flat (``dpflat/blackbox/``): a soft prompt tuned from forward queries only.
 
     An all-default section (every white-box run) is left out of ``config.json`` and of
     the run id, so white-box run folders are unchanged by its existence.
     """
 
-    active: bool = _opt(False, "black-box path (dpflat/blackbox.py): tune a soft prompt from forward queries "
+    active: bool = _opt(False, "black-box path (dpflat/blackbox/): tune a soft prompt from forward queries "
                                "only (the bb-* variants set it)")
     prompt_tokens: int = _opt(8, "black box: soft prompt length in tokens (prepended after [CLS])")
     prompt_dim: int = _opt(50, "black box: dimension d of z (fixed random projection to the prompt embeddings)")
@@ -564,7 +564,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dp+layers": {"privacy": {"enabled": True}, "flat": {"layers": True}},
     "dp+distill": {"privacy": {"enabled": True}, "flat": {"distill": True}},
     "dpflat": {"privacy": {"enabled": True}, "flat": {"awp": True, "layers": True, "distill": True}},
-    # black-box DP-Flat (dpflat/blackbox.py): forward queries only; cross-model flattening (distill)
+    # black-box DP-Flat (dpflat/blackbox/): forward queries only; cross-model flattening (distill)
     # pulls z toward a teacher prompt with weight blackbox.prompt_lambda
     "bb-nonprivate": {"privacy": {"enabled": False}, "flat": {}, "blackbox": {"active": True}},
     "bb-dp": {"privacy": {"enabled": True}, "flat": {}, "blackbox": {"active": True}},

@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, default_collate
@@ -215,19 +214,18 @@ def share_levels(levels: list["FlatLevel"], ctx: "TrainContext") -> None:
 
 
 def share_step_state(levels: list["FlatLevel"], ctx: "TrainContext") -> None:
-    """Make a logical step's perturbation rank 0's on every rank.
+    """Make a logical step's level state (e.g. paper-mode AWP's perturbation) rank 0's on every rank.
 
-    Safe AWP needs nothing: its direction is the previous step's noisy gradient, which
-    the optimizer's all-reduce already made identical. Paper-mode AWP takes its ascent
-    direction from "the step's first private micro-batch"; each rank has its own, so
-    rank 0's (the first of the global batch) is used everywhere.
+    Each level says what it needs shared (``FlatLevel.step_state``); paper-mode AWP takes
+    its ascent direction from "the step's first private micro-batch", and each rank has
+    its own, so rank 0's (the first of the global batch) is used everywhere.
     """
     if not is_distributed():
         return
     for lv in levels:
-        if lv.name == "awp" and getattr(lv.cfg, "awp_mode", "safe") == "paper":
-            v = broadcast(lv._v)
-            lv._v = None if v is None else v.to(ctx.device)
+        mine = lv.step_state()
+        if mine is not None:
+            lv.load_step_state(broadcast(mine), ctx)
 
 
 # --- the ledger: one over all ranks
@@ -296,7 +294,7 @@ class RankPoissonSampler(Sampler[list[int]]):
     whole split at that rate: the sampled Gaussian mechanism the accountant assumes.
     Every rank yields exactly ``steps`` batches, an empty one included, so each rank
     takes part in every step's all-reduce. Each rank draws from its own secret
-    generator (``privacy.MechanismRNG``: OS entropy, or ``--noise-seed`` mixed with the
+    generator (``engine.MechanismRNG``: OS entropy, or ``--noise-seed`` mixed with the
     rank), never from a public seed; the generator runs on across passes, and its state
     goes into the checkpoint, so a resumed run replays the same batches.
 

@@ -1,45 +1,20 @@
-"""Opacus wiring and the privacy ledger.
+"""The privacy ledger: what touched the private split, and the guarantee that follows.
 
 The ledger is the single gate to the private training split: code that wants
 private examples asks ``PrivateSplit.read(who, accounted=...)`` and the read is
 recorded. A run's guarantee is "(ε, δ)-DP" only if *every* read was accounted by
 the DP-SGD accountant; one unaccounted read (paper-mode flattening, non-private
 training) makes the run "not DP", and nothing downstream may claim an ε for it.
+
+This module is bookkeeping only (no Opacus, no torch): readers of run folders
+(report, tables, widgets) import it without the training stack. The Opacus wiring
+that fills the ledger's mechanism fields lives in ``dpflat/engine.py``.
 """
 
 from __future__ import annotations
 
-import math
-import secrets
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import numpy as np
-import torch
-from torch import nn
-
-from .config import ConfigError, PrivacyConfig
-
-# Expected with a frozen backbone: the prefix lookup's inputs are indices, which never
-# require grad, so Opacus' full backward hooks fire on outputs only (that is all they need).
-warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-# Opacus reminds on every engine that its RNG is not cryptographically secure; the ledger
-# records that instead (``secure_rng``, ``noise_source``), once per run.
-warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
-
-#: RDP orders for Opacus' RDP accountant. Opacus' default grid stops at α = 63, so at small
-#: ε (and many steps at small q) the optimum sits on the grid's edge ("Optimal order is the
-#: largest alpha") and the σ searched for a target ε is larger than it needs to be. This
-#: grid adds orders near 1 (large ε) and up to 4096 (small ε); a larger grid only ever
-#: lowers the bound, and every order is a valid RDP -> (ε, δ) conversion.
-RDP_ALPHAS: list[float] = (
-    [1 + x / 100.0 for x in range(1, 10)]
-    + [1 + x / 10.0 for x in range(1, 100)]
-    + [float(a) for a in range(12, 64)]
-    + [64.0, 72.0, 80.0, 96.0, 112.0, 128.0, 160.0, 192.0, 256.0, 320.0, 384.0, 512.0, 768.0, 1024.0,
-       1536.0, 2048.0, 4096.0]
-)
 
 DP = "(ε, δ)-DP"
 UNKNOWN = "unknown guarantee (no valid ledger)"
@@ -103,6 +78,18 @@ class PrivacyLedger:
                 r.examples += int(examples)
                 return
         self.reads.append(Read(who, how, accounted, 1, int(examples)))
+
+    def record_many(self, who: str, how: str, accounted: bool, batches: int, examples: int) -> None:
+        """Counts of reads made elsewhere and replayed here (a cached paper-mode teacher's tuning)."""
+        self.declare(who, how, accounted)
+        r = next(r for r in self.reads if r.who == who and r.how == how and r.accounted == accounted)
+        r.count += int(batches)
+        r.examples += int(examples)
+
+    def resume_counts(self, saved: dict[str, Any]) -> None:
+        """Take the read counts and batch sizes of a checkpoint's ledger (a resumed run continues them)."""
+        restored = PrivacyLedger.from_dict(saved)
+        self.reads, self.batch_sizes = restored.reads, restored.batch_sizes
 
     def declare(self, who: str, how: str, accounted: bool) -> None:
         """Register a read path before it happens (so a run that dies early still says it)."""
@@ -213,241 +200,9 @@ class PrivateSplit:
     def count(self, who: str, how: str, accounted: bool, examples: int) -> None:
         self.ledger.record(who, how, accounted, examples)
 
-
-def default_delta(n: int) -> float:
-    """δ = 1/N^1.1 (strictly below 1/N)."""
-    return 1.0 / (n**1.1)
-
-
-def accountant_kwargs(accountant: str) -> dict[str, Any]:
-    """Extra arguments of ``get_epsilon`` for an Opacus accountant: the wide α grid for RDP."""
-    return {"alphas": RDP_ALPHAS} if accountant == "rdp" else {}
-
-
-def spent_epsilon(accountant: Any, delta: float) -> float:
-    """ε an Opacus accountant has spent so far (RDP over :data:`RDP_ALPHAS`)."""
-    name = accountant.mechanism() if hasattr(accountant, "mechanism") else "rdp"
-    return float(accountant.get_epsilon(delta=delta, **accountant_kwargs(name)))
-
-
-def noise_for_target(cfg: PrivacyConfig, sample_rate: float, steps: int, delta: float) -> float:
-    """σ for (target ε, δ) after ``steps`` Poisson steps at rate q, under the chosen accountant.
-
-    Why not ``make_private_with_epsilon``: it derives steps as int(epochs / q), which
-    for fractional epochs can round to fewer steps than we run and overshoot ε. We
-    pass the exact step count to the same Opacus search instead (with the wide α grid).
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=cfg.epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=cfg.accountant,
-                epsilon_tolerance=0.01,
-                **accountant_kwargs(cfg.accountant),
-            )
-        )
-    except ValueError as e:
-        raise ConfigError(f"cannot reach ε={cfg.epsilon} with q={sample_rate:.4g}, {steps} steps: {e}") from e
-
-
-def epsilon_for(accountant: str, sample_rate: float, sigma: float, steps: int, delta: float) -> float:
-    """ε after ``steps`` steps: the same computation the training accountant does."""
-    from opacus.accountants import create_accountant
-
-    acc = create_accountant(accountant)
-    acc.history = [(sigma, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta, **accountant_kwargs(accountant)))
-
-
-# --------------------------------------------------------------------------- secret randomness
-OS_ENTROPY, OPERATOR_SUPPLIED, SECURE = "os-entropy", "operator-supplied", "secure"
-
-
-def _derive(master: int, *tag: int) -> int:
-    """A 63-bit seed for one stream (sampler / noise, per rank) from the secret master seed."""
-    return int(np.random.SeedSequence([int(master), *tag]).generate_state(1, dtype=np.uint64)[0] % 2**63)
-
-
-def cell_noise_seed(noise_seed: int | None, run_name: str) -> int | None:
-    """One operator-supplied seed for a whole sweep -> a distinct stream per run (None stays None)."""
-    if noise_seed is None:
-        return None
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{int(noise_seed)}:{run_name}".encode()).digest()[:8], "big") % 2**63
-
-
-class MechanismRNG:
-    """The DP mechanism's secret randomness: Poisson sampling and Gaussian noise.
-
-    Why a dedicated generator: the guarantee assumes the adversary cannot predict the
-    batches or the noise. Everything the project writes down (config, run id, results
-    table, logs) is public, so the default seed is drawn from OS entropy
-    (``secrets.randbits``) and held only in memory; the generators' *state* (not the
-    seed) goes into the checkpoint's private ``state.pt``, so a resumed run continues
-    the same stream and replays lost steps exactly. ``noise_seed`` is for tests and
-    bit-reproducible research; the ledger says which source was used, never the seed.
-
-    Two generators: the sampler's lives on the CPU (Poisson masks are drawn there), the
-    noise's on the training device (Opacus draws the noise next to the gradients).
-    ``secure``: Opacus' ``secure_mode`` (torchcsprng, /dev/urandom); it has no state to
-    checkpoint, so such a run cannot be resumed mid-way (see ``train``).
-    """
-
-    def __init__(self, sampler: torch.Generator | None, noise: torch.Generator | None, source: str):
-        self.sampler, self.noise, self.source = sampler, noise, source
-
-    @classmethod
-    def create(cls, noise_seed: int | None = None, secure: bool = False, device: str | torch.device = "cpu",
-               rank: int = 0) -> "MechanismRNG":
-        if secure:
-            if noise_seed is not None:
-                raise ConfigError("--secure-rng and --noise-seed exclude each other (a secure generator takes no seed)")
-            try:
-                import torchcsprng as csprng
-            except ImportError:
-                raise ConfigError("--secure-rng needs torchcsprng (Opacus secure_mode), which is not installed and "
-                                  "has no build for this torch; the default already seeds the mechanism from OS "
-                                  "entropy") from None
-            g = csprng.create_random_device_generator("/dev/urandom")  # white box: Opacus' engine holds its own
-            return cls(g, g, SECURE)
-        if noise_seed is not None and not (isinstance(noise_seed, int) and 0 <= noise_seed < 2**63):
-            raise ConfigError(f"--noise-seed must be an integer in [0, 2^63), got {noise_seed!r}")
-        master = secrets.randbits(63) if noise_seed is None else int(noise_seed)
-        sampler = torch.Generator().manual_seed(_derive(master, 0, rank))
-        noise = torch.Generator(device=torch.device(device)).manual_seed(_derive(master, 1, rank))
-        return cls(sampler, noise, OS_ENTROPY if noise_seed is None else OPERATOR_SUPPLIED)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The generators' states (private run state: the checkpoint's state.pt only)."""
-        if self.source == SECURE:
-            return {"source": SECURE}
-        return {"source": self.source, "sampler": self.sampler.get_state(), "noise": self.noise.get_state()}
-
-    def load_state_dict(self, d: dict[str, Any]) -> None:
-        if d.get("source") == SECURE or self.source == SECURE:
-            raise ConfigError("a --secure-rng run cannot be resumed (its generator has no state to replay lost "
-                              "steps from); train it again with --no-resume")
-        self.source = d["source"]
-        self.sampler.set_state(d["sampler"])
-        self.noise.set_state(d["noise"].to(self.noise.get_state().device))
-
-
-@dataclass
-class DPSetup:
-    model: nn.Module
-    optimizer: Any
-    loader: Any
-    engine: Any
-    sigma: float
-    sample_rate: float
-    delta: float
-    ghost: bool = False  # ghost clipping: the loss must go through ``backward_private``
-    rng: MechanismRNG | None = None  # the secret sampling / noise generators
-
-
-def make_private(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader,
-    cfg: PrivacyConfig,
-    total_steps: int,
-    n_private: int,
-    rng: MechanismRNG | None = None,
-) -> DPSetup:
-    """Wrap model/optimizer/loader with Opacus for DP-SGD at the config's target ε.
-
-    Under torchrun the model is wrapped in Opacus' DPDDP first, which makes Opacus
-    pick its ``DistributedDPOptimizer`` (clipped sums all-reduced, noise added once on
-    rank 0) and distributed Poisson sampling; q, σ and the accountant stay those of
-    the global logical batch (``dpflat/distributed.py``).
-
-    ``rng``: the secret generators (:class:`MechanismRNG`); the loader passed in must
-    already draw from ``rng.sampler`` (Opacus' Poisson loader takes the loader's generator).
-    """
-    from opacus import PrivacyEngine
-
-    from .distributed import is_distributed, rank_poisson_loader
-
-    if not cfg.poisson:
-        raise ConfigError("white-box DP needs Poisson sampling (--poisson): the accountant assumes it; shuffled "
-                          "fixed-size batches are not covered")
-    rng = rng or MechanismRNG.create()
-    q = 1.0 / len(loader)  # Opacus' sample rate for Poisson sampling of this loader
-    delta = cfg.resolve_delta(n_private)
-    sigma = noise_for_target(cfg, q, total_steps, delta)
-    engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=rng.source == SECURE)
-    model.train()
-    module = model
-    if is_distributed():
-        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
-
-        module = DPDDP(model)  # broadcasts rank 0's parameters
-    ghost = cfg.grad_sample_mode == "ghost"
-    if ghost and is_distributed():
-        raise ConfigError("grad_sample_mode ghost is not supported under torchrun; use hooks (the default)")
-    wrapped = engine.make_private(
-        module=module,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=sigma,
-        max_grad_norm=cfg.max_grad_norm,
-        poisson_sampling=cfg.poisson,
-        grad_sample_mode=cfg.grad_sample_mode,
-        noise_generator=None if rng.source == SECURE else rng.noise,  # secure_mode: Opacus' csprng
-        **({"criterion": nn.CrossEntropyLoss()} if ghost else {}),
-    )
-    # ghost returns (module, optimizer, criterion, loader); we build the loss wrapper
-    # ourselves from per-example losses (CE + the levels' terms), see backward_private
-    dp_model, dp_opt, dp_loader = (wrapped[0], wrapped[1], wrapped[3]) if ghost else wrapped
-    if is_distributed():
-        dp_loader = rank_poisson_loader(dp_loader, rng.sampler)  # every rank yields every step (see its docstring)
-    return DPSetup(dp_model, dp_opt, dp_loader, engine, sigma, q, delta, ghost, rng)
-
-
-def backward_private(setup: DPSetup | None, per_example_loss: torch.Tensor) -> torch.Tensor:
-    """Backward of the mean per-example loss, the way the DP mode needs it.
-
-    hooks / functorch / non-private: a plain ``mean().backward()`` (Opacus clips in the
-    optimizer step). ghost: Opacus' two-pass backward -- the first pass computes each
-    example's gradient norm without materialising the gradient, the second back-propagates
-    the loss re-weighted by each example's clipping coefficient.
-    """
-    loss = per_example_loss.mean() if per_example_loss.numel() else per_example_loss.sum()
-    if setup is not None and setup.ghost:
-        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
-
-        DPTensorFastGradientClipping(setup.model, setup.optimizer, per_example_loss, "mean").backward()
-    else:
-        loss.backward()
-    return loss.detach()
-
-
-def fill_ledger(ledger: PrivacyLedger, cfg: PrivacyConfig, setup: DPSetup | None, steps: int,
-                mechanism: str = "dp-sgd") -> None:
-    """Write the mechanism and spent ε into the ledger (ε from the live accountant)."""
-    ledger.steps = steps
-    if setup is None:
-        ledger.mechanism = "none"
-        ledger.nonprivate = True
-        return
-    ledger.mechanism = mechanism
-    ledger.accountant = cfg.accountant
-    ledger.sample_rate = setup.sample_rate
-    ledger.noise_multiplier = setup.sigma
-    ledger.max_grad_norm = cfg.max_grad_norm
-    ledger.target_epsilon = cfg.epsilon
-    ledger.delta = setup.delta
-    eps = spent_epsilon(setup.engine.accountant, setup.delta) if steps > 0 else 0.0
-    ledger.epsilon = eps if math.isfinite(eps) else None
-    if setup.rng is not None:
-        ledger.noise_source = setup.rng.source
-        ledger.secure_rng = setup.rng.source == SECURE
+    def count_replayed(self, who: str, how: str, accounted: bool, batches: int, examples: int) -> None:
+        """Reads made by an earlier process whose outcome is reused (a cached teacher): counted here too."""
+        self.ledger.record_many(who, how, accounted, batches, examples)
 
 
 #: what a run's (ε, δ) covers, and what it does not (ledger.json "release", README)
@@ -476,29 +231,18 @@ def fill_release(ledger: PrivacyLedger) -> None:
         "note": "this run makes no DP claim: nothing it writes is covered"}
 
 
+
 __all__ = [
     "DP",
-    "UNKNOWN",
-    "ledger_guarantee",
-    "read_ledger",
-    "RDP_ALPHAS",
-    "RELEASE",
-    "MechanismRNG",
-    "cell_noise_seed",
-    "accountant_kwargs",
-    "fill_release",
-    "spent_epsilon",
-    "NOT_DP_PAPER",
     "NOT_DP_NONPRIVATE",
+    "NOT_DP_PAPER",
+    "RELEASE",
     "SAMPLED_GAUSSIAN",
-    "Read",
+    "UNKNOWN",
     "PrivacyLedger",
     "PrivateSplit",
-    "DPSetup",
-    "default_delta",
-    "epsilon_for",
-    "fill_ledger",
-    "backward_private",
-    "make_private",
-    "noise_for_target",
+    "Read",
+    "fill_release",
+    "ledger_guarantee",
+    "read_ledger",
 ]

@@ -49,7 +49,9 @@ def cells(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
 def trainer(cfg: RunConfig) -> Callable[..., dict[str, Any]]:
     """The training function of a config: the black-box loop for ``bb-*`` configs, else the white-box one.
 
-    Both take ``(cfg, resume=, max_steps=, on_step=)`` and return the run's results row.
+    The one place that chooses between the two loops (``dpflat.train.train`` refuses a
+    bb-* config). Both take ``(cfg, resume=, max_steps=, on_step=, noise_seed=,
+    secure_rng=, extra_private=)`` and return the run's results row.
     """
     if cfg.blackbox.active:
         from .blackbox import train as bb_train
@@ -68,7 +70,7 @@ def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
     ``noise_seed`` / ``secure_rng``: the mechanism's randomness (see ``dpflat.train.train``);
     one operator seed gives each cell its own stream.
     """
-    from .privacy import cell_noise_seed
+    from .engine import cell_noise_seed
 
     grid = cells(base, variants, epsilons, seeds, modes)
     if base.train.run_name and len(grid) > 1:

@@ -219,7 +219,7 @@ class SetupStatus:
         import importlib
         import threading
 
-        from . import train as train_mod
+        from . import session as train_mod
 
         self._wrap(train_mod, "prepare_data", "loading and tokenising the data")
         for mod, cls in (("layers", "LayerSelection"), ("distill", "Distillation"),
@@ -251,10 +251,10 @@ class SetupStatus:
 
 def train_run(cfg: RunConfig, **kw: Any) -> dict[str, Any]:
     """``dpflat.train.train`` with a status line for every set-up step (see :class:`SetupStatus`)."""
-    from .train import train
+    from .sweep import trainer
 
     with SetupStatus(enabled=cfg.train.progress):
-        return train(cfg, **kw)
+        return trainer(cfg)(cfg, **kw)
 
 
 # --------------------------------------------------------------------------- labels and tables
@@ -445,7 +445,7 @@ def epsilon_curve(sigma: float, sample_rate: float, steps: int, delta: float, ac
     scaled: the same numbers as ``epsilon_for`` at every t, ~30x faster, which keeps
     the sliders live. Other accountants are asked point by point (``epsilon_for``).
     """
-    from .privacy import epsilon_for
+    from .engine import epsilon_for
 
     ts = np.unique(np.geomspace(1, max(int(steps), 1), num=n_points).round().astype(int))
     if accountant != "rdp":
@@ -498,7 +498,7 @@ def noise_vs_batch(n: int, epochs: float, epsilon: float, delta: float, batch_si
     from plotly.subplots import make_subplots
 
     from .config import PrivacyConfig
-    from .privacy import noise_for_target
+    from .engine import noise_for_target
 
     sig, per = [], []
     for b in batch_sizes:

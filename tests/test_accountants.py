@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from dpflat.accountants import ACCOUNTANTS, compare, epsilon, from_ledger
 from dpflat.config import PrivacyConfig
-from dpflat.privacy import noise_for_target
+from dpflat.engine import noise_for_target
 
 
 def _check_agreement(c) -> None:

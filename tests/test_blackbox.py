@@ -31,7 +31,7 @@ def bb_cfg(make_cfg, out: Path, variant: str = "bb-dp", mode: str = "safe", **ov
 def spy_backbone(monkeypatch):
     """Wrap the backbone loader: record every encoder call and whether autograd was on."""
     seen = {"calls": 0, "grad_enabled": [], "models": []}
-    real = bbm.load_backbone
+    real = bbm.box.load_backbone
 
     def load(cfg, seed=0):
         m = real(cfg, seed=seed)
@@ -44,7 +44,7 @@ def spy_backbone(monkeypatch):
         seen["models"].append(m)
         return m
 
-    monkeypatch.setattr(bbm, "load_backbone", load)
+    monkeypatch.setattr(bbm.box, "load_backbone", load)
     return seen
 
 
@@ -113,7 +113,7 @@ def test_dp_step_bounds_one_examples_influence(tmp_path, make_cfg):
     flipped = {**batch, "labels": torch.tensor([0, 1, 1, 1])}  # one example changed
     moves = []
     for b in (batch, flipped):
-        state = bbm._make_opt(torch.zeros(m.proj.dim), "sgd", 1.0)
+        state = bbm.zo._make_opt(torch.zeros(m.proj.dim), "sgd", 1.0)
         bbm.zo_step(m, state, b, step_seed=11, k=1, mu=5.0, dp=(1e-3, 0.0, 4.0))
         moves.append(state.param.data.clone())
     u = bbm.directions(11, 1, m.proj.dim)[0]
@@ -193,7 +193,7 @@ def test_variants_dispatch_and_white_box_ids_are_unchanged(make_cfg, tmp_path):
     wb = dp.apply_variant(base, "dp")
     assert "blackbox" not in wb.to_dict() and trainer(wb).__module__ == "dpflat.train"
     b = dp.apply_variant(wb, "bb-dpflat", "paper")
-    assert b.variant == "bb-dpflat-paper" and b.blackbox.active and trainer(b).__module__ == "dpflat.blackbox"
+    assert b.variant == "bb-dpflat-paper" and b.blackbox.active and trainer(b).__module__ == "dpflat.blackbox.loop"
     assert run_id(dp.apply_variant(b, "dp")) == run_id(wb)  # switching back drops the black-box section
     assert RunConfig.from_dict(b.to_dict()) == b
     grid = cells(base, ["bb-nonprivate", "bb-dp", "bb-dpflat"], [3.0, 8.0], [0, 1], ["safe", "paper"])
@@ -202,14 +202,18 @@ def test_variants_dispatch_and_white_box_ids_are_unchanged(make_cfg, tmp_path):
     assert names.count("bb-dpflat-safe") == 4 and names.count("bb-dpflat-paper") == 4
 
 
-def test_white_box_train_runs_a_black_box_config_as_black_box(tmp_path, make_cfg):
-    """``dpflat.train.train`` given a bb-* config must not quietly train a prefix model."""
+def test_white_box_train_refuses_a_black_box_config(tmp_path, make_cfg):
+    """``dpflat.train.train`` given a bb-* config must not quietly train a prefix model: it points to
+    the dispatcher (``sweep.trainer``), which trains it as black box (so does the CLI)."""
     from safetensors.torch import load_file
 
     from dpflat.train import train as wb_train
 
     cfg = dp.apply_variant(bb_cfg(make_cfg, tmp_path / "runs"), "bb-dp")
-    res = wb_train(cfg, max_steps=1)
+    with pytest.raises(ConfigError, match="sweep.trainer"):
+        wb_train(cfg, max_steps=1)
+    assert not RunDir.for_config(cfg).path.exists()  # refused before any folder
+    res = trainer(cfg)(cfg, max_steps=1)
     assert not res["finished"] and res["step"] == 1
     (ckpt,) = Path(res["run_dir"]).glob("ckpt-*")
     assert set(load_file(str(ckpt / "trainable.safetensors"))) == {"z"}

@@ -65,7 +65,7 @@ def _clip_check(cfg, rank: int) -> dict:
     Returns the clipped-gradient sum over both ranks (captured before the noise), the
     gradient the optimizer then used, and σ, C and the expected batch size.
     """
-    from dpflat.privacy import make_private
+    from dpflat.engine import make_private
 
     _, _, tokd = train_mod.prepare_data(cfg)
     model = train_mod.build_model(cfg.model, 2, seed=cfg.train.seed)
@@ -85,7 +85,7 @@ def _clip_check(cfg, rank: int) -> dict:
 
     dp.optimizer.clip_and_accumulate = clip_and_keep
     torch.manual_seed(123)
-    train_mod._forward_loss(_Ctx(), dp.model, [], batch).backward()
+    train_mod._per_example_loss(_Ctx(), dp.model, [], batch).mean().backward()
     dp.optimizer.step()
     if dist_mod.is_distributed():
         for t in captured.values():
@@ -211,7 +211,7 @@ def two_ranks(tmp_path_factory, shared_data) -> dict:
 
 
 def _rank_gen(seed: int, rank: int) -> torch.Generator:
-    from dpflat.privacy import MechanismRNG
+    from dpflat.engine import MechanismRNG
 
     return MechanismRNG.create(noise_seed=seed, rank=rank).sampler
 

@@ -13,6 +13,7 @@ from dpflat.train import LOSS_KEY
 import pytest
 import torch
 
+import dpflat.session as session_mod
 import dpflat.train as train_mod
 from dpflat.config import (PAPER_DROPPED_LAYERS, RunConfig, apply_preset, apply_variant, paper_keep_layers)
 from dpflat.runs import TEST_PREDICTIONS, RunDir
@@ -41,10 +42,10 @@ def test_selection_never_reads_the_test_split(make_cfg, tmp_path, monkeypatch, v
         data={"val_size": 48}, flat={"layers_warmup_steps": 2, "layers_examples": 16, "n_drop": 1,
                                      "teacher_epochs": 0.5})
     gate: dict = {}
-    real_prepare, real_finish = train_mod.prepare_data, train_mod._finish
+    real_prepare, real_finish = session_mod.prepare_data, session_mod.Session.finish
 
-    def prepare(c, tokenizer=None):
-        card, splits, tokd = real_prepare(c, tokenizer)
+    def prepare(c, tokenizer=None, extra_private=None):
+        card, splits, tokd = real_prepare(c, tokenizer, extra_private)
         gate["test"] = _Sentinel(tokd["eval"])
         gate["n_test"], gate["val"] = len(tokd["eval"]), tokd["val"]
         return card, splits, {**tokd, "eval": gate["test"]}
@@ -53,8 +54,8 @@ def test_selection_never_reads_the_test_split(make_cfg, tmp_path, monkeypatch, v
         gate["test"].open = True  # the end of training: from here the test split may be read, once
         return real_finish(*args, **kw)
 
-    monkeypatch.setattr(train_mod, "prepare_data", prepare)
-    monkeypatch.setattr(train_mod, "_finish", finish)
+    monkeypatch.setattr(session_mod, "prepare_data", prepare)
+    monkeypatch.setattr(session_mod.Session, "finish", finish)
     res = train_mod.train(cfg)
     s = gate["test"]
     assert s.early == 0, "test split read before the end of training"

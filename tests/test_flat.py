@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from dpflat import privacy as privacy_mod
+from dpflat import engine as engine_mod
 from dpflat import train as train_mod
 from dpflat.cli import main
 from dpflat.config import ConfigError, FlatConfig, ModelConfig, PrivacyConfig, RunConfig
@@ -37,9 +37,10 @@ from dpflat.flat.awp import AWP, perturbation
 from dpflat.flat.distill import Distillation, distill_term
 from dpflat.flat.layers import greedy_drop
 from dpflat.models import PrefixEncoder, build_model
-from dpflat.privacy import DP, NOT_DP_PAPER, make_private
+from dpflat.engine import make_private
+from dpflat.privacy import DP, NOT_DP_PAPER
 from dpflat.runs import load_results
-from dpflat.train import TRAIN_WHO, _forward_loss
+from dpflat.train import TRAIN_WHO, _per_example_loss
 
 EPS = 8.0
 PAPER_WHO = {"dp+awp": awp_mod.PAPER_WHO, "dp+layers": layers_mod.PAPER_WHO, "dp+distill": distill_mod.PAPER_WHO}
@@ -114,6 +115,26 @@ def test_awp_perturb_then_restore_is_bit_exact(seed, gamma, wscale):
         assert torch.equal(w, before), "restore must give back the saved weights bit for bit"
     awp.restore(ctx)  # a restore without a perturb is a no-op
     assert torch.equal(w, before)
+
+
+def test_awp_step_state_is_shared_in_paper_mode_only():
+    """torchrun shares a step's level state through the FlatLevel methods, never AWP's private fields."""
+    from dpflat.flat.base import FlatLevel
+
+    ctx = _awp_ctx()
+    ctx.device = torch.device("cpu")
+    assert FlatLevel().step_state() is None  # a level with nothing per step shares nothing
+    assert AWP(FlatConfig(awp=True, awp_mode="safe")).step_state() is None  # the all-reduced gradient already is
+    paper = AWP(FlatConfig(awp=True, awp_mode="paper"))
+    assert paper.step_state() == {"v": None}  # no perturbation this step: still a collective on every rank
+    v = torch.randn(ctx.model.prefix.embedding.weight.shape)
+    other = AWP(FlatConfig(awp=True, awp_mode="paper"))
+    other.load_step_state({"v": v}, ctx)
+    before = ctx.model.prefix.embedding.weight.detach().clone()
+    other.perturb(ctx)
+    torch.testing.assert_close(ctx.model.prefix.embedding.weight.detach() - before, v)  # rank 0's v is applied
+    other.restore(ctx)
+    assert torch.equal(ctx.model.prefix.embedding.weight, before)
 
 
 def test_awp_does_nothing_after_its_warmup_or_without_a_direction():
@@ -211,7 +232,7 @@ def _spy_awp(mp: pytest.MonkeyPatch, probe: Probe) -> None:
 
 # --- speed: the runs here share q, steps and δ, so the accountant's answers are memoised
 # (same inputs, same numbers; the RDP sums dominate a tiny run's time otherwise).
-_ORIG_NOISE = privacy_mod.noise_for_target
+_ORIG_NOISE = engine_mod.noise_for_target
 _ORIG_GET_EPS = RDPAccountant.get_epsilon
 
 
@@ -240,7 +261,7 @@ def _fast():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(privacy_mod, "noise_for_target", _noise_for_target)
+        mp.setattr(engine_mod, "noise_for_target", _noise_for_target)
         mp.setattr(RDPAccountant, "get_epsilon", _rdp_get_epsilon)
         yield
     torch.set_num_threads(threads)
@@ -618,7 +639,7 @@ def test_opacus_per_example_gradient_includes_the_distill_term(dp_distill):
     model.train()
     _clear(model, dp.optimizer)
     batch = next(iter(torch.utils.data.DataLoader(_examples(1), batch_size=6)))
-    _forward_loss(ctx, dp.model, [level], batch).backward()  # the training loop's loss
+    _per_example_loss(ctx, dp.model, [level], batch).mean().backward()  # the training loop's loss
     params = [p for p in model.parameters() if p.requires_grad]
     gs = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)
     ref = _ref_grads(model, dp, level, ctx, batch)
@@ -641,7 +662,7 @@ def test_distill_term_is_clipped_together_with_cross_entropy(dp_distill):
     data = _examples(2)
     for i in range(6):  # one example per step: summed_grad is exactly that example's clipped gradient
         ex = {k: v.unsqueeze(0) for k, v in data[i].items()}
-        _forward_loss(ctx, dp.model, [level], ex).backward()
+        _per_example_loss(ctx, dp.model, [level], ex).mean().backward()
         raw = torch.cat([p.grad_sample.flatten() for p in opt.params])
         assert raw.norm() > C_CLIP  # CE + lambda * unit vector: clipping is active
         opt.pre_step()

@@ -12,16 +12,8 @@ from hypothesis import strategies as st
 
 from dpflat.config import ModelConfig, PrivacyConfig
 from dpflat.models import build_model
-from dpflat.privacy import (
-    DP,
-    NOT_DP_NONPRIVATE,
-    NOT_DP_PAPER,
-    PrivacyLedger,
-    PrivateSplit,
-    epsilon_for,
-    make_private,
-    noise_for_target,
-)
+from dpflat.engine import epsilon_for, make_private, noise_for_target
+from dpflat.privacy import DP, NOT_DP_NONPRIVATE, NOT_DP_PAPER, PrivacyLedger, PrivateSplit
 
 N, L = 64, 12
 
@@ -142,3 +134,27 @@ def test_ledger_guarantee_follows_reads():
     # not DP as a whole: the DP-SGD part's ε under its own name, no "epsilon" key (issue 14)
     assert math.isclose(led.to_dict()["dpsgd_part_epsilon"], 2.5) and "epsilon" not in led.to_dict()
     assert PrivacyLedger.from_dict(led.to_dict()).epsilon == 2.5
+
+
+def test_the_ledger_imports_without_opacus_or_torch():
+    """Readers of run folders (report, tables) use the ledger without the training stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dpflat.privacy as p; p.PrivacyLedger(); "
+            "assert 'opacus' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_replayed_reads_add_to_the_same_row():
+    """A cached paper-mode teacher's tuning reads are counted in the run that reuses it (one row, summed)."""
+    led = PrivacyLedger()
+    split = PrivateSplit(list(range(10)), led)
+    split.read("bb-distill/paper-teacher", "teacher", accounted=False)
+    split.count_replayed("bb-distill/paper-teacher", "teacher", False, batches=3, examples=24)
+    split.count("bb-distill/paper-teacher", "teacher", False, 5)
+    (r,) = led.reads
+    assert (r.count, r.examples, r.accounted) == (4, 29, False) and led.guarantee == NOT_DP_NONPRIVATE
+    restored = PrivacyLedger()
+    restored.resume_counts(led.to_dict())
+    assert restored.reads == led.reads and restored.batch_sizes == led.batch_sizes

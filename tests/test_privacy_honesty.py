@@ -23,7 +23,8 @@ import torch
 from dpflat import cli
 from dpflat.accountants import from_ledger, poisson_check
 from dpflat.config import ConfigError
-from dpflat.privacy import DP, NOT_DP_PAPER, UNKNOWN, MechanismRNG, noise_for_target
+from dpflat.engine import MechanismRNG, noise_for_target
+from dpflat.privacy import DP, NOT_DP_PAPER, UNKNOWN
 from dpflat.runs import RunDir, load_results
 from dpflat.train import LOSS_KEY, NonFiniteLoss, train
 
@@ -221,7 +222,9 @@ def test_a_run_without_a_valid_ledger_has_an_unknown_guarantee(tmp_path, make_cf
 # --------------------------------------------------------------------------- DPZero
 def test_dpzero_noise_differs_across_runs_and_a_noise_seed_reproduces(tmp_path, make_cfg):
     over = dict(variant="bb-dp", blackbox={"active": True, "prompt_dim": 8, "prompt_tokens": 2}, **SHORT)
-    runs = {name: train(make_cfg(tmp_path / name, **over), noise_seed=seed)
+    from dpflat.blackbox import train as bb_train
+
+    runs = {name: bb_train(make_cfg(tmp_path / name, **over), noise_seed=seed)
             for name, seed in (("a", None), ("b", None), ("s1", SEED), ("s2", SEED))}
     z = {k: _params(r["run_dir"])["z"] for k, r in runs.items()}
     assert not torch.equal(z["a"], z["b"]) and torch.equal(z["s1"], z["s2"])

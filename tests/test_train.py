@@ -104,3 +104,59 @@ def test_a_run_trained_by_a_live_process_is_locked_and_a_stale_lock_is_taken_ove
         other.wait()
     res = train(cfg)  # the holder is dead: its lock is stale
     assert res["finished"] and not (rd.path / ".lock").exists()
+
+
+# The training path's layers, lowest first: a module may import only from layers below its own
+# (function-level imports included; TYPE_CHECKING-only imports excluded). Issue 16.
+_LAYERS = [
+    {"dpflat.privacy"},
+    {"dpflat.distributed"},
+    {"dpflat.engine"},
+    {"dpflat.session"},
+    {"dpflat.blackbox.zo"},
+    {"dpflat.blackbox.box"},
+    {"dpflat.train", "dpflat.blackbox.loop", "dpflat.blackbox.finished"},
+    {"dpflat.blackbox"},
+    {"dpflat.sweep"},  # sweep.trainer: the one dispatcher between the two loops
+    {"dpflat.audit"},
+]
+
+
+def _dpflat_imports(module: str) -> set[str]:
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)}
+    pkg = module if spec.origin.endswith("__init__.py") else module.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip or not isinstance(node, ast.ImportFrom):
+            continue
+        base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
+        name = ".".join(base + ([node.module] if node.module else []))
+        for a in node.names:
+            full = f"{name}.{a.name}"
+            out.add(full if importlib.util.find_spec(name) and _is_module(full) else name)
+    return {m for m in out if m.startswith("dpflat")}
+
+
+def _is_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def test_training_path_imports_only_downwards():
+    """No import circle between the loops (train <-> blackbox) or between ledger and engine."""
+    level = {m: i for i, layer in enumerate(_LAYERS) for m in layer}
+    for m, i in level.items():
+        for dep in _dpflat_imports(m):
+            if dep in level and dep != m:
+                assert level[dep] < i, f"{m} imports {dep} (a layer not below it)"
+    assert not any(d.startswith("dpflat.blackbox") for d in _dpflat_imports("dpflat.train"))

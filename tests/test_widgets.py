@@ -16,7 +16,8 @@ import pytest
 
 from dpflat import widgets as W
 from dpflat.config import PAPER_AWP_GAMMA, FlatConfig
-from dpflat.privacy import DP, NOT_DP_NONPRIVATE, NOT_DP_PAPER, epsilon_for
+from dpflat.engine import epsilon_for
+from dpflat.privacy import DP, NOT_DP_NONPRIVATE, NOT_DP_PAPER
 
 # Opacus hints that larger RDP orders could tighten ε at some slider settings: expected here
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")

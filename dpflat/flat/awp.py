@@ -101,6 +101,18 @@ class AWP(FlatLevel):
             g = ctx.model.prefix.embedding.weight.grad
             self.direction = None if g is None else g.detach().clone()
 
+    def step_state(self) -> dict[str, Any] | None:
+        """Paper mode: the step's perturbation comes from one rank's micro-batch, so all use rank 0's.
+
+        Safe mode shares nothing: the direction is the previous noisy gradient, which the
+        optimizer's all-reduce already made identical on every rank.
+        """
+        return {"v": self._v} if self.cfg.awp_mode == "paper" else None
+
+    def load_step_state(self, state: dict[str, Any], ctx: TrainContext) -> None:
+        v = state.get("v")
+        self._v = None if v is None else v.to(ctx.device)
+
     def state_dict(self) -> dict[str, Any]:
         return {"direction": self.direction}
 

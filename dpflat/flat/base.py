@@ -15,7 +15,8 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import RunConfig
     from ..models import PrefixModel
-    from ..privacy import DPSetup, PrivacyLedger, PrivateSplit
+    from ..engine import DPSetup
+    from ..privacy import PrivacyLedger, PrivateSplit
 
 
 @dataclass
@@ -31,7 +32,6 @@ class TrainContext:
     device: torch.device
     total_steps: int = 0
     steps_per_epoch: int = 0
-    optimizer: Any = None
     dp: "DPSetup | None" = None
     info: dict[str, Any] = field(default_factory=dict)  # levels report here (goes to result.json)
 
@@ -62,6 +62,17 @@ class FlatLevel:
 
     def step_end(self, ctx: TrainContext, step: int) -> None:
         """After the optimizer step; ``p.grad`` still holds the (noisy) gradient used."""
+
+    def step_state(self) -> dict[str, Any] | None:
+        """What of this step every rank must hold identically under torchrun (rank 0's is sent).
+
+        None when the level has nothing to share; the answer must not depend on the rank
+        (it decides whether a collective runs), only on the config.
+        """
+        return None
+
+    def load_step_state(self, state: dict[str, Any], ctx: TrainContext) -> None:
+        """Take rank 0's ``step_state``."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
