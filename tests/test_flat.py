@@ -674,3 +674,14 @@ def test_distill_term_is_clipped_together_with_cross_entropy(dp_distill):
         after = ce * min(1.0, C_CLIP / (ce.norm().item() + 1e-6)) + (raw - ce)
         assert after.norm() > 1.5 * C_CLIP
         _clear(model, opt)
+
+
+def test_level_registry_builds_the_switched_on_levels_in_loop_order():
+    """The registry is the one list of levels; its order is the order the loop calls them."""
+    from dpflat.config import RunConfig, apply_variant
+    from dpflat.flat import REGISTRY, build_levels
+
+    assert [e.name for e in REGISTRY] == ["layers", "distill", "awp", "trajectory"]
+    cfg = apply_variant(RunConfig(), "dpflat", "safe").replace(train={"sharpness_every": 3})
+    assert [lv.name for lv in build_levels(cfg)] == ["layers", "distill", "awp", "trajectory"]
+    assert build_levels(apply_variant(RunConfig(), "dp", "safe")) == []
