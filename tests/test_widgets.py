@@ -482,7 +482,8 @@ def test_setup_status_names_each_setup_phase_and_restores_the_library(tiny_base)
 
 # --------------------------------------------------------------------------- report
 def test_report_hover_shows_the_claimed_epsilon_and_unknown_guarantees():
-    from dpflat.report import UNKNOWN, sharpness_vs_epsilon
+    from dpflat.figures import sharpness_vs_epsilon
+    from dpflat.privacy import UNKNOWN
 
     t = _rows()
     t = t[t["variant"].isin(["dp", "dpflat-paper"])].copy()
