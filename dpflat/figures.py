@@ -106,6 +106,7 @@ def aggregate(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     out["target_epsilon"] = out["target_epsilon"].where(out["target_epsilon"] >= 0)
     return out
 
+
 # --------------------------------------------------------------------------- sharpness vs ε
 def checked_guarantees(table: pd.DataFrame, out: Path) -> pd.DataFrame:
     """The table with each row's guarantee re-read from its run folder's ledger.

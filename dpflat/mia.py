@@ -307,9 +307,8 @@ def attack_run(run_dir: str | Path, *, reference: str | Path | None = "init", ma
     cfg, model = load_run_model(run_dir, device)
     bs = batch_size or cfg.train.eval_batch_size
     notes: list[str] = []
-    exclude = None
-    if rd.canaries_file.is_file():  # a canary-audit run (dpflat.audit): its canaries are neither side
-        exclude = set(json.loads(rd.canaries_file.read_text())["rows"])
+    exclude = rd.canaries() or None  # a canary-audit run (dpflat.audit): its canaries are neither side
+    if exclude:
         notes.append(f"{len(exclude)} audit canaries excluded from both sides")
     members, nonmembers, source = membership_sets(cfg, max_per_side=max_per_side, seed=seed, exclude=exclude)
     if source == "eval":

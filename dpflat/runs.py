@@ -342,6 +342,11 @@ class RunDir:
             order = np.argsort(z["idx"], kind="stable") if "idx" in z else slice(None)
             return np.asarray(z["correct"], dtype=np.float64)[order] if "correct" in z else None
 
+    def canaries(self) -> set[int]:
+        """Train rows a canary audit (``dpflat.audit``) added to this run; empty for other runs."""
+        f = self.canaries_file
+        return set(json.loads(f.read_text())["rows"]) if f.is_file() else set()
+
     def result(self) -> dict[str, Any] | None:
         if not self.done:
             return None
@@ -619,13 +624,9 @@ def update_result(output_dir: str | Path, run_id: str, columns: dict[str, Any]) 
 
 def load_results(output_dir: str | Path):
     """The results table of an output folder (empty without one); an unreadable one is rebuilt."""
-    import pandas as pd
-
     root = Path(output_dir)
     path = root / RESULTS
-    if not path.exists():
-        return pd.DataFrame()
-    table = _read_table(path)
+    table = _read_table(path)  # no file: an empty table
     if table is not None:
         return table
     try:
@@ -634,7 +635,6 @@ def load_results(output_dir: str | Path):
         table, _ = _load_or_rebuild(root)
         return table
     return _read_table(path)
-
 
 
 def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str, Any], best_step: int,

@@ -106,4 +106,6 @@ def test_run_folder_reads_go_through_rundir(tmp_path):
     np.savez(rd.predictions_file, idx=np.array([2, 0, 1]), correct=np.array([1, 0, 1]))
     assert rd.test_correct().tolist() == [0.0, 1.0, 1.0]
     rd.ledger_file.write_text(json.dumps({"guarantee": "(ε, δ)-DP"}))  # no mechanism or reads: not a ledger
-    assert rd.ledger() is None
+    assert rd.ledger() is None and rd.canaries() == set()
+    rd.canaries_file.write_text(json.dumps({"rows": [5, 3, 5]}))
+    assert rd.canaries() == {3, 5}
