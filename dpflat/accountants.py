@@ -36,7 +36,6 @@ batch sizes against Poisson sampling at the recorded q (the accountant's assumpt
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -252,7 +251,7 @@ def poisson_check(batch_sizes: Mapping[str, Any] | None, q: float, n: int, alpha
 
 
 def from_ledger(ledger: Mapping[str, Any] | str | Path, names: tuple[str, ...] = ACCOUNTANTS) -> AccountantComparison:
-    """Cross-check a run's ledger (dict, ledger.json path, or run folder).
+    """Cross-check a run's ledger (dict, or a run folder / its ledger.json, read through ``RunDir``).
 
     Raises ``ValueError`` for runs without a DP-SGD mechanism (non-private): there is
     no (q, σ) to account. Paper-mode runs *have* a mechanism, but their ledger claims
@@ -260,10 +259,13 @@ def from_ledger(ledger: Mapping[str, Any] | str | Path, names: tuple[str, ...] =
     ε the accountant spent), then describe only the DP-SGD part, not the run.
     """
     if not isinstance(ledger, Mapping):
+        from .runs import RunDir
+
         p = Path(ledger)
-        if p.is_dir():
-            p = p / "ledger.json"
-        ledger = json.loads(p.read_text())
+        rd = RunDir(p if p.is_dir() else p.parent)
+        ledger = rd.ledger()
+        if ledger is None:  # a forged or cut ledger proves nothing: refuse it rather than check it
+            raise ValueError(f"{rd.ledger_file} is missing or not a valid ledger")
     if ledger.get("mechanism") not in SAMPLED_GAUSSIAN or not ledger.get("noise_multiplier"):
         raise ValueError(f"no DP-SGD mechanism in this ledger (guarantee: {ledger.get('guarantee', '?')}): nothing to account")
     if not ledger.get("steps"):
@@ -277,4 +279,30 @@ def from_ledger(ledger: Mapping[str, Any] | str | Path, names: tuple[str, ...] =
     return cmp
 
 
-__all__ = ["ACCOUNTANTS", "AccountantComparison", "compare", "epsilon", "from_ledger", "poisson_check"]
+# --------------------------------------------------------------------------- ε over training
+def epsilon_curve(sigma: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp",
+                  n_points: int = 30) -> tuple[Any, Any]:
+    """ε after t steps, t from 1 to ``steps`` (log-spaced), by the accountant training uses.
+
+    RDP composes linearly in the number of steps, so the Rényi divergences of one step
+    are computed once (Opacus' own ``compute_rdp`` with the accountant's orders) and
+    scaled: the same numbers as ``epsilon_for`` at every t, ~30x faster, which keeps
+    the sliders live. Other accountants are asked point by point (``epsilon_for``).
+    """
+    import numpy as np
+
+    from .engine import epsilon_for
+
+    ts = np.unique(np.geomspace(1, max(int(steps), 1), num=n_points).round().astype(int))
+    if accountant != "rdp":
+        return ts, np.array([epsilon_for(accountant, sample_rate, sigma, int(t), delta) for t in ts])
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    one = np.asarray(compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=orders))
+    eps = np.array([float(get_privacy_spent(orders=orders, rdp=one * int(t), delta=delta)[0]) for t in ts])
+    return ts, eps
+
+
+__all__ = ["ACCOUNTANTS", "AccountantComparison", "compare", "epsilon", "epsilon_curve", "from_ledger", "poisson_check"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,34 +25,42 @@ import torch.nn.functional as F
 
 from .config import ConfigError, RunConfig
 from .evaluate import model_inputs
-from .runs import RunDir, atomic_write_text, update_result
+from .figures import run_label
+from .privacy import DP, UNKNOWN
+from .runs import LANDSCAPE_COLUMNS, RunDir, atomic_write_text, update_result
 
 SUBDIR = "landscape"
 
 
 @dataclass
 class LoadedRun:
-    """A finished run rebuilt in memory (model in eval mode, eager attention for HVPs)."""
+    """A finished run rebuilt in memory (model in eval mode, eager attention for HVPs).
+
+    Its result and ledger are read through ``RunDir`` when first asked for.
+    """
 
     run_dir: Path
     cfg: RunConfig
     model: Any
     card: Any
     data: dict[str, Any]
-    result: dict[str, Any]
-    ledger: dict[str, Any]
+
+    @cached_property
+    def result(self) -> dict[str, Any]:
+        return RunDir(self.run_dir).result() or {}
+
+    @cached_property
+    def ledger(self) -> dict[str, Any]:
+        """The run's ledger; empty when missing or invalid (the guarantee is then unknown)."""
+        return RunDir(self.run_dir).ledger() or {}
 
     @property
     def guarantee(self) -> str:
         """From the run's ledger only; a run without a valid ledger.json has an unknown guarantee."""
-        from .privacy import ledger_guarantee
-
-        return ledger_guarantee(self.run_dir)
+        return str(self.ledger.get("guarantee", UNKNOWN))
 
     @property
     def claimed_epsilon(self) -> float | None:
-        from .privacy import DP
-
         return self.result.get("epsilon") if self.guarantee == DP else None
 
     @property
@@ -60,22 +69,10 @@ class LoadedRun:
         return run_label({**self.result, "guarantee": self.guarantee, "epsilon": self.claimed_epsilon})
 
 
-def run_label(row: dict[str, Any]) -> str:
-    """Plot label of a results row: variant, claimed ε (only when DP) and the guarantee."""
-    from .privacy import DP
-
-    eps = row.get("epsilon") if row.get("guarantee") == DP else None
-    parts = [str(row.get("variant", "?"))]
-    if eps is not None and not (isinstance(eps, float) and np.isnan(eps)):
-        parts.append(f"ε={float(eps):.2g}")
-    parts.append(str(row.get("guarantee", "?")))
-    return " · ".join(parts)
-
-
 def load_run(run_dir: str | Path, attn: str = "eager", device: str = "cpu") -> LoadedRun:
     """Rebuild a finished run's model (selected parameters) and its data splits."""
     from .models import build_model
-    from .train import prepare_data
+    from .session import prepare_data
 
     rd = RunDir(run_dir)
     if not rd.config_file.exists():
@@ -89,10 +86,7 @@ def load_run(run_dir: str | Path, attn: str = "eager", device: str = "cpu") -> L
     model = build_model(cfg.model, len(card.labels), seed=cfg.train.seed, task=card.name)
     model.load_trainable_state({k: v.to(device) for k, v in state.items()})
     model.to(device).eval()
-    from .privacy import read_ledger
-
-    ledger = read_ledger(rd.path) or {}  # missing or invalid: the run's guarantee is unknown
-    return LoadedRun(rd.path, cfg, model, card, tokd, rd.result() or {}, ledger)
+    return LoadedRun(rd.path, cfg, model, card, tokd)
 
 
 def ce_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -115,6 +109,18 @@ def analysis_batches(run: LoadedRun, n_examples: int = 256, split: str = "eval",
     for b in torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False):
         out.append({k: v for k, v in b.items() if k in keys})
     return out
+
+
+def example_correct(run_dir: str | Path, split: str = "eval", batch_size: int = 128) -> np.ndarray:
+    """Per-example 0/1 correctness of a finished run's model on one of its splits (in split order)."""
+    run = load_run(run_dir, attn="sdpa")
+    if split not in run.data:
+        raise ConfigError(f"split must be one of {sorted(run.data)}, got {split!r}")
+    hits = []
+    with torch.inference_mode():
+        for b in torch.utils.data.DataLoader(run.data[split], batch_size=batch_size, shuffle=False):
+            hits.append((run.model(**model_inputs(b, "cpu")).argmax(-1) == b["labels"]).float().numpy())
+    return np.concatenate(hits)
 
 
 def _trainable(model) -> list[str]:
@@ -145,16 +151,15 @@ def analyze_run(
 
     if top_k < 1 or grid < 3 or span <= 0 or n_examples < 1 or trace_matvecs < 3 or density_iter < 2:
         raise ConfigError("need top_k >= 1, grid >= 3, span > 0, n_examples >= 1, trace_matvecs >= 3, density_iter >= 2")
-    out_dir = Path(run_dir) / SUBDIR
+    rd = RunDir(run_dir)
+    out_dir = rd.landscape_dir
     settings = {"top_k": top_k, "grid": grid, "span": span, "n_examples": n_examples, "seed": seed,
                 "surface": surface, "density": density, "split": split, "rho": rho,
                 "trace_matvecs": trace_matvecs, "density_iter": density_iter}
-    summary_file = out_dir / "landscape.json"
-    if summary_file.exists() and not force:
-        old = json.loads(summary_file.read_text())
-        if old.get("settings") == settings:
-            _upsert(Path(run_dir), old)
-            return old
+    old = None if force else rd.landscape()
+    if old is not None and old.get("settings") == settings:
+        _upsert(rd.path, old)
+        return old
 
     run = load_run(run_dir)
     batches = analysis_batches(run, n_examples, split)
@@ -187,7 +192,7 @@ def analyze_run(
         npz, _ = surf.save(out_dir / "surface")
         summary["surface_path"] = str(npz)
         summary["surface_center_loss"] = surf.center_loss
-    atomic_write_text(summary_file, json.dumps(summary, indent=2, default=_json_default))
+    atomic_write_text(rd.landscape_file, json.dumps(summary, indent=2, default=_json_default))
     _upsert(run.run_dir, summary)
     return summary
 
@@ -204,21 +209,18 @@ def _json_default(x: Any) -> Any:
 
 def _upsert(run_dir: Path, summary: dict[str, Any]) -> None:
     """Add the landscape columns to the run's row of its output root's results table (the one writer)."""
-    update_result(run_dir.parent, run_dir.name, {k: summary.get(k) for k in ("top_eigenvalue", "hessian_trace",
-                                                                              "sam_sharpness")})
+    update_result(run_dir.parent, run_dir.name, {k: summary.get(k) for k in LANDSCAPE_COLUMNS})
 
 
 def load_analysis(run_dir: str | Path) -> dict[str, Any]:
-    f = Path(run_dir) / SUBDIR / "landscape.json"
-    if not f.exists():
+    summary = RunDir(run_dir).landscape()
+    if summary is None:
         raise FileNotFoundError(f"no landscape analysis in {run_dir}: run `python -m dpflat landscape {run_dir}`")
-    return json.loads(f.read_text())
+    return summary
 
 
 def load_surface(run_dir: str | Path):
-    from landscape import Surface
-
-    return Surface.load(Path(run_dir) / SUBDIR / "surface")
+    return RunDir(run_dir).load_surface()
 
 
 def load_density(run_dir: str | Path):
@@ -232,5 +234,5 @@ def load_density(run_dir: str | Path):
                          Convergence(**d["convergence"]))
 
 
-__all__ = ["LoadedRun", "analysis_batches", "analyze_run", "ce_loss", "load_analysis", "load_density",
+__all__ = ["LoadedRun", "analysis_batches", "analyze_run", "ce_loss", "example_correct", "load_analysis", "load_density",
            "load_run", "load_surface", "run_label"]

@@ -1,13 +1,216 @@
-"""Figure helpers shared by the notebook panels (``widgets``) and the HTML report (``report``).
+"""Figures, labels and tables shared by the notebook panels (``widgets``), the HTML report
+(``report``) and the sweep summary (``sweep.summarize``).
 
-Why a module: both show the same plotly figures in different pages; a layout fix (a fixed
-width that cut off a panel, a glyph missing from default fonts) belongs in one place.
+Why a module: they show the same numbers in different pages; a metric's name, the
+mean ± std over seeds, a run's label or a layout fix (a fixed width that cut off a
+panel, a glyph missing from default fonts) belongs in one place.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
+from .privacy import DP, NOT_DP_NONPRIVATE, NOT_DP_PAPER, UNKNOWN
+from .runs import RunDir
+
+# Metric columns of the results table and their axis labels; MIA columns (``mia_*``) are
+# plotted under their own names as they appear.
+METRICS: dict[str, str] = {
+    "accuracy": "test accuracy",  # the test split (the task's eval file), checkpoint selected on val
+    "eval_loss": "test loss",
+    "val_accuracy": "val accuracy",  # absent from run folders older than the val split: offered only if present
+    "top_eigenvalue": "top Hessian eigenvalue λ1",
+    "hessian_trace": "Hessian trace",
+    "sam_sharpness": "SAM sharpness",
+}
+GUARANTEE_COLORS = {DP: "#1f77b4", NOT_DP_PAPER: "#d62728", NOT_DP_NONPRIVATE: "#7f7f7f"}
+
+
+def metric_label(metric: str) -> str:
+    return METRICS.get(metric, metric)
+
+
+def is_missing(x: Any) -> bool:
+    """None or NaN: a cell with no value (a run that claims no ε, a metric not measured)."""
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def run_label(row: Mapping[str, Any]) -> str:
+    """Plot label of a results row: variant, claimed ε (only when DP) and the guarantee."""
+    eps = row.get("epsilon") if row.get("guarantee") == DP else None
+    parts = [str(row.get("variant", "?"))]
+    if eps is not None and not (isinstance(eps, float) and np.isnan(eps)):
+        parts.append(f"ε={float(eps):.2g}")
+    parts.append(str(row.get("guarantee", "?")))
+    return " · ".join(parts)
+
+
+def join_guarantees(values: Any) -> str:
+    """The guarantees of a group of rows as one string ("(ε, δ)-DP / not DP (paper mode)")."""
+    return " / ".join(sorted(set(map(str, values))))
+
+
+def group_label(rows: pd.DataFrame, claimed_epsilon: float | None = None) -> str:
+    """Label of several runs of one variant (seeds, or several ε), in ``run_label``'s format.
+
+    Guarantees are the rows' strings, joined when a group mixes them; ``claimed_epsilon``
+    (the rows' own claimed ε, e.g. the largest over seeds) is shown only when given and
+    every row is DP; otherwise the ε is left to the axis.
+    """
+    variant = str(rows["variant"].iloc[0])
+    guarantees = sorted(set(rows["guarantee"].astype(str)))
+    parts = [variant]
+    if not is_missing(claimed_epsilon) and guarantees == [DP]:
+        parts.append(f"ε={float(claimed_epsilon):.2g}")
+    parts.append(" / ".join(guarantees))
+    return " · ".join(parts)
+
+
+def mean_std(table: pd.DataFrame, keys: Any, metric: str, n: str | None = "n", **extra: Any) -> pd.DataFrame:
+    """Mean and std (ddof 1; 0 for a single seed) of ``metric`` per group of ``keys``, with
+    ``n`` the number of values and ``extra`` more named aggregations (pandas ``agg`` syntax)."""
+    aggs: dict[str, Any] = dict(mean=(metric, "mean"), std=(metric, "std"))
+    if n:
+        aggs[n] = (metric, "count")
+    out = table.groupby(keys, sort=True, dropna=False).agg(**aggs, **extra).reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out
+
+
+def eps_column(table: pd.DataFrame) -> pd.Series:
+    """Target ε as numbers (NaN for runs without DP noise)."""
+    if "target_epsilon" not in table:
+        return pd.Series(np.nan, index=table.index)
+    return pd.to_numeric(table["target_epsilon"], errors="coerce")
+
+
+def aggregate(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Mean, std and count over seeds per (variant, target ε); keeps the rows' guarantees
+    and the largest claimed ε (NaN for runs that claim none)."""
+    t = table.copy()
+    t["_eps"] = eps_column(t).fillna(-1.0)
+    t["_m"] = pd.to_numeric(t[metric], errors="coerce")
+    t["_claim"] = pd.to_numeric(t["epsilon"], errors="coerce") if "epsilon" in t else np.nan
+    t = t[t["_m"].notna()]
+    if t.empty:
+        return pd.DataFrame(columns=["variant", "target_epsilon", "mean", "std", "n", "guarantee", "claimed_epsilon"])
+    out = mean_std(t, ["variant", "_eps"], "_m", guarantee=("guarantee", join_guarantees),
+                   claimed_epsilon=("_claim", "max"))
+    out = out.rename(columns={"_eps": "target_epsilon"})
+    out["target_epsilon"] = out["target_epsilon"].where(out["target_epsilon"] >= 0)
+    return out
+
+
+# --------------------------------------------------------------------------- sharpness vs ε
+def checked_guarantees(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """The table with each row's guarantee re-read from its run folder's ledger.
+
+    A run without a valid ledger.json is "unknown guarantee" and claims no ε, whatever
+    its results row says; a run that is not DP shows no ε either.
+    """
+    t = table.copy()
+    dirs = [Path(r.get("run_dir") or out / r["run_id"]) for r in t.to_dict("records")]
+    dirs = [d if d.is_dir() else out / d.name for d in dirs]
+    t["guarantee"] = [str((RunDir(d).ledger() or {}).get("guarantee", UNKNOWN)) for d in dirs]
+    if "epsilon" in t:
+        t["epsilon"] = t["epsilon"].where(t["guarantee"] == DP)
+    return t
+
+
+def _series_name(variant: str, guarantee: str) -> str:
+    return f"{variant} · {guarantee}"
+
+
+def _guarantees(sub: pd.DataFrame) -> str:
+    g = sub["guarantee"] if "guarantee" in sub.columns else pd.Series([None] * len(sub), dtype=object)
+    return join_guarantees(UNKNOWN if (is_missing(x) or x == "") else x for x in g)
+
+
+def _claim_text(sub: pd.DataFrame) -> list[str]:
+    """Per target ε: the claimed ε of the rows (their ``epsilon``: set only for DP runs), else why none."""
+    out = []
+    for _eps, rows in sub.groupby("target_epsilon"):
+        claimed = pd.to_numeric(rows["epsilon"], errors="coerce").dropna() if "epsilon" in rows.columns else pd.Series([], dtype=float)
+        if len(claimed):
+            out.append(f"claimed ε = {claimed.max():.4g}")
+        else:
+            part = rows.get("dpsgd_part_epsilon", rows.get("epsilon_spent"))
+            part = pd.to_numeric(part, errors="coerce").dropna() if part is not None else pd.Series([], dtype=float)
+            out.append("no ε claimed" + (f" (DP-SGD part only: {part.max():.3g})" if len(part) else ""))
+    return out
+
+
+def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_eigenvalue", "sam_sharpness", "accuracy")):
+    """Metric (mean ± std over seeds) against target ε, one line per variant.
+
+    Runs that are not (ε, δ)-DP (non-private, paper mode, unknown guarantee) have no ε:
+    they are a dashed horizontal band at their mean, never points on the ε axis.
+    """
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    g = table["guarantee"] if "guarantee" in table.columns else pd.Series(UNKNOWN, index=table.index)
+    table = table.assign(guarantee=g.fillna(UNKNOWN).replace("", UNKNOWN))  # old tables: no ledger column
+    metrics = tuple(m for m in metrics if m in table.columns and table[m].notna().any())
+    if not metrics:
+        raise ValueError("the results table has none of the requested metric columns; run the landscape analysis first")
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[metric_label(m) for m in metrics])
+    colors = qualitative.Plotly
+    variants = sorted(table["variant"].unique(), key=lambda v: (v != "nonprivate", v))
+    eps_all = table.loc[table["guarantee"] == DP, "target_epsilon"].dropna()
+    x_lo, x_hi = (float(eps_all.min()), float(eps_all.max())) if len(eps_all) else (0.0, 1.0)
+    for vi, v in enumerate(variants):
+        sub = table[table["variant"] == v]
+        name = _series_name(v, _guarantees(sub))
+        color = colors[vi % len(colors)]
+        for mi, m in enumerate(metrics, start=1):
+            if (sub["guarantee"] != DP).any() or sub["target_epsilon"].isna().all():
+                mu, sd = float(sub[m].mean()), float(sub[m].std(ddof=1)) if len(sub) > 1 else 0.0
+                why = "; ".join(sorted(set(_claim_text(sub)))) or "no ε claimed"  # paper mode: its DP-SGD part's
+                fig.add_trace(go.Scatter(x=[x_lo, x_hi], y=[mu, mu], mode="lines", name=name, legendgroup=name,
+                                         showlegend=mi == 1, line=dict(color=color, dash="dash"),
+                                         hovertemplate=f"{name}<br>{why}<br>{m}={mu:.4g} ± {sd:.2g}<extra></extra>"),
+                              row=1, col=mi)
+                continue
+            g = mean_std(sub, "target_epsilon", m)
+            claims = _claim_text(sub)  # groupby sorts by target ε too: the same order as g
+            fig.add_trace(go.Scatter(
+                x=g["target_epsilon"], y=g["mean"], error_y=dict(type="data", array=g["std"]),
+                mode="lines+markers", name=name, legendgroup=name, showlegend=mi == 1,
+                line=dict(color=color, dash="solid" if DP in name else "dot"),
+                marker=dict(symbol="circle" if DP in name else "circle-open", size=9),
+                customdata=np.stack([g["n"].astype(str), np.array(claims, dtype=object)], axis=-1),
+                hovertemplate=(f"{name}<br>%{{customdata[1]}} (target %{{x:g}})<br>{m}=%{{y:.4g}} "
+                               "(n=%{customdata[0]})<extra></extra>"),
+            ), row=1, col=mi)
+        for mi in range(1, len(metrics) + 1):
+            fig.update_xaxes(title_text="target ε", row=1, col=mi)
+    fig.update_layout(title="Sharpness and accuracy against the privacy budget ε (mean ± std over seeds)",
+                      height=430, legend=dict(orientation="h", y=-0.25))
+    return responsive(fig)
+
+
+def eigenvalue_bars(spectra: list[tuple[str, Mapping[str, Any]]]):
+    """The stored top-k Hessian eigenvalues of analysed runs, grouped bars per (label, analysis)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for lab, a in spectra:
+        ev = a["eigenvalues"]
+        fig.add_trace(go.Bar(x=[f"λ{i + 1}" for i in range(len(ev))], y=ev, name=lab))
+    fig.update_layout(title="Top Hessian eigenvalues (Lanczos)", barmode="group", yaxis_title="eigenvalue",
+                      legend=dict(orientation="h", y=-0.3), height=450)
+    return fig
+
+
+# --------------------------------------------------------------------------- layout
 # Characters some default font sets lack (a box is drawn instead) -> what renders everywhere.
 _GLYPHS = {"‖": "||"}
 
@@ -32,4 +235,6 @@ def responsive(fig: Any) -> Any:
     return fig
 
 
-__all__ = ["responsive", "safe_text"]
+__all__ = ["GUARANTEE_COLORS", "METRICS", "aggregate", "checked_guarantees", "eigenvalue_bars", "eps_column",
+           "group_label", "is_missing", "join_guarantees", "mean_std", "metric_label", "responsive", "run_label",
+           "safe_text", "sharpness_vs_epsilon"]

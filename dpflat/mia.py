@@ -93,10 +93,11 @@ class AttackMetrics:
     """One score's attack: point estimates and bootstrap intervals (lo, hi)."""
 
     score: str  # "loss" or "calibrated"
-    accuracy: float
+    accuracy: float  # best-threshold accuracy (optimistic: the threshold is fit on the same data)
     auc: float
     tpr_at_1_fpr: float
     tpr_at_0_1_fpr: float
+
     accuracy_ci: tuple[float, float]
     auc_ci: tuple[float, float]
     tpr_at_1_fpr_ci: tuple[float, float]
@@ -195,20 +196,17 @@ def load_run_model(run_dir: str | Path, device: str = "cpu", trained: bool = Tru
 
     ``trained=False`` gives the model as the run built it before training (same seed).
     """
-    from safetensors.torch import load_file
-
-    from .config import RunConfig
     from .data import get_task
     from .models import build_model
+    from .runs import RunDir
 
-    run_dir = Path(run_dir)
-    cfg = RunConfig.load(run_dir / "config.json")
+    rd = RunDir(run_dir)
+    cfg = rd.config()
     model = build_model(cfg.model, get_task(cfg.data.task).num_labels, seed=cfg.train.seed)
     if trained:
-        f = run_dir / "model.safetensors"
-        if not f.is_file():
-            raise FileNotFoundError(f"{run_dir} has no model.safetensors (unfinished run?)")
-        model.load_trainable_state(load_file(str(f)))
+        if not rd.model_file.is_file():
+            raise FileNotFoundError(f"{rd.path} has no model.safetensors (unfinished run?)")
+        model.load_trainable_state(rd.load_model_state())
     return cfg, model.to(device).eval()
 
 
@@ -238,7 +236,7 @@ def membership_sets(cfg, *, max_per_side: int | None = None, seed: int = 0, min_
     from . import data as data_mod
     from . import tokens as tokens_mod
     from .models import load_tokenizer
-    from .train import prepare_data
+    from .session import prepare_data
 
     tok = tokenizer or load_tokenizer(cfg.model)
     card, splits, tokd = prepare_data(cfg, tok)
@@ -291,13 +289,6 @@ def example_losses(model, dataset, batch_size: int = 256, device: str = "cpu") -
     return {"loss": cat(losses, float), "pred": cat(preds, int), "label": cat(labels, int)}
 
 
-def _ledger(run_dir: Path) -> dict[str, Any]:
-    f = run_dir / "ledger.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{run_dir} has no ledger.json (unfinished run?)")
-    return json.loads(f.read_text())
-
-
 def attack_run(run_dir: str | Path, *, reference: str | Path | None = "init", max_per_side: int | None = None,
                n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0, batch_size: int | None = None,
                device: str = "cpu") -> MIAResult:
@@ -308,15 +299,18 @@ def attack_run(run_dir: str | Path, *, reference: str | Path | None = "init", ma
     """
     from .config import ConfigError
 
-    run_dir = Path(run_dir)
-    ledger = _ledger(run_dir)
+    from .runs import RunDir
+
+    rd = RunDir(run_dir)
+    run_dir = rd.path
+    if not rd.ledger_file.is_file():
+        raise FileNotFoundError(f"{run_dir} has no ledger.json (unfinished run?)")
+    ledger = rd.ledger() or {}  # a hand-edited ledger states no guarantee ("?")
     cfg, model = load_run_model(run_dir, device)
     bs = batch_size or cfg.train.eval_batch_size
     notes: list[str] = []
-    exclude = None
-    canary_file = run_dir / "canaries.json"  # a canary-audit run (dpflat.audit): its canaries are neither side
-    if canary_file.is_file():
-        exclude = set(json.loads(canary_file.read_text())["rows"])
+    exclude = rd.canaries() or None  # a canary-audit run (dpflat.audit): its canaries are neither side
+    if exclude:
         notes.append(f"{len(exclude)} audit canaries excluded from both sides")
     members, nonmembers, source = membership_sets(cfg, max_per_side=max_per_side, seed=seed, exclude=exclude)
     if source == "eval":
@@ -369,11 +363,44 @@ def attack_run(run_dir: str | Path, *, reference: str | Path | None = "init", ma
     )
 
 
+def roc_curve(run_dir: str | Path, *, max_per_side: int | None = None, seed: int = 0,
+              device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """ROC (fpr, tpr) of the loss-threshold attack on a run.
+
+    Built from the same pieces ``attack_run`` uses (same member / non-member sets for
+    the same ``max_per_side`` and ``seed``), because its result keeps the metrics but
+    not the per-example scores a ROC curve needs.
+    """
+    cfg, model = load_run_model(run_dir, device)
+    members, nonmembers, _src = membership_sets(cfg, max_per_side=max_per_side, seed=seed)
+    bs = cfg.train.eval_batch_size
+    lm = example_losses(model, members, bs, device)["loss"]
+    ln = example_losses(model, nonmembers, bs, device)["loss"]
+    return roc_points(-lm, -ln)
+
+
+def record_result(result: MIAResult) -> dict[str, Any] | None:
+    """Add the attack's numbers as ``mia_*`` columns to the run's row of its results table.
+
+    Why: the explorer (notebook 04) offers every ``mia_*`` column as a metric, so an
+    audited sweep can plot leakage against ε next to accuracy and sharpness.
+    """
+    from .runs import update_result
+
+    run_dir = Path(result.run_dir)
+    cols = dict(mia_auc=result.loss.auc, mia_tpr_at_1_fpr=result.loss.tpr_at_1_fpr, mia_accuracy=result.loss.accuracy)
+    if result.calibrated is not None:
+        cols["mia_calibrated_auc"] = result.calibrated.auc
+    return update_result(run_dir.parent, run_dir.name, cols)  # the one writer of the results table
+
+
 def save_result(result: MIAResult, run_dir: str | Path | None = None) -> Path:
     """Write ``mia.json`` into the run folder (atomically)."""
     from .runs import atomic_write_text
 
-    path = Path(run_dir or result.run_dir) / MIA_FILE
+    from .runs import RunDir
+
+    path = RunDir(run_dir or result.run_dir).mia_file
     atomic_write_text(path, json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
     return path
 
@@ -388,6 +415,8 @@ __all__ = [
     "example_losses",
     "load_run_model",
     "membership_sets",
+    "record_result",
+    "roc_curve",
     "roc_points",
     "row_ids",
     "save_result",

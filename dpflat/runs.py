@@ -30,8 +30,10 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, RunConfig, identity_dict
 
 RESULTS = "results.parquet"
+TEST_PREDICTIONS = "test_predictions.npz"
 #: seconds a writer waits for the results table's lock before giving up with one line
 LOCK_TIMEOUT = 300.0
+LANDSCAPE_COLUMNS = ("top_eigenvalue", "hessian_trace", "sam_sharpness")  # join a run's row when analysed
 
 
 class RunFolderError(ValueError):
@@ -93,6 +95,12 @@ class RunDir:
     ledger_file = property(lambda self: self.path / "ledger.json")
     result_file = property(lambda self: self.path / "result.json")
     model_file = property(lambda self: self.path / "model.safetensors")
+    landscape_dir = property(lambda self: self.path / "landscape")
+    landscape_file = property(lambda self: self.path / "landscape" / "landscape.json")
+    predictions_file = property(lambda self: self.path / TEST_PREDICTIONS)
+    sharpness_file = property(lambda self: self.path / "sharpness.jsonl")
+    mia_file = property(lambda self: self.path / "mia.json")
+    canaries_file = property(lambda self: self.path / "canaries.json")
 
     @property
     def done(self) -> bool:
@@ -296,6 +304,46 @@ class RunDir:
         except Exception as e:  # noqa: BLE001 - safetensors raises its own types for a cut file
             raise RunFolderError(f"{self.model_file} is corrupt ({_short(e)}): {retrain_hint(self.path)}") from None
 
+    # --- reads for analysis and display (one reader per file kind)
+    def ledger(self) -> dict[str, Any] | None:
+        """ledger.json when present and well-formed, else None (the guarantee is then unknown)."""
+        from .privacy import read_ledger
+
+        return read_ledger(self.path)
+
+    def landscape(self) -> dict[str, Any] | None:
+        """The landscape analysis summary; None when not analysed or unreadable."""
+        try:
+            return json.loads(self.landscape_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def load_surface(self, name: str = "surface"):
+        """A ``landscape.Surface`` stored under ``landscape/`` (the analysis' own, or a cached view)."""
+        from landscape import Surface
+
+        return Surface.load(self.landscape_dir / name)
+
+    def trajectory(self) -> list[dict[str, Any]]:
+        """The rows of ``sharpness.jsonl`` (empty when the run did not record one)."""
+        f = self.sharpness_file
+        return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()] if f.is_file() else []
+
+    def test_correct(self) -> Any:
+        """Per-example test correctness (0/1 float64, in test-row order), or None if not saved."""
+        import numpy as np
+
+        if not self.predictions_file.is_file():
+            return None
+        with np.load(self.predictions_file) as z:
+            order = np.argsort(z["idx"], kind="stable") if "idx" in z else slice(None)
+            return np.asarray(z["correct"], dtype=np.float64)[order] if "correct" in z else None
+
+    def canaries(self) -> set[int]:
+        """Train rows a canary audit (``dpflat.audit``) added to this run; empty for other runs."""
+        f = self.canaries_file
+        return set(json.loads(f.read_text())["rows"]) if f.is_file() else set()
+
     def result(self) -> dict[str, Any] | None:
         if not self.done:
             return None
@@ -453,21 +501,14 @@ def rebuild_results(output_dir: str | Path):
 
     rows = []
     for res_file in sorted(Path(output_dir).glob("*/result.json")):
+        rd = RunDir(res_file.parent)
         try:
-            res = json.loads(res_file.read_text())
-        except (OSError, ValueError):
+            res = rd.result()
+        except RunFolderError:
             continue
-        if not isinstance(res, dict) or "run_id" not in res:
-            continue
-        row = {k: v for k, v in res.items() if k != "info"}
-        land = res_file.parent / "landscape" / "landscape.json"
-        if land.is_file():
-            try:
-                s = json.loads(land.read_text())
-                row.update({k: s.get(k) for k in ("top_eigenvalue", "hessian_trace", "sam_sharpness")})
-            except (OSError, ValueError):
-                pass
-        rows.append(row)
+        land = rd.landscape() or {}
+        rows.append({**{k: v for k, v in res.items() if k != "info"},
+                     **({k: land.get(k) for k in LANDSCAPE_COLUMNS} if land else {})})
     return pd.DataFrame(rows)
 
 
@@ -529,9 +570,7 @@ def append_result(output_dir: str | Path, row: dict[str, Any]) -> Path:
 
 
 def _same(a: Any, b: Any) -> bool:
-    def missing(x: Any) -> bool:
-        return x is None or (isinstance(x, float) and math.isnan(x))
-
+    missing = lambda x: x is None or (isinstance(x, float) and math.isnan(x))  # noqa: E731
     try:
         if missing(a) or missing(b):
             return missing(a) and missing(b)
@@ -568,13 +607,10 @@ def update_result(output_dir: str | Path, run_id: str, columns: dict[str, Any]) 
     def change(table):
         if table.empty or "run_id" not in table.columns or not (table["run_id"] == run_id).any():
             return None
-        row = table[table["run_id"] == run_id].iloc[0].to_dict()
-        row.update(columns)
-        out.update(row)
-        return _upsert(table, row)
+        out.update({**table[table["run_id"] == run_id].iloc[0].to_dict(), **columns})
+        return _upsert(table, dict(out))
 
-    path = Path(output_dir) / RESULTS
-    if not path.exists():
+    if not (Path(output_dir) / RESULTS).exists():
         return None
     modify_results(output_dir, change)
     return out or None
@@ -582,13 +618,9 @@ def update_result(output_dir: str | Path, run_id: str, columns: dict[str, Any]) 
 
 def load_results(output_dir: str | Path):
     """The results table of an output folder (empty without one); an unreadable one is rebuilt."""
-    import pandas as pd
-
     root = Path(output_dir)
     path = root / RESULTS
-    if not path.exists():
-        return pd.DataFrame()
-    table = _read_table(path)
+    table = _read_table(path)  # no file: an empty table
     if table is not None:
         return table
     try:
@@ -597,8 +629,6 @@ def load_results(output_dir: str | Path):
         table, _ = _load_or_rebuild(root)
         return table
     return _read_table(path)
-
-TEST_PREDICTIONS = "test_predictions.npz"
 
 
 def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str, Any], best_step: int,
@@ -659,6 +689,6 @@ def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str,
 
 
 __all__ = [
-    "finish_run", "RESULTS", "TEST_PREDICTIONS", "RunDir", "RunFolderError", "RunLocked", "append_result", "atomic_write_text",
+    "finish_run", "LANDSCAPE_COLUMNS", "RESULTS", "TEST_PREDICTIONS", "RunDir", "RunFolderError", "RunLocked", "append_result", "atomic_write_text",
     "check_before_work", "ensure_result", "load_results", "modify_results", "prepare_output_dir", "rebuild_results", "run_id",
     "update_result"]

@@ -17,29 +17,20 @@ with the example draw shared inside a pair, and a ratio statistic on the same dr
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-NONPRIVATE = ("nonprivate", "bb-nonprivate")
-PREDICTIONS = "test_predictions.npz"
+from .config import NONPRIVATE_VARIANTS as NONPRIVATE
+from .runs import TEST_PREDICTIONS as PREDICTIONS
+from .runs import RunDir
 
 
 def load_correct(row: dict[str, Any] | pd.Series) -> np.ndarray | None:
     """A run's per-example test correctness (0/1, in test-row order), or None if not saved."""
     d = row.get("run_dir") if hasattr(row, "get") else None
-    if not isinstance(d, str) or not d:
-        return None
-    f = Path(d) / PREDICTIONS
-    if not f.is_file():
-        return None
-    with np.load(f) as z:
-        if "correct" not in z:
-            return None
-        order = np.argsort(z["idx"], kind="stable") if "idx" in z else slice(None)
-        return np.asarray(z["correct"], dtype=np.float64)[order]
+    return RunDir(d).test_correct() if isinstance(d, str) and d else None
 
 
 def _eps_key(t: pd.DataFrame) -> pd.Series:
@@ -138,6 +129,15 @@ def paired_differences(table: pd.DataFrame, baseline: str = "dp", metric: str = 
     return pd.DataFrame(out, columns=cols)
 
 
+def paired_interval(diff: np.ndarray, *, n_boot: int = 2000, confidence: float = 0.95,
+                    seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the mean per-example difference of one pair of runs (examples resampled)."""
+    stat, _ = _bootstrap([np.asarray(diff, dtype=np.float64)], None, n_boot, np.random.default_rng(seed), True)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(stat, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
 def markdown(paired: pd.DataFrame) -> str:
     """The paired table in markdown; an interval that crosses 0 is marked "n.s." (not separable from 0)."""
     if paired.empty:
@@ -154,4 +154,4 @@ def markdown(paired: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PREDICTIONS", "load_correct", "markdown", "paired_differences"]
+__all__ = ["PREDICTIONS", "load_correct", "markdown", "paired_differences", "paired_interval"]

@@ -13,6 +13,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .config import MODES, NO_MODE_VARIANTS, NONPRIVATE_VARIANTS, VARIANTS, ConfigError, RunConfig, apply_variant
+from .figures import join_guarantees, mean_std
 from .privacy import DP
 from .runs import RunDir, RunLocked, check_before_work, load_results
 
@@ -118,12 +119,7 @@ def summarize(table: pd.DataFrame, metric: str = "accuracy", baseline: str | Non
     t["target_epsilon"] = t["target_epsilon"].astype(float).fillna(float("inf"))
     multi = "task" in t and t["task"].nunique() > 1
     keys = (["task"] if multi else []) + ["variant", "target_epsilon"]
-    aggs = dict(
-        guarantee=("guarantee", lambda s: " / ".join(sorted(set(s)))),
-        n_seeds=("seed", "nunique"),
-        mean=(metric, "mean"),
-        std=(metric, "std"),
-    )
+    aggs = dict(guarantee=("guarantee", join_guarantees), n_seeds=("seed", "nunique"))
     # the claim (DP runs only) and, for runs not DP as a whole, their DP-SGD part's ε; tables from
     # before issue 14 call the latter epsilon_spent (or have neither)
     part = next((c for c in ("dpsgd_part_epsilon", "epsilon_spent") if c in t), None)
@@ -132,12 +128,11 @@ def summarize(table: pd.DataFrame, metric: str = "accuracy", baseline: str | Non
             t[f"_{name}"] = float("nan")
             col = f"_{name}"
         aggs[name] = (col, "max")
-    g = t.groupby(keys, dropna=False)
     val_col = "val_" + ("accuracy" if metric in ("accuracy", "test_accuracy") else metric)
     if val_col in t:
         aggs["val_mean"] = (val_col, "mean")
-    out = g.agg(**aggs).reset_index()
-    out["std"] = out["std"].fillna(0.0)
+    out = mean_std(t, keys, metric, n=None, **aggs)  # the explorer's and the report's mean ± std
+    out = out[[*keys, "guarantee", "n_seeds", "mean", "std", *list(aggs)[2:]]]
     if baseline is not None and baseline in set(t["variant"]):
         from .stats import paired_differences
 

@@ -75,3 +75,37 @@ def test_landscape_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dpflat: error:")
     assert main(["landscape", str(tmp_path), "--grid", "1"]) == 2
+
+
+def test_paired_accuracy_difference_reads_both_runs_on_the_same_examples(finished_runs):
+    """B - A on the test split: a run against itself is exactly 0 with a zero-width interval."""
+    from dpflat import widgets as W
+
+    _, dp, nonpriv = finished_runs
+    same = W.paired_accuracy_difference(dp["run_dir"], dp["run_dir"], n_boot=50)
+    assert same["difference"] == 0 and same["ci_low"] == same["ci_high"] == 0
+    d = W.paired_accuracy_difference(dp["run_dir"], nonpriv["run_dir"], n_boot=200)
+    assert d["difference"] == pytest.approx(d["accuracy_b"] - d["accuracy_a"])
+    assert d["ci_low"] <= d["difference"] <= d["ci_high"] and d["n"] == len(analysis.example_correct(dp["run_dir"]))
+
+
+def test_run_folder_reads_go_through_rundir(tmp_path):
+    """RunDir's readers: a corrupt landscape summary reads as "not analysed", predictions come back
+    in test-row order, an empty trajectory file is no trajectory."""
+    from dpflat.runs import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    rd.landscape_dir.mkdir(parents=True)
+    assert rd.landscape() is None and rd.trajectory() == [] and rd.test_correct() is None and rd.ledger() is None
+    rd.landscape_file.write_text("{cut")
+    assert rd.landscape() is None
+    rd.landscape_file.write_text(json.dumps({"top_eigenvalue": 2.0}))
+    assert rd.landscape() == {"top_eigenvalue": 2.0}
+    rd.sharpness_file.write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert [r["step"] for r in rd.trajectory()] == [1, 2]
+    np.savez(rd.predictions_file, idx=np.array([2, 0, 1]), correct=np.array([1, 0, 1]))
+    assert rd.test_correct().tolist() == [0.0, 1.0, 1.0]
+    rd.ledger_file.write_text(json.dumps({"guarantee": "(ε, δ)-DP"}))  # no mechanism or reads: not a ledger
+    assert rd.ledger() is None and rd.canaries() == set()
+    rd.canaries_file.write_text(json.dumps({"rows": [5, 3, 5]}))
+    assert rd.canaries() == {3, 5}

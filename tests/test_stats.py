@@ -118,3 +118,13 @@ def test_summarize_reads_saved_predictions(tmp_path):
     s_old = summarize(old, n_boot=100)
     assert "val_mean" not in s_old and "Δ vs dp" in markdown(s_old)
     assert "Δ vs" not in markdown(summarize(old, baseline=None))
+
+
+def test_paired_interval_is_seeded_and_brackets_the_mean():
+    """One pair of runs (the notebooks' paired difference): examples resampled, the seed fixes the draw."""
+    rng = np.random.default_rng(0)
+    diff = rng.choice([-1.0, 0.0, 0.0, 1.0, 1.0], size=300)
+    a = stats.paired_interval(diff, n_boot=300, seed=1)
+    assert a == stats.paired_interval(diff, n_boot=300, seed=1) != stats.paired_interval(diff, n_boot=300, seed=2)
+    assert a[0] < diff.mean() < a[1] and a[1] - a[0] < 0.3
+    assert stats.paired_interval(np.zeros(50), n_boot=20) == (0.0, 0.0)

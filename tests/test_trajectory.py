@@ -14,7 +14,13 @@ import torch
 
 from dpflat.config import ConfigError, TrainConfig, apply_variant
 from dpflat.flat import build_levels
-from dpflat.flat.trajectory import FILE, LANCZOS_PRODUCTS, SharpnessTrajectory, load_trajectory
+from dpflat.flat.trajectory import FILE, LANCZOS_PRODUCTS, SharpnessTrajectory
+from dpflat.runs import RunDir
+
+
+def load_trajectory(run_dir):
+    """The rows a run folder holds, read the one way the library reads them."""
+    return RunDir(run_dir).trajectory()
 from dpflat.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")

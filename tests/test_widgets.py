@@ -65,7 +65,7 @@ def test_panels_work_without_anywidget(monkeypatch):
     """plotly's FigureWidget needs anywidget; without it the panel keeps a plain Figure."""
     import ipywidgets as w
 
-    monkeypatch.setattr(W, "figure_widget_available", lambda: False)
+    monkeypatch.setattr(W.base, "figure_widget_available", lambda: False)  # new_figure looks it up there
     p = W.privacy_panel(n_points=6)
     assert type(p.figure) is go.Figure
     assert any(isinstance(ch, w.Output) for ch in p.widget.children)
@@ -483,7 +483,8 @@ def test_setup_status_names_each_setup_phase_and_restores_the_library(tiny_base)
 
 # --------------------------------------------------------------------------- report
 def test_report_hover_shows_the_claimed_epsilon_and_unknown_guarantees():
-    from dpflat.report import UNKNOWN, sharpness_vs_epsilon
+    from dpflat.figures import sharpness_vs_epsilon
+    from dpflat.privacy import UNKNOWN
 
     t = _rows()
     t = t[t["variant"].isin(["dp", "dpflat-paper"])].copy()
@@ -504,3 +505,18 @@ def test_report_text_avoids_glyphs_default_fonts_lack():
     from dpflat.figures import safe_text
 
     assert safe_text("SAM sharpness (ρ=0.05·‖θ‖)") == "SAM sharpness (ρ=0.05·||θ||)"
+
+
+def test_widgets_package_keeps_the_notebooks_names_and_small_modules():
+    """One module per notebook behind one namespace: every name the notebooks use resolves on ``W``
+    (each notebook's ``W.xxx`` calls), and no module of the package grows past 700 lines."""
+    import re
+    from pathlib import Path
+
+    root = Path(W.__file__).parent
+    assert all(len(f.read_text().splitlines()) <= 700 for f in root.glob("*.py"))
+    used = set()
+    for nb in (root.parents[1] / "notebooks").glob("*.ipynb"):
+        used |= set(re.findall(r"\bW\.([A-Za-z_]\w*)", nb.read_text()))
+    assert used and not [n for n in used if not hasattr(W, n)]
+    assert set(W.__all__) <= set(dir(W))

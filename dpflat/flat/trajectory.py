@@ -165,12 +165,4 @@ class SharpnessTrajectory(FlatLevel):
             atomic_write_text(p, "".join(ln + "\n" for ln in keep))
 
 
-def load_trajectory(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``sharpness.jsonl`` (empty when the run did not record one)."""
-    p = Path(run_dir) / FILE
-    if not p.is_file():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
-
-
-__all__ = ["SharpnessTrajectory", "load_trajectory", "FILE", "LANCZOS_PRODUCTS"]
+__all__ = ["SharpnessTrajectory", "FILE", "LANCZOS_PRODUCTS"]

@@ -1,0 +1,242 @@
+"""Notebook 03 (flatness and landscapes): loss surfaces along chosen axes, sharpness over
+training, curvature per model.
+
+Everything is computed on the eval split or public data (``dpflat.analysis``), so the
+figures cost no privacy; surfaces along new axes are cached in each run's folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..figures import GUARANTEE_COLORS, metric_label, responsive
+from ..runs import RunDir
+from .base import Panel, new_figure, replace_traces
+
+
+AXES: dict[str, str] = {
+    "random": "two random filter-normalised directions (Li et al. 2018)",
+    "top-2 eigenvectors": "the top two Hessian eigenvectors v1, v2 (the sharpest directions)",
+    "towards non-private": "the straight line to the non-private model (x: 0 = this model, 1 = non-private)"
+                           " and one random direction",
+}
+
+
+def axis_definition(surface: Any) -> str:
+    """One line that says what the two axes of a stored surface are."""
+    dirs = surface.settings.get("directions", []) if isinstance(surface.settings, dict) else []
+    parts = []
+    for i, d in enumerate(dirs[:2], start=1):
+        kind = d.get("kind") if isinstance(d, dict) else None
+        if kind == "eigen":
+            parts.append(f"d{i} = Hessian eigenvector v{d.get('index', i - 1) + 1} (λ = {d.get('eigenvalue', float('nan')):.3g}),"
+                         f" scaled to the norm of a filter-normalised random direction")
+        elif kind == "interpolation":
+            parts.append(f"d{i} = θ_non-private − θ (distance {d.get('distance', float('nan')):.3g}): x = 1 is the "
+                         "non-private model")
+        elif kind:
+            parts.append(f"d{i} = {kind} direction" + (" (filter-normalised)" if kind == "random" else ""))
+    return "axes: " + "; ".join(parts) if parts else "axes: two directions through the trained θ (x = y = 0)"
+
+
+def name_axes(fig, surface: Any) -> None:
+    """Axis titles that say what each axis is, in every panel/scene of a surface figure."""
+    dirs = surface.settings.get("directions", []) if isinstance(surface.settings, dict) else []
+    names = []
+    for i, d in enumerate(dirs[:2], start=1):
+        kind = d.get("kind") if isinstance(d, dict) else None
+        names.append({"eigen": f"v{(d.get('index', i - 1) if isinstance(d, dict) else i - 1) + 1} (Hessian eigenvector)",
+                      "interpolation": "towards non-private (1 = non-private θ)",
+                      "random": f"random direction d{i}"}.get(kind, f"d{i}"))
+    if len(names) < 2:
+        return
+    fig.update_xaxes(title_text=names[0])
+    fig.update_yaxes(title_text=names[1])
+    for key in fig.layout:
+        if key.startswith("scene"):
+            fig.layout[key].update(xaxis_title=names[0], yaxis_title=names[1])
+
+
+def axis_surfaces(run_dirs: Mapping[str, str | Path], axes: str, *, grid: int = 7, span: float = 1.0,
+                  n_examples: int = 64, seed: int = 0, reference: str | None = None) -> dict[str, Any]:
+    """2D loss surfaces of each model along ``axes`` (a key of :data:`AXES`), cached in the run folder.
+
+    ``random``: the surface ``analyze_run`` stored. ``top-2 eigenvectors``: Lanczos on the
+    model's own Hessian (``landscape.eigen_directions``), each unit eigenvector scaled to
+    the norm of the random filter-normalised direction, so the units match the random
+    view. ``towards non-private``: x along ``landscape.interpolation_direction`` to the
+    ``reference`` run (the non-private model), y a random direction; the reference itself
+    gets no surface. All on the eval subset analyze_run uses (no private data).
+    """
+    import landscape as ls
+
+    from .. import analysis as A
+
+    if axes not in AXES:
+        raise ValueError(f"axes must be one of {list(AXES)}, got {axes!r}")
+    if axes == "random":
+        return {lab: A.load_surface(d) for lab, d in run_dirs.items()}
+    tag = {"top-2 eigenvectors": "eigen", "towards non-private": "interp"}[axes]
+    out: dict[str, Any] = {}
+    for lab, d in run_dirs.items():
+        if tag == "interp" and (reference is None or Path(d) == Path(reference)):
+            continue
+        rd, name = RunDir(d), f"surface_{tag}_g{grid}_n{n_examples}_s{seed}"
+        cache = rd.landscape_dir / name
+        if cache.with_suffix(".json").is_file():
+            out[lab] = rd.load_surface(name)
+            continue
+        run = A.load_run(d)
+        batches = A.analysis_batches(run, n_examples)
+        rnd = ls.random_direction(run.model, seed=seed)
+        if tag == "eigen":
+            with ls.HessianOperator(run.model, A.ce_loss, batches) as H:
+                eig = ls.top_eigenvalues(H, k=2, max_iter=30, tol=1e-3, seed=seed)
+            d1, d2 = ls.eigen_directions(eig, 2)
+            scale = float(rnd.vector.norm())
+            d1.vector, d2.vector = d1.vector * scale, d2.vector * scale
+            xs = np.linspace(-span, span, grid)
+        else:
+            other = A.load_run(reference).model
+            d1 = ls.interpolation_direction(run.model, other)
+            d2 = rnd
+            xs = np.linspace(-0.5, 1.5, grid)
+        surf = ls.loss_surface_2d(run.model, A.ce_loss, batches, d1, d2, xs=xs, ys=np.linspace(-span, span, grid),
+                                  label=lab, progress=False, keep_directions=False)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        surf.save(cache)
+        out[lab] = surf
+    return out
+
+
+def trajectories(run_dirs: Mapping[str, str | Path]) -> dict[str, pd.DataFrame]:
+    """Each run's ``sharpness.jsonl`` (``--sharpness-every``) as a table; runs without one are left out."""
+    out = {}
+    for lab, d in run_dirs.items():
+        rows = RunDir(d).trajectory()
+        if rows:
+            out[lab] = pd.DataFrame(rows)
+    return out
+
+
+def trajectory_figure(run_dirs: Mapping[str, str | Path], colors: Mapping[str, str] | None = None):
+    """Top Hessian eigenvalue and SAM sharpness over training, one line per model.
+
+    Measured on public (or eval) data by the run itself, every ``sharpness_every`` steps:
+    a diagnostic, not part of any guarantee (it never reads the private split).
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    tr = trajectories(run_dirs)
+    data = next(iter(tr.values()))["data"].iloc[0] if tr else "public"
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["top Hessian eigenvalue λ1", "SAM sharpness (ρ = 0.05 relative)"])
+    palette = ["#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#d62728"]
+    for i, (lab, t) in enumerate(tr.items()):
+        col = (colors or {}).get(lab, palette[i % len(palette)])
+        for j, key in enumerate(("top_eigenvalue", "sam_sharpness"), start=1):
+            fig.add_trace(go.Scatter(x=t["step"], y=t[key], mode="lines+markers", name=lab, legendgroup=lab,
+                                     showlegend=(j == 1), line=dict(color=col)), row=1, col=j)
+        fig.update_xaxes(title_text="training step")
+    fig.update_layout(title=f"Sharpness over training (on {data} data; a diagnostic, lower = flatter)",
+                      height=400, legend=dict(orientation="h", y=-0.25))
+    if not tr:
+        fig.add_annotation(text="no run recorded a trajectory (train with sharpness_every > 0)", showarrow=False,
+                           xref="paper", yref="paper", x=0.5, y=0.5)
+    return fig
+
+
+def landscape_bars(analyses: Mapping[str, Mapping[str, Any]],
+                   keys: Sequence[str] = ("top_eigenvalue", "hessian_trace", "sam_sharpness")):
+    """One panel per curvature number (they have different scales), one bar per model label."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[metric_label(k) for k in keys])
+    for j, k in enumerate(keys, start=1):
+        for i, (label, a) in enumerate(analyses.items()):
+            fig.add_trace(go.Bar(x=[label], y=[a.get(k)], name=label, showlegend=(j == 1),
+                                 marker_color=GUARANTEE_COLORS.get(str(a.get("guarantee")), None)), row=1, col=j)
+        fig.update_xaxes(showticklabels=False, row=1, col=j)
+    fig.update_layout(title="Curvature of each model's loss at its trained parameters (lower = flatter)",
+                      height=420, legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
+def eigen_result(analysis: Mapping[str, Any]):
+    """The stored top-k spectrum of an analysed run as a ``landscape.EigenResult`` (for ``plots``)."""
+    from landscape.spectrum import Convergence, EigenResult, SpectrumSettings
+
+    s = analysis["spectrum"]
+    return EigenResult(np.asarray(s["eigenvalues"]), None, SpectrumSettings(**s["settings"]),
+                       Convergence(**s["convergence"]))
+
+
+class SurfacePanel(Panel):
+    """Pick a model and a view (contour or 3D, linear or log loss) of its 2D loss surface."""
+
+    def __init__(self, surfaces: Mapping[str, Any], kind: str = "contour",
+                 axes_source: Callable[[str], Mapping[str, Any]] | None = None):
+        super().__init__()
+        import ipywidgets as w
+
+        if not surfaces:
+            raise ValueError("no surfaces to show")
+        self.surfaces = dict(surfaces)
+        c = self.controls
+        self.axes_source = axes_source  # axes -> {label: Surface}, computed on first use (see axis_surfaces)
+        self._by_axes: dict[str, dict[str, Any]] = {"random": self.surfaces}
+        c["model"] = w.Dropdown(options=list(self.surfaces), description="model", layout=w.Layout(width="auto"))
+        # buttons in one row: ToggleButtons stack vertically in narrow boxes unless their width is fixed
+        row_btn = {"button_width": "72px"}
+        c["kind"] = w.ToggleButtons(options=["contour", "3d"], value=kind, style=row_btn)
+        c["axes"] = w.ToggleButtons(options=list(AXES), value="random", style={"button_width": "150px"},
+                                    tooltips=[AXES[a] for a in AXES], disabled=axes_source is None)
+        c["log"] = w.Checkbox(value=False, description="log10 loss", layout=w.Layout(width="auto"))
+        c["axes_note"] = w.HTML()
+        for k in ("model", "kind", "log", "axes"):
+            c[k].observe(lambda _ch: self.update(), names="value")
+        view = self._add_figure("surface", new_figure())
+        flow = w.Layout(flex_flow="row wrap", align_items="center")
+        self.widget = w.VBox([w.HBox([c["model"], c["kind"], c["log"]], layout=flow),
+                              w.HBox([c["axes"]], layout=flow), c["axes_note"], view])
+        self.update()
+
+    def current(self) -> dict[str, Any]:
+        """The surfaces along the chosen axes (computed once per axes kind)."""
+        ax = self.controls["axes"].value
+        if ax not in self._by_axes:
+            self.controls["axes_note"].value = f"<i>computing the surfaces along {AXES[ax]} ...</i>"
+            self._by_axes[ax] = dict(self.axes_source(ax))
+        return self._by_axes[ax]
+
+    def update(self) -> None:
+        from landscape import plots
+
+        c = self.controls
+        label = c["model"].value
+        surfaces = self.current()
+        fig = self.figures["surface"]
+        if label not in surfaces:  # e.g. the non-private model has no "towards non-private" axis
+            replace_traces(fig, [], title=f"{label}: no surface along {AXES[c['axes'].value]}")
+            c["axes_note"].value = ""
+            self._refresh()
+            return
+        s = surfaces[label]
+        src = (plots.plot_contour if c["kind"].value == "contour" else plots.plot_surface_3d)(s, labels=label, log=c["log"].value)
+        responsive(src)
+        name_axes(src, s)
+        replace_traces(fig, src.data)
+        fig.layout = src.layout
+        c["axes_note"].value = f"<small>{axis_definition(s)}</small>"
+        self._refresh()
+
+
+def surface_panel(surfaces: Mapping[str, Any], **kw: Any) -> SurfacePanel:
+    """Build the surface viewer of notebook 03 from ``{label: landscape.Surface}``."""
+    return SurfacePanel(surfaces, **kw)

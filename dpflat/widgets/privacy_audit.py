@@ -1,0 +1,143 @@
+"""Notebook 06 (privacy audit): membership inference and canary audits beside each claim.
+
+The attacks are computed in ``dpflat.mia`` / ``dpflat.audit``; here they are drawn next
+to the guarantee each run's ledger states, with the ROC region a claimed (ε, δ) allows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..figures import GUARANTEE_COLORS, is_missing, run_label
+from ..mia import record_result as record_mia  # noqa: F401 - the notebooks' name
+from ..mia import roc_curve as mia_roc  # noqa: F401 - the notebooks' name
+from ..privacy import DP
+
+
+def mia_label(result: Any) -> str:
+    """``run_label`` of an attacked run, from the guarantee and claimed ε its ledger recorded."""
+    return run_label({"variant": result.variant, "epsilon": result.claimed_epsilon, "guarantee": result.guarantee})
+
+
+def dp_roc_bound(epsilon: float, delta: float, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """The highest TPR any membership test can reach at each FPR against an (ε, δ)-DP run.
+
+    TPR <= min(1, e^ε·FPR + δ, 1 - e^-ε·(1 - δ - FPR)) (Kairouz, Oh & Viswanath 2015):
+    the region a claimed guarantee allows; an attack above it refutes the claim.
+    """
+    fpr = np.concatenate([[0.0], np.geomspace(1e-5, 1.0, n)])
+    e = math.exp(epsilon)
+    tpr = np.minimum.reduce([np.ones_like(fpr), e * fpr + delta, 1.0 - (1.0 - delta - fpr) / e])
+    return fpr, np.clip(tpr, 0.0, 1.0)
+
+
+def mia_table(results: Sequence[Any]) -> pd.DataFrame:
+    """The attacks next to each run's guarantee: point estimates with their bootstrap CIs.
+
+    "ε spent by DP-SGD" is the accountant's number for the noisy steps; for a run that
+    is not DP it describes only those steps, which is why "claimed ε" stays "none".
+    """
+    fmt = lambda v, ci: f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"  # noqa: E731
+    out = []
+    for r in results:
+        a = r.loss
+        row = {
+            "model": mia_label(r),
+            "guarantee": r.guarantee,
+            "claimed ε": "none" if is_missing(r.claimed_epsilon) else round(float(r.claimed_epsilon), 3),
+            "δ": r.delta,
+            "DP-SGD part ε (run not DP)": "—" if is_missing(r.dpsgd_part_epsilon) else round(float(r.dpsgd_part_epsilon), 3),
+            "AUC": fmt(a.auc, a.auc_ci),
+            "TPR@1%FPR": fmt(a.tpr_at_1_fpr, a.tpr_at_1_fpr_ci),
+            "TPR@0.1%FPR": fmt(a.tpr_at_0_1_fpr, a.tpr_at_0_1_fpr_ci),
+            "attack accuracy": fmt(a.accuracy, a.accuracy_ci),
+            "members / non-members": f"{r.n_members} / {r.n_nonmembers} ({r.nonmember_source})",
+            "task acc. members / non-members": f"{r.member_accuracy:.3f} / {r.nonmember_accuracy:.3f}",
+        }
+        if r.calibrated is not None:
+            row["calibrated AUC"] = fmt(r.calibrated.auc, r.calibrated.auc_ci)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def mia_roc_figure(rocs: Mapping[str, tuple[np.ndarray, np.ndarray]], results: Mapping[str, Any] | None = None,
+                   log: bool = True):
+    """ROC curves of the attack per model; for every (ε, δ)-DP model, the bound its claim implies.
+
+    Log-log axes (Carlini et al. 2022): what matters is TPR at *low* FPR, where a few
+    confidently identified members are a real breach.
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+    # Resolution: with n non-members the smallest non-zero FPR is 1/n; below it an empirical
+    # ROC says nothing (a step at FPR 0 would sit above any claim's limit by construction),
+    # so each curve and the axis start at 1/n (the largest over the models).
+    steps = [float(np.min(np.asarray(f)[np.asarray(f) > 0])) for f, _ in rocs.values() if np.any(np.asarray(f) > 0)]
+    lo = max(steps) if steps else 1e-3
+    for i, (label, (fpr, tpr)) in enumerate(rocs.items()):
+        color = palette[i % len(palette)]
+        fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+        keep = fpr >= lo - 1e-12 if log else np.ones_like(fpr, dtype=bool)
+        fig.add_trace(go.Scatter(x=fpr[keep], y=np.maximum(tpr[keep], lo) if log else tpr, mode="lines", name=label,
+                                 line=dict(color=color, shape="hv")))
+        r = (results or {}).get(label)
+        if r is not None and r.guarantee == DP and not is_missing(r.claimed_epsilon):
+            bf, bt = dp_roc_bound(float(r.claimed_epsilon), float(r.delta or 0.0))
+            kb = bf >= lo if log else np.ones_like(bf, dtype=bool)
+            fig.add_trace(go.Scatter(x=bf[kb], y=np.maximum(bt[kb], lo) if log else bt,
+                                     mode="lines", line=dict(color=color, dash="dot"),
+                                     name=f"limit of its claim ({label})"))
+    grid = np.geomspace(lo, 1, 50) if log else np.linspace(0, 1, 50)
+    fig.add_trace(go.Scatter(x=grid, y=grid, mode="lines", line=dict(color="gray", dash="dash"), name="chance"))
+    kind = "log" if log else "linear"
+    fig.update_layout(title="Membership inference (loss threshold): ROC per model",
+                      xaxis_title=(f"false positive rate (from 1/n = {lo:.2g}: the attack's resolution with n "
+                                   "non-members)" if log else "false positive rate"),
+                      yaxis_title="true positive rate", xaxis_type=kind, yaxis_type=kind, height=480)
+    if log:
+        fig.update_xaxes(range=[math.log10(lo), 0])
+        fig.update_yaxes(range=[math.log10(lo), 0])
+    return fig
+
+
+def mia_bars(results: Sequence[Any]):
+    """AUC with its bootstrap interval, one bar per model; 0.5 = the attacker learns nothing."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for r in results:
+        a = r.loss
+        fig.add_trace(go.Bar(x=[mia_label(r)], y=[a.auc], name=mia_label(r),
+                             error_y=dict(type="data", symmetric=False, array=[a.auc_ci[1] - a.auc],
+                                          arrayminus=[a.auc - a.auc_ci[0]]),
+                             marker_color=GUARANTEE_COLORS.get(r.guarantee, "#2ca02c")))
+    fig.add_hline(y=0.5, line_dash="dash", line_color="gray", annotation_text="chance")
+    fig.update_layout(title="Attack AUC with 95% bootstrap interval", yaxis_title="AUC", showlegend=False, height=420)
+    return fig
+
+
+def audit_bars(audits: Sequence[Any]):
+    """Claimed ε (where there is one) next to the canary audit's empirical lower bound."""
+    import plotly.graph_objects as go
+
+    labels = [run_label({"variant": a.variant, "epsilon": a.claimed_epsilon, "guarantee": a.guarantee}) for a in audits]
+    lower = [float(a.epsilon_lower_bound) for a in audits]
+    claimed = [None if is_missing(a.claimed_epsilon) else float(a.claimed_epsilon) for a in audits]
+    fig = go.Figure([
+        # a bound of 0 is a real result (no evidence against the claim): its value is written on the axis
+        go.Bar(x=labels, y=lower, name="empirical ε lower bound (canary audit)",
+               text=[f"{v:.2g}" + (" (no evidence of leakage)" if v == 0 else "") for v in lower],
+               textposition="outside", marker_line=dict(width=2, color="#1f77b4")),
+        go.Bar(x=labels, y=claimed, name="claimed ε (ledger; none for a run that is not DP)",
+               text=["none" if v is None else f"{v:.3g}" for v in claimed], textposition="outside"),
+    ])
+    fig.update_layout(barmode="group", yaxis_title="ε", height=420,
+                      title="A claim is refuted only if the lower bound rises above it")
+    return fig

@@ -1,0 +1,224 @@
+"""What every notebook's first cells share: sizes, folders, the run config, a set-up status line.
+
+Why one place: the six lessons share one run cache, so a run is reused only when its
+config is identical; one preset name and one config builder keep them in step.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..config import RunConfig
+
+
+def project_root() -> Path:
+    """The checkout that holds this package (editable install), else the working dir."""
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "pyproject.toml").is_file() else Path.cwd()
+
+
+# The lessons' sizes. "quick": the default path of every notebook in <= 10 min on 2 CPU cores
+# (benchmarks/bench_notebooks.py measures it); "full": the earlier CPU setting (2-4x longer,
+# smaller run-to-run noise). A notebook parameter left at None takes its value from here;
+# the paper's GPU scale is in each parameters cell. Sharpness trajectories are on in both,
+# on the public split (a diagnostic: the private split is never read for it).
+SIZES: dict[str, dict[str, Any]] = {
+    "quick": dict(train_size=1000, eval_size=300, public_size=200, max_length=32, prefix_len=8, epochs=2.0,
+                  batch_size=64, physical_batch_size=64, lr=0.05,
+                  flat={"layers_warmup_steps": 8, "layers_examples": 64, "layers_directions": 1,
+                        "teacher_epochs": 2.0},
+                  sharpness_every=8, sharpness_examples=32),
+    "full": dict(train_size=2000, eval_size=500, public_size=0.1, max_length=40, prefix_len=16, epochs=2.0,
+                 batch_size=128, physical_batch_size=64, lr=0.02, flat={}, sharpness_every=8, sharpness_examples=64),
+}
+
+
+def sized(size: str, **given: Any) -> dict[str, Any]:
+    """The size preset with every parameter the notebook gave (not None) on top.
+
+    Why None means "from the preset": the lessons share one run cache, so a run is reused
+    only when its config is identical; one preset name keeps the six notebooks in step.
+    """
+    from ..config import ConfigError
+
+    if size not in SIZES:
+        raise ConfigError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    out = dict(SIZES[size])
+    for k, v in given.items():
+        if v is None:
+            continue
+        out[k] = ({**out.get("flat", {}), **v} if k == "flat" else v)
+    return out
+
+
+def default_out_dir(size: str) -> str:
+    """One folder per size, shared by all six notebooks (their one run cache)."""
+    return f"out/notebooks/{size}"
+
+
+def setup_notebook(out_dir: str | Path | None, data_dir: str | Path | None = None, threads: int | None = None,
+                   size: str = "quick") -> tuple[Path, str | None]:
+    """Quiet library logs, set torch's threads, resolve the output and data folders.
+
+    A relative ``out_dir`` is taken from the project root, so runs land in
+    ``out/notebooks/NN`` whether Jupyter was started in the repo or in ``notebooks/``.
+    With no ``data_dir`` and no ``$DPFLAT_DATA_DIR``, the offline data beside the
+    checkout (``../shared/data``, as the Makefile uses) is picked when it exists.
+    """
+    from ..cli import quiet_libraries
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
+    # Opacus' RDP hint that a larger order could tighten ε: true, repeated per call, not a lesson
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    out = Path(out_dir if out_dir is not None else default_out_dir(size)).expanduser()
+    if not out.is_absolute():
+        out = project_root() / out
+    out.mkdir(parents=True, exist_ok=True)
+    if data_dir is None and not os.environ.get("DPFLAT_DATA_DIR"):
+        beside = project_root().parent / "shared" / "data"
+        if (beside / "MANIFEST.txt").is_file():
+            data_dir = beside
+    return out, (str(data_dir) if data_dir is not None else None)
+
+
+def base_config(*, out_dir: str | Path, backbone: str = "minilm", task: str = "sst2", data_dir: str | None = None,
+                size: str | None = None, train_size: int | None = 2000, eval_size: int | None = 500,
+                public_size: float = 0.1, max_length: int = 40, prefix_len: int = 16, epochs: float = 2.0,
+                batch_size: int = 128, physical_batch_size: int = 64, lr: float = 2e-2, epsilon: float = 3.0,
+                seed: int = 0, device: str = "cpu", progress: bool = True, flat: Mapping[str, Any] | None = None,
+                **train_extra: Any) -> RunConfig:
+    """The notebooks' shared run config, from their ``parameters`` cell (one place, one meaning).
+
+    With ``size`` ("quick" or "full", see :data:`SIZES`) every parameter passed as None
+    takes the preset's value; ``train_size=0`` means all of the private split.
+    """
+    from ..config import DataConfig, ModelConfig, PrivacyConfig, TrainConfig
+
+    if size is not None:
+        given = dict(train_size=train_size, eval_size=eval_size, public_size=public_size, max_length=max_length,
+                     prefix_len=prefix_len, epochs=epochs, batch_size=batch_size,
+                     physical_batch_size=physical_batch_size, lr=lr, flat=flat, **train_extra)
+        p = sized(size, **given)
+        train_size, eval_size, public_size = p.pop("train_size"), p.pop("eval_size"), p.pop("public_size")
+        max_length, prefix_len, epochs = p.pop("max_length"), p.pop("prefix_len"), p.pop("epochs")
+        batch_size, physical_batch_size, lr = p.pop("batch_size"), p.pop("physical_batch_size"), p.pop("lr")
+        flat = p.pop("flat")
+        train_extra = p
+
+    cfg = RunConfig(
+        data=DataConfig(task=task, data_dir=data_dir, max_length=max_length, train_size=train_size,
+                        eval_size=eval_size, public_size=public_size),
+        model=ModelConfig(backbone=backbone, prefix_len=prefix_len),
+        privacy=PrivacyConfig(epsilon=epsilon),
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr,
+                          seed=seed, device=device, output_dir=str(out_dir), progress=progress, **train_extra),
+        variant="dp",
+    )
+    return cfg.replace(flat=dict(flat)) if flat else cfg
+
+
+# What each slow step before a run's first training step is doing (the training loop's own
+# bar starts only after them): level class -> the line shown while its ``setup`` runs.
+SETUP_PHASES = {
+    "LayerSelection": "cross-layer level: warming up a prefix and scoring each layer's sharpness on the public split",
+    "Distillation": "cross-model level: training the teacher on the public split",
+    "SharpnessTrajectory": "sharpness trajectory: preparing its public/eval batches",
+}
+
+
+class SetupStatus:
+    """A live status line (tqdm, elapsed seconds) for the set-up phases of ``train``/``sweep``.
+
+    Why here and not in the levels: the levels' code stays free of display concerns. The
+    context wraps ``prepare_data`` and each level class's ``setup`` for its duration only,
+    and a small thread refreshes the elapsed time, so a 10-minute teacher never looks hung.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.phase = ""
+        self.phases: list[tuple[str, float]] = []  # (phase, seconds), for tests and summaries
+        self._patched: list[tuple[Any, str, Any]] = []
+        self._bar = None
+        self._stop = None
+
+    def _set(self, phase: str) -> None:
+        import time
+
+        self.phase = phase
+        self._t0 = time.monotonic()
+        if self._bar is not None:
+            self._bar.reset()
+            self._bar.set_description_str(phase, refresh=True)
+
+    def _wrap(self, owner: Any, attr: str, phase: str) -> None:
+        import functools
+        import time
+
+        orig = getattr(owner, attr)
+        status = self
+
+        @functools.wraps(orig)
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            status._set(phase)
+            t0 = time.monotonic()
+            try:
+                return orig(*a, **kw)
+            finally:
+                status.phases.append((phase, time.monotonic() - t0))
+                status._set("training (the run's own progress bar)")
+
+        self._patched.append((owner, attr, orig))
+        setattr(owner, attr, wrapped)
+
+    def __enter__(self) -> "SetupStatus":
+        import importlib
+        import threading
+
+        from .. import session as session_mod
+
+        self._wrap(session_mod, "prepare_data", "loading and tokenising the data")
+        for mod, cls in (("layers", "LayerSelection"), ("distill", "Distillation"),
+                         ("trajectory", "SharpnessTrajectory")):
+            self._wrap(getattr(importlib.import_module(f"dpflat.flat.{mod}"), cls), "setup", SETUP_PHASES[cls])
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=None, bar_format="{desc} · {elapsed}", leave=False)
+            self._stop = threading.Event()
+
+            def tick() -> None:
+                while not self._stop.wait(1.0):
+                    self._bar.refresh()
+
+            threading.Thread(target=tick, daemon=True).start()
+        self._set("starting")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for owner, attr, orig in reversed(self._patched):
+            setattr(owner, attr, orig)
+        self._patched.clear()
+        if self._stop is not None:
+            self._stop.set()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def train_run(cfg: RunConfig, **kw: Any) -> dict[str, Any]:
+    """The run's loop (``dpflat.sweep.trainer``, the one dispatcher) with a status line for every
+    set-up step (see :class:`SetupStatus`)."""
+    from ..sweep import trainer
+
+    with SetupStatus(enabled=cfg.train.progress):
+        return trainer(cfg)(cfg, **kw)
+
