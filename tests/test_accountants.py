@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
-from dpflat.accountants import ACCOUNTANTS, compare, epsilon, from_ledger
+from dpflat.accountants import ACCOUNTANTS, PRV_EPS_ERROR, compare, epsilon, from_ledger
 from dpflat.config import PrivacyConfig
 from dpflat.engine import noise_for_target
 
@@ -28,10 +28,14 @@ def _check_agreement(c) -> None:
         assert rdp / 2.2 <= rdp2 <= rdp * 1.03
     elif rdp > 12:
         assert rdp2 >= rdp * (1 - 2e-3)
-    else:
-        assert rdp2 <= rdp * (1 + 1e-3)
-    # PLD and PRV are (near-)exact upper bounds: never above the lossy RDP conversion...
-    assert pld <= rdp * (1 + 1e-6) and prv <= rdp * (1 + 1e-3)
+    else:  # below ε = 0.5 the best order sits at the edge of one grid or the other (ours is
+        # wide, RDP_ALPHAS; dp_accounting's has other fractional orders): either may be tighter
+        # (seen: dp_accounting 14% above at q=0.0148, σ=3.76, 71 steps; up to ~2x below)
+        assert rdp / 2.2 <= rdp2 <= rdp * 1.3
+    # PLD and PRV are (near-)exact upper bounds: never above the lossy RDP conversion, up to
+    # PRV's absolute error (eps_error): at ε ~ 0.01 (q=0.002, σ=4.77, 81 steps) that error is
+    # larger than ε itself and PRV's upper estimate sits above RDP (found by hypothesis)...
+    assert pld <= rdp * (1 + 1e-6) and prv <= rdp * (1 + 1e-3) + PRV_EPS_ERROR
     # ...but, in the range DP training targets, not far below it (RDP -> (ε, δ) is lossy,
     # most at few steps; below ε ~ 0.5 Opacus' order grid, capped at 63, makes it worse).
     if 0.5 <= rdp <= 30 and c.steps >= 50:
@@ -76,6 +80,8 @@ FAST = dict(deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @settings(max_examples=10, **FAST)
 @given(q=st.floats(0.002, 0.3), sigma=st.floats(0.6, 6.0), steps=st.integers(5, 3000),
        delta=st.sampled_from([1e-4, 1e-5, 1e-6]))
+@example(q=0.0020000000000000005, sigma=4.774901720562071, steps=81, delta=1e-4)  # PRV above RDP at ε ~ 0.01
+@example(q=0.014765900335326088, sigma=3.762050382637971, steps=71, delta=1e-5)  # the RDP grids at ε ~ 0.12
 def test_accountants_agree_everywhere(q, sigma, steps, delta):
     _check_agreement(compare(q, sigma, steps, delta))
 
