@@ -39,7 +39,6 @@ from torch.utils.data import DataLoader, Sampler, default_collate
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
-    from .flat.base import FlatLevel, TrainContext
     from .privacy import PrivacyLedger
 
 T = TypeVar("T")
@@ -196,38 +195,6 @@ def main_only(make_cm: Callable[[], Any]) -> Iterator[None]:
         cm.__exit__(None, None, None)
 
 
-# --- flattening levels: one state on every rank
-def share_levels(levels: list["FlatLevel"], ctx: "TrainContext") -> None:
-    """Rank 0 ran the levels' setup; the other ranks load its outcome.
-
-    Setup (teacher training, greedy layer selection) is computed once rather than
-    on every rank because GPU kernels are not bit-reproducible across processes, and
-    so that its private-data reads (paper mode) are counted once in the ledger.
-    """
-    if not is_distributed():
-        return
-    got = broadcast({"levels": {lv.name: lv.state_dict() for lv in levels}, "info": ctx.info})
-    if not is_main():
-        for lv in levels:
-            lv.load_state_dict(got["levels"].get(lv.name, {}), ctx)
-        ctx.info.update(got["info"])
-
-
-def share_step_state(levels: list["FlatLevel"], ctx: "TrainContext") -> None:
-    """Make a logical step's level state (e.g. paper-mode AWP's perturbation) rank 0's on every rank.
-
-    Each level says what it needs shared (``FlatLevel.step_state``); paper-mode AWP takes
-    its ascent direction from "the step's first private micro-batch", and each rank has
-    its own, so rank 0's (the first of the global batch) is used everywhere.
-    """
-    if not is_distributed():
-        return
-    for lv in levels:
-        mine = lv.step_state()
-        if mine is not None:
-            lv.load_step_state(broadcast(mine), ctx)
-
-
 # --- the ledger: one over all ranks
 def merged_ledger(ledger: "PrivacyLedger") -> "PrivacyLedger":
     """The ledger with every rank's read counts summed (a collective: all ranks call it).
@@ -369,8 +336,6 @@ __all__ = [
     "rank",
     "rank_config",
     "rank_poisson_loader",
-    "share_levels",
-    "share_step_state",
     "shard",
     "sum_gradients",
     "world_size",

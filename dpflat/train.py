@@ -21,7 +21,7 @@ from . import distributed as dist_mod
 from .config import ConfigError, RunConfig
 from .engine import DPSetup, MechanismRNG, backward_private, make_private
 from .evaluate import autocast, evaluate, evaluate_test, model_inputs
-from .flat import build_levels
+from .flat import build_levels, share_levels, share_step_state
 from .flat.base import FlatLevel, TrainContext
 from .models import build_model
 from .runs import check_before_work
@@ -75,7 +75,7 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
         if s.main:
             for lv in levels:
                 lv.setup(ctx)  # may set the keep-mask, train a teacher (reads go through the ledger)
-        dist_mod.share_levels(levels, ctx)  # torchrun: the other ranks load rank 0's outcome
+        share_levels(levels, ctx)  # torchrun: the other ranks load rank 0's outcome
     setup_s = time.time() - t_setup
 
     # --- optimiser and privacy
@@ -212,7 +212,7 @@ def _forward_backward(s: Session, ctx: TrainContext, model, levels: list[FlatLev
         reseed_step(s.cfg.train.seed, s.step)
         for lv in levels:
             lv.step_begin(ctx, s.step, chunk)
-        dist_mod.share_step_state(levels, ctx)
+        share_step_state(levels, ctx)
         lg.new = False
     for lv in levels:
         lv.perturb(ctx)

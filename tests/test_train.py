@@ -113,8 +113,8 @@ _LAYERS = [
     {"dpflat.distributed"},
     {"dpflat.engine"},
     {"dpflat.session"},
-    {"dpflat.blackbox.zo"},
     {"dpflat.blackbox.box"},
+    {"dpflat.blackbox.zo"},
     {"dpflat.train", "dpflat.blackbox.loop", "dpflat.blackbox.finished"},
     {"dpflat.blackbox"},
     {"dpflat.sweep"},  # sweep.trainer: the one dispatcher between the two loops
@@ -122,14 +122,14 @@ _LAYERS = [
 ]
 
 
-def _dpflat_imports(module: str) -> set[str]:
+def _dpflat_imports(module: str, type_only: bool = False) -> set[str]:
     import ast
     import importlib.util
 
     spec = importlib.util.find_spec(module)
     tree = ast.parse(Path(spec.origin).read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for n in ast.walk(node)}
+    skip = set() if type_only else {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                                    and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
     pkg = module if spec.origin.endswith("__init__.py") else module.rsplit(".", 1)[0]
     out = set()
     for node in ast.walk(tree):
@@ -140,7 +140,37 @@ def _dpflat_imports(module: str) -> set[str]:
         for a in node.names:
             full = f"{name}.{a.name}"
             out.add(full if importlib.util.find_spec(name) and _is_module(full) else name)
-    return {m for m in out if m.startswith("dpflat")}
+    return {m for m in out if m.startswith(("dpflat", "landscape"))}
+
+
+def test_the_import_graph_of_dpflat_and_landscape_is_a_dag():
+    """Every import counts here, type-only and function-level ones too: a reader of the code
+    sees them as arrows. landscape never imports dpflat."""
+    root = Path(__file__).resolve().parents[1]
+    mods = []
+    for pkg in ("dpflat", "landscape"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            parts = f.relative_to(root).with_suffix("").parts
+            mods.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    graph = {m: {d for d in _dpflat_imports(m, type_only=True) if d in mods and d != m} for m in mods}
+    for m in mods:
+        if m.startswith("landscape"):
+            assert not any(d.startswith("dpflat") for d in graph[m]), m
+    # a package's __init__ re-exporting its own modules is not a circle with them
+    graph = {m: {d for d in ds if not (m.startswith(d + ".") and d in mods)} for m, ds in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            assert state.get(d) != 1, "import circle: " + " -> ".join(path[path.index(d):] + [d] if d in path else path + [d])
+            if d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in mods:
+        if m not in state:
+            visit(m, [m])
 
 
 def _is_module(name: str) -> bool:

@@ -52,10 +52,11 @@ accountants treat it as DP-SGD's mechanism), and a non-DP run claims no ε.
 
 from __future__ import annotations
 
-from .box import BlackBox, Projection, PromptModel, build_prompt_model, evaluate_prompt, prompt_loss, readout_texts
+from .box import BlackBox, Projection, PromptModel, build_prompt_model, evaluate_prompt, readout_texts
 from .finished import LoadedPromptRun, load_prompt_run, prompt_batches, prompt_sharpness
 from .loop import NONPRIVATE_WHO, PAPER_WHO, TRAIN_WHO, teacher_prompt, train
-from .zo import clip_rows, directions, distill_grad, dpzero_coefficients, finite_differences, fit_prompt, fit_prompt_cma, zo_step
+from .zo import (clip_rows, directions, distill_grad, dpzero_coefficients, finite_differences, fit_prompt, fit_prompt_cma,
+                 prompt_loss, zo_step)
 
 __all__ = [
     "NONPRIVATE_WHO",

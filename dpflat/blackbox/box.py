@@ -15,7 +15,6 @@ from torch import nn
 from ..config import ConfigError, RunConfig
 from ..evaluate import model_inputs, per_example_losses
 from ..models import load_backbone, load_tokenizer
-from .zo import directions
 
 #: label descriptions per task for the zero-shot readout ("{}" = the card's label name)
 TEMPLATES = {"sst2": "a {} review", "mpqa": "a {} opinion", "disaster": "a {} tweet"}
@@ -185,40 +184,6 @@ class PromptModel(nn.Module):
                                self.proj.bias(self.z.detach()))
 
 
-class _ZOLoss(torch.autograd.Function):
-    """Mean CE of a batch at z; backward = an SPSA estimate from forward queries only."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, model: PromptModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ctx.model, ctx.batch = model, batch
-        ctx.save_for_backward(z.detach().clone())
-        return model.proj.losses(model.box, batch, z.detach().unsqueeze(0)).mean().to(z.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        (z,) = ctx.saved_tensors
-        m: PromptModel = ctx.model
-        with torch.no_grad():
-            m._calls += 1
-            U = directions(m.grad_seed * 1_000_003 + m._calls, m.grad_directions, z.numel()).to(z.dtype)
-            zs = torch.cat([z + m.grad_mu * U, z - m.grad_mu * U])
-            L = m.proj.losses(m.box, ctx.batch, zs).mean(1)  # (2k,)
-            k = m.grad_directions
-            coef = (L[:k] - L[k:]) / (2 * m.grad_mu)
-            g = (coef.unsqueeze(1) * U).mean(0)
-        return grad_out * g, None, None
-
-
-def prompt_loss(model: PromptModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``loss_fn(model, batch)`` for the ``landscape`` tools, in prompt space.
-
-    Value: the exact mean cross-entropy (one no-grad query of the box). Gradient (what
-    ``sam_sharpness`` and the indicator's gradient direction use): the average SPSA
-    estimate over ``model.grad_directions`` random directions, smoothing ``grad_mu``;
-    it is an estimate, and the surfaces and random-direction indicator need none.
-    """
-    return _ZOLoss.apply(model.z, model, batch)
-
 # --------------------------------------------------------------------------- building
 def readout_texts(cfg: RunConfig, card) -> list[str]:
     template = cfg.blackbox.readout_template or TEMPLATES.get(card.name, "{}")
@@ -262,5 +227,5 @@ def evaluate_prompt(model: PromptModel, dataset, batch_size: int = 256) -> dict[
     return {"loss": float(r["loss"].mean()), "accuracy": float((r["pred"] == r["label"]).mean()), "n": n}
 
 
-__all__ = ["BlackBox", "Projection", "PromptModel", "TEMPLATES", "build_prompt_model", "evaluate_prompt", "prompt_loss",
+__all__ = ["BlackBox", "Projection", "PromptModel", "TEMPLATES", "build_prompt_model", "evaluate_prompt",
            "readout_texts"]

@@ -12,7 +12,8 @@ import torch
 from ..config import ConfigError, RunConfig
 from ..runs import RunDir
 from ..session import prepare_data
-from .box import PromptModel, build_prompt_model, prompt_loss
+from .box import PromptModel, build_prompt_model
+from .zo import prompt_loss
 from .zo import take_rows
 
 

@@ -1,6 +1,7 @@
 """The zeroth-order optimiser core: SPSA differences, the DPZero clip + noise, one step, teachers' fits.
 
-Everything here is a function of forward losses only (``Projection.losses``); the
+Everything here is a function of forward losses only (``Projection.losses``), including
+``prompt_loss``, the landscape tools' loss in prompt space (its gradient an SPSA estimate); the
 privacy of a step is the sampled Gaussian mechanism on the clipped k-dimensional
 differences (see the package docstring), accounted by the loop (``loop.py``).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,8 +18,7 @@ from torch import nn
 
 from ..config import ConfigError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .box import PromptModel
+from .box import PromptModel
 
 
 # --------------------------------------------------------------------------- the estimators
@@ -178,5 +178,40 @@ def fit_prompt_cma(model: PromptModel, dataset, *, evaluations: int, batch_size:
     return torch.as_tensor(es.result.xfavorite, dtype=torch.float32), gens
 
 
+class _ZOLoss(torch.autograd.Function):
+    """Mean CE of a batch at z; backward = an SPSA estimate from forward queries only."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, model: PromptModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ctx.model, ctx.batch = model, batch
+        ctx.save_for_backward(z.detach().clone())
+        return model.proj.losses(model.box, batch, z.detach().unsqueeze(0)).mean().to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (z,) = ctx.saved_tensors
+        m: PromptModel = ctx.model
+        with torch.no_grad():
+            m._calls += 1
+            U = directions(m.grad_seed * 1_000_003 + m._calls, m.grad_directions, z.numel()).to(z.dtype)
+            zs = torch.cat([z + m.grad_mu * U, z - m.grad_mu * U])
+            L = m.proj.losses(m.box, ctx.batch, zs).mean(1)  # (2k,)
+            k = m.grad_directions
+            coef = (L[:k] - L[k:]) / (2 * m.grad_mu)
+            g = (coef.unsqueeze(1) * U).mean(0)
+        return grad_out * g, None, None
+
+
+def prompt_loss(model: PromptModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``loss_fn(model, batch)`` for the ``landscape`` tools, in prompt space.
+
+    Value: the exact mean cross-entropy (one no-grad query of the box). Gradient (what
+    ``sam_sharpness`` and the indicator's gradient direction use): the average SPSA
+    estimate over ``model.grad_directions`` random directions, smoothing ``grad_mu``;
+    it is an estimate, and the surfaces and random-direction indicator need none.
+    """
+    return _ZOLoss.apply(model.z, model, batch)
+
+
 __all__ = ["ZOState", "clip_rows", "take_rows", "directions", "distill_grad", "dpzero_coefficients", "finite_differences",
-           "fit_prompt", "fit_prompt_cma", "zo_step"]
+           "fit_prompt", "fit_prompt_cma", "prompt_loss", "zo_step"]

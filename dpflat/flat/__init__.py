@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from .. import distributed as dist_mod
 from .base import FlatLevel, TrainContext
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,4 +64,36 @@ def build_levels(cfg: "RunConfig") -> list[FlatLevel]:
     return [e.load()(e.section(cfg)) for e in REGISTRY if e.active(cfg)]
 
 
-__all__ = ["REGISTRY", "FlatLevel", "LevelEntry", "TrainContext", "build_levels"]
+# --------------------------------------------------------------------------- torchrun: one state on every rank
+def share_levels(levels: list[FlatLevel], ctx: TrainContext) -> None:
+    """Rank 0 ran the levels' setup; the other ranks load its outcome.
+
+    Setup (teacher training, greedy layer selection) is computed once rather than
+    on every rank because GPU kernels are not bit-reproducible across processes, and
+    so that its private-data reads (paper mode) are counted once in the ledger.
+    """
+    if not dist_mod.is_distributed():
+        return
+    got = dist_mod.broadcast({"levels": {lv.name: lv.state_dict() for lv in levels}, "info": ctx.info})
+    if not dist_mod.is_main():
+        for lv in levels:
+            lv.load_state_dict(got["levels"].get(lv.name, {}), ctx)
+        ctx.info.update(got["info"])
+
+
+def share_step_state(levels: list[FlatLevel], ctx: TrainContext) -> None:
+    """Make a logical step's level state (e.g. paper-mode AWP's perturbation) rank 0's on every rank.
+
+    Each level says what it needs shared (``FlatLevel.step_state``); paper-mode AWP takes
+    its ascent direction from "the step's first private micro-batch", and each rank has
+    its own, so rank 0's (the first of the global batch) is used everywhere.
+    """
+    if not dist_mod.is_distributed():
+        return
+    for lv in levels:
+        mine = lv.step_state()
+        if mine is not None:
+            lv.load_step_state(dist_mod.broadcast(mine), ctx)
+
+
+__all__ = ["REGISTRY", "FlatLevel", "LevelEntry", "TrainContext", "build_levels", "share_levels", "share_step_state"]
