@@ -272,7 +272,7 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
     atomic_write_text(cf, json.dumps(record))
     res = trainer(acfg)(acfg, resume=resume, noise_seed=noise_seed, secure_rng=secure_rng,
                         extra_private=can_rows.select(np.flatnonzero(included)))  # the canaries: private data
-    ledger = json.loads((rd.path / "ledger.json").read_text())
+    ledger = json.loads(rd.ledger_file.read_text())  # as written by this run (validated or not: the audit reports it)
     _, model = load_run_model(rd.path)
     tok = load_tokenizer(cfg.model)
     scored = example_losses(model, tokens_mod.tokenize(can_rows, tok, cfg.data.max_length, cfg.data.cache_dir),
@@ -300,9 +300,9 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
 
 def audit_run(run_dir: str | Path, **kw) -> AuditResult:
     """Audit the configuration of a finished (or any) run folder; the run itself is untouched."""
-    from .config import RunConfig
+    from .runs import RunDir
 
-    cfg = RunConfig.load(Path(run_dir) / "config.json")
+    cfg = RunDir(run_dir).config()
     kw.setdefault("out_dir", Path(run_dir).parent / "audit")
     return audit_config(cfg.replace(train={"run_name": None, "progress": False}), **kw)
 

@@ -150,20 +150,13 @@ class PrivacyLedger:
         return cls(**d)
 
 
-def read_ledger(run_dir) -> dict[str, Any] | None:
-    """A run folder's ledger.json if it is there and well-formed, else None.
+def valid_ledger(d: Any) -> dict[str, Any] | None:
+    """A parsed ledger.json if it is well-formed and its reads support its stated guarantee, else None.
 
     Why: a run without a valid ledger has no record of what touched its private data,
-    so readers (report, landscape) must show "unknown guarantee", never an ε.
+    so readers (report, landscape) must show "unknown guarantee", never an ε. The file
+    itself is read by ``runs.RunDir.ledger`` (the run folder's layout lives there).
     """
-    import json
-    from pathlib import Path
-
-    f = Path(run_dir) / "ledger.json"
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, ValueError):
-        return None
     if not isinstance(d, dict) or not {"guarantee", "mechanism", "reads"} <= set(d):
         return None
     try:
@@ -175,9 +168,8 @@ def read_ledger(run_dir) -> dict[str, Any] | None:
     return d
 
 
-def ledger_guarantee(run_dir) -> str:
-    """The guarantee a run folder's ledger supports, or :data:`UNKNOWN`."""
-    d = read_ledger(run_dir)
+def guarantee_of(d: dict[str, Any] | None) -> str:
+    """The guarantee a (validated) ledger supports, or :data:`UNKNOWN` when there is none."""
     return UNKNOWN if d is None else str(d["guarantee"])
 
 
@@ -243,6 +235,6 @@ __all__ = [
     "PrivateSplit",
     "Read",
     "fill_release",
-    "ledger_guarantee",
-    "read_ledger",
+    "guarantee_of",
+    "valid_ledger",
 ]

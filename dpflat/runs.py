@@ -307,9 +307,12 @@ class RunDir:
     # --- reads for analysis and display (one reader per file kind)
     def ledger(self) -> dict[str, Any] | None:
         """ledger.json when present and well-formed, else None (the guarantee is then unknown)."""
-        from .privacy import read_ledger
+        from .privacy import valid_ledger
 
-        return read_ledger(self.path)
+        try:
+            return valid_ledger(json.loads(self.ledger_file.read_text()))
+        except (OSError, ValueError):
+            return None
 
     def landscape(self) -> dict[str, Any] | None:
         """The landscape analysis summary; None when not analysed or unreadable."""

@@ -133,6 +133,26 @@ def test_ledger_guarantee_follows_reads():
     assert PrivacyLedger(mechanism="none").guarantee == NOT_DP_NONPRIVATE
     # not DP as a whole: the DP-SGD part's ε under its own name, no "epsilon" key (issue 14)
     assert math.isclose(led.to_dict()["dpsgd_part_epsilon"], 2.5) and "epsilon" not in led.to_dict()
+
+
+def test_a_run_folder_ledger_is_read_through_rundir_and_validated(tmp_path):
+    """RunDir.ledger reads the file; a hand-edited guarantee or a broken file reads as unknown."""
+    import json
+
+    from dpflat.privacy import UNKNOWN, guarantee_of
+    from dpflat.runs import RunDir
+
+    led = PrivacyLedger(mechanism="dp-sgd", epsilon=2.5, delta=1e-5)
+    PrivateSplit(list(range(10)), led).read("train/dp-sgd", "clipped+noise", accounted=True)
+    rd = RunDir(tmp_path)
+    assert rd.ledger() is None and guarantee_of(rd.ledger()) == UNKNOWN
+    rd.ledger_file.write_text(json.dumps(led.to_dict()))
+    assert guarantee_of(rd.ledger()) == DP
+    rd.ledger_file.write_text(json.dumps({**led.to_dict(), "guarantee": "(ε, δ)-DP", "reads": [
+        {"who": "awp/paper-ascent", "how": "raw grad", "accounted": False, "examples": 5}]}))
+    assert guarantee_of(rd.ledger()) == UNKNOWN
+    rd.ledger_file.write_text("{not json")
+    assert guarantee_of(rd.ledger()) == UNKNOWN
     assert PrivacyLedger.from_dict(led.to_dict()).epsilon == 2.5
 
 
