@@ -64,6 +64,14 @@ def _bootstrap(diffs: list[np.ndarray | float], gaps: list[np.ndarray | float] |
     return stat, ratio
 
 
+def _cell_rng(seed: int, *cell: Any) -> np.random.Generator:
+    """One bootstrap stream per compared cell, so that a cell's interval does not move when
+    other cells (another task, a new variant) join the table."""
+    import zlib
+
+    return np.random.default_rng([seed, zlib.crc32("|".join(map(str, cell)).encode())])
+
+
 def paired_differences(table: pd.DataFrame, baseline: str = "dp", metric: str = "accuracy", *,
                        n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
                        correct: Callable[[Any], np.ndarray | None] = load_correct) -> pd.DataFrame:
@@ -84,7 +92,6 @@ def paired_differences(table: pd.DataFrame, baseline: str = "dp", metric: str = 
     if "task" not in t:
         t["task"] = ""
     t["_eps"] = _eps_key(t)
-    rng = np.random.default_rng(seed)
     alpha = (1 - confidence) / 2
     out = []
     for task, tt in t.groupby("task", sort=True):
@@ -112,7 +119,7 @@ def paired_differences(table: pd.DataFrame, baseline: str = "dp", metric: str = 
                     diffs = [float(vr[s][metric]) - float(bb[s][metric]) for s in seeds]
                     gaps = [float(nonpriv[s][metric]) - float(bb[s][metric]) for s in seeds] if with_gap else None
                 point = float(np.mean([np.mean(d) for d in diffs]))
-                stat, ratio = _bootstrap(diffs, gaps, n_boot, rng, examples)
+                stat, ratio = _bootstrap(diffs, gaps, n_boot, _cell_rng(seed, task, variant, e), examples)
                 lo, hi = np.quantile(stat, [alpha, 1 - alpha])
                 row = {"task": task, "variant": variant, "target_epsilon": e, "baseline": baseline,
                        "n_pairs": len(seeds), "mean_diff": point, "ci_low": float(lo), "ci_high": float(hi),

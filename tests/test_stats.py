@@ -128,3 +128,16 @@ def test_paired_interval_is_seeded_and_brackets_the_mean():
     assert a == stats.paired_interval(diff, n_boot=300, seed=1) != stats.paired_interval(diff, n_boot=300, seed=2)
     assert a[0] < diff.mean() < a[1] and a[1] - a[0] < 0.3
     assert stats.paired_interval(np.zeros(50), n_boot=20) == (0.0, 0.0)
+
+
+def test_a_cells_interval_does_not_move_when_other_cells_join_the_table():
+    """Each compared cell has its own bootstrap stream: adding another task's runs (or a new
+    variant) to the table leaves the intervals already reported where they were."""
+    vecs = _vectors(diff=0.05, gap=0.10)
+    t = _table(vecs)
+    one = stats.paired_differences(t, "dp", correct=_lookup(vecs), n_boot=300).set_index("variant")
+    other = t.assign(task="aaa")  # sorts before sst2: with one shared stream it would shift sst2's draws
+    both = stats.paired_differences(pd.concat([other, t]), "dp", correct=_lookup(vecs), n_boot=300)
+    both = both[both["task"] == "sst2"].set_index("variant")
+    for col in ("ci_low", "ci_high", "gap_ci_low", "gap_ci_high"):
+        assert both.loc["better", col] == one.loc["better", col]
