@@ -18,6 +18,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -562,12 +563,24 @@ def test_rerunning_a_finished_run_does_not_rewrite_the_table(finished, shared_da
 
 # --------------------------------------------------------------------------- Ctrl-C
 def test_ctrl_c_during_imports_exits_130_without_traceback(tmp_path):
+    """SIGINT while ``python -m dpflat`` imports torch: exit 130 and one line, no traceback.
+
+    The signal is sent once ``-X importtime`` shows ``dpflat.cli`` imported (from there on the
+    command imports numpy, pandas, datasets and transformers for about a second, under the CLI's
+    own handler), not after a fixed sleep: on a loaded machine a sleep can fire before Python has
+    installed its SIGINT handler (the child then dies with -2).
+    """
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.Popen([sys.executable, "-m", "dpflat", "tasks"], cwd=tmp_path, env=env,
+    p = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "dpflat", "tasks"], cwd=tmp_path, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    seen = []
+    for line in p.stderr:  # import-time lines arrive as each module finishes importing
+        seen.append(line)
+        if re.search(r"\|\s+dpflat\.cli$", line.rstrip()):
+            p.send_signal(signal.SIGINT)
+            break
+    out, rest = p.communicate(timeout=120)
+    err = "".join(line for line in seen[-1:] + rest.splitlines(keepends=True) if not line.startswith("import time:"))
     if p.returncode == 0:
         pytest.skip("the command finished before the signal (a very fast machine)")
     assert p.returncode == 130, err
