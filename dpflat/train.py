@@ -103,12 +103,15 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
     base_opt = opt.original_optimizer if dp else opt
     if s.ckpt is not None:
         _resume(s, model, base_opt, dp, levels, ctx)
+        setup_s = float(s.ckpt[1].get("setup_s", setup_s))  # the first process's setup, not this one's 0 s
     prec = cfg.train.resolved_precision()
     s.bind(evaluate=lambda: evaluate(model, ctx.eval, cfg.train.eval_batch_size, device, prec),  # val only
            trainable=model.trainable_state,
            private_state=lambda: {
                "optimizer": base_opt.state_dict(), "accountant": dp.accountant.state_dict() if dp else None,
                "levels": {lv.name: lv.state_dict() for lv in levels},
+               # what the setup found (kept layers, teacher accuracy...): a resumed run reports it too
+               "info": dict(ctx.info), "setup_s": setup_s,
                # secret: the generator states, per rank (never the seed)
                "mechanism_rng": dist_mod.gathered(rng.state_dict()) if dp and rng.source != "secure" else None})
 
@@ -143,6 +146,7 @@ def _resume(s: Session, model, opt, dp: DPSetup | None, levels: list[FlatLevel],
     s.resume_shared(state)
     for lv in levels:
         lv.load_state_dict(state["levels"].get(lv.name, {}), ctx)
+    ctx.info.update(state.get("info") or {})  # checkpoints older than this key: the setup's info is lost
 
 
 def _load(model, best: dict[str, torch.Tensor] | None, device) -> dict[str, torch.Tensor]:

@@ -84,6 +84,24 @@ def test_resume_after_sigkill_gives_same_epsilon_and_one_row(tmp_path, make_cfg)
     assert len(load_results(cfg.train.output_dir)) == 1
 
 
+def test_a_resumed_dpflat_run_reports_what_its_setup_found(tmp_path, make_cfg):
+    """The setup (kept layers, teacher) runs once, before the first checkpoint; a run resumed by a
+    later process must still report it. It was lost (result.json held only ``info_precision``)."""
+    from dpflat.config import apply_variant
+
+    flat = {"layers_warmup_steps": 2, "layers_examples": 16, "n_drop": 1, "teacher_epochs": 0.5}
+    cut = apply_variant(make_cfg(tmp_path / "cut"), "dpflat", "safe").replace(flat=flat)
+    whole = apply_variant(make_cfg(tmp_path / "whole"), "dpflat", "safe").replace(flat=flat)
+    part = train(cut, max_steps=2)
+    assert not part.get("finished") and not RunDir(part["run_dir"]).done
+    res = train(cut)  # a new call: the setup is not run again, its outcome comes from the checkpoint
+    ref = train(whole)
+    keys = ("info_layers_keep", "info_layers_data", "info_teacher_accuracy", "info_teacher_steps")
+    assert all(ref.get(k) is not None for k in keys), ref
+    assert {k: res.get(k) for k in keys} == {k: ref.get(k) for k in keys}
+    assert res["setup_s"] > 0
+
+
 def test_a_run_trained_by_a_live_process_is_locked_and_a_stale_lock_is_taken_over(tiny_cfg):
     """Two notebooks or two sweeps must never write the same run folder at once."""
     import subprocess
