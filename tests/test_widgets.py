@@ -277,6 +277,7 @@ def test_ablation_launch_trains_live_and_compares(tiny_base, one_thread):
     p.controls["awp_mode"].value = "paper"
     row = p.launch()
     assert row["variant"] == "dp+awp-paper" and row["guarantee"] == NOT_DP_PAPER and row["epsilon"] is None
+    assert p.controls["status"].value.startswith("done: ")
     loss = p.figures["live"].data[0]
     assert list(loss.x) == list(range(1, row["steps"] + 1))  # one point per optimiser step, live
     assert p.figures["live"].layout.title.text.endswith(f"dp+awp-paper · {NOT_DP_PAPER}")
@@ -292,6 +293,9 @@ def test_ablation_launch_trains_live_and_compares(tiny_base, one_thread):
     again = p.launch()
     assert again["run_id"] == row["run_id"] and list(p.figures["live"].data[0].x) == list(loss.x)
     assert list(p.figures["sharpness"].data[0].x) == list(lam.x)
+    # ... and says so: clicking Train on a finished configuration changes no figure, only the status
+    assert p.controls["status"].value.startswith("already trained, read back from its folder")
+    assert "change a control" in p.controls["status"].value
 
 
 # --------------------------------------------------------------------------- sweep runner

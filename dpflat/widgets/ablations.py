@@ -219,14 +219,17 @@ class AblationPanel(Panel):
                     row = trainer(cfg)(cfg, on_step=self.on_step)
         finally:
             c["launch"].disabled = False
-        if not live.data[0].x:  # a run read back from its folder: draw its stored curves
+        loaded = not live.data[0].x
+        if loaded:  # a run read back from its folder: draw its stored curves
             for m in RunDir(row["run_dir"]).metrics():
                 self.on_step(m)
         self._draw_trajectory()
         c["progress"].value = c["progress"].max
         self.last = row
         live.update_layout(title=f"training loss and eval accuracy: {run_label(row)}")
-        c["status"].value = f"done: <b>{run_label(row)}</b>, accuracy {row['accuracy']:.3f} (run {row['run_id']})"
+        done = ("already trained, read back from its folder (change a control to train another configuration)"
+                if loaded else "done")
+        c["status"].value = f"{done}: <b>{run_label(row)}</b>, accuracy {row['accuracy']:.3f} (run {row['run_id']})"
         self.refresh_compare()
         return row
 
