@@ -55,6 +55,29 @@ def test_regrouped_scoring_gives_the_same_ranking(seed):
             assert rb["candidates"][k] == pytest.approx(ra["candidates"][k], rel=1e-4, abs=1e-7)
 
 
+def test_the_regrouped_warmup_of_bench_selection_noise_is_the_shipped_fit_without_dropout():
+    """benchmarks/bench_selection_noise.py's ``regrouped`` variant claims to differ from the
+    shipped warm-up only through dropout: with dropout off both fits give the same prefix."""
+    import sys
+
+    from dpflat.flat._fit import fit_nonprivate
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_selection_noise import regrouped_fit
+
+    torch.set_num_threads(1)
+    model = build_model(ModelConfig(backbone="tiny-bert", prefix_len=2, prefix_init="random", head_dropout=0.0), 2,
+                        seed=0)
+    assert not any(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))  # tiny-bert: none
+    ds = _ragged_dataset(n=64, seed=2)
+    kw = dict(steps=4, batch_size=48, lr=0.05, device=torch.device("cpu"), seed=3)
+    a = fit_nonprivate(model, ds, **kw)
+    b = regrouped_fit(fit_nonprivate)(model, ds, **kw)
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad])  # noqa: E731
+    assert not torch.equal(flat(a), flat(model))  # the fit moved the prefix
+    assert torch.allclose(flat(a), flat(b), rtol=1e-4, atol=1e-6)
+
+
 def _args(out: Path, data: Path, mode: str, eps: float) -> list[str]:
     return [
         "train", "--variant", "dpflat", "--mode", mode, "--backbone", "tiny-bert", "--data-dir", str(data),
