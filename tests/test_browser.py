@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -140,6 +141,10 @@ STATE = """() => {
   const status = w.sessionContext.session.kernel ? w.sessionContext.session.kernel.status : 'none';
   return {ready: true, done, errors, status, n: cells.length};
 }"""
+# the code cells without an execution count (index and first line), for a failure message
+PENDING = """() => window.jupyterapp.shell.currentWidget.content.widgets
+  .map((c, i) => [i, c]).filter(([i, c]) => c.model.type === 'code' && c.model.executionCount === null)
+  .map(([i, c]) => i + ': ' + c.model.sharedModel.getSource().split('\\n')[0])"""
 # scoped to the open notebook: earlier lessons stay open in other (hidden) tabs
 FIGURES = "() => Array.from(window.jupyterapp.shell.currentWidget.node.querySelectorAll('.js-plotly-plot .main-svg')).map(e => e.innerHTML.length + ':' + e.innerHTML.slice(-400))"
 MOVE = """(what) => {
@@ -170,6 +175,11 @@ MOVE = """(what) => {
 }"""
 
 
+# the ablation panel's status line ("training ...", "done: ...", "already trained, ...: ..."), or ""
+STATUS = ("() => { const m = window.jupyterapp.shell.currentWidget.node.innerText"
+          ".match(/^(training .*|done: .*|already trained.*)$/m); return m ? m[1] : ''; }")
+
+
 @pytest.mark.parametrize("name", ["01_quickstart", "02_dp_tradeoffs", "03_flatness_landscapes",
                                   "04_sharpness_vs_epsilon", "05_ablations", "06_privacy_audit"])
 def test_lesson_runs_in_jupyterlab_and_its_widgets_redraw(lab, browser, name):
@@ -186,7 +196,9 @@ def test_lesson_runs_in_jupyterlab_and_its_widgets_redraw(lab, browser, name):
         st = page.evaluate(STATE)
         if st.get("done") and st.get("status") == "idle":
             break
-        assert time.time() < deadline, f"{name}: cells still running after 15 min: {st}"
+        if time.time() > deadline:
+            page.screenshot(path=str(_shots(lab) / f"{name}-stuck.png"))
+            pytest.fail(f"{name}: cells still running after 15 min: {st}; not executed: {page.evaluate(PENDING)}")
         time.sleep(2)
     shots = _shots(lab)
     page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
@@ -194,7 +206,7 @@ def test_lesson_runs_in_jupyterlab_and_its_widgets_redraw(lab, browser, name):
                            ".querySelectorAll('[data-mime-type=\"application/vnd.jupyter.error\"]').length")
     assert errors == 0, f"{name}: {errors} cell error(s) in the page (screenshot {shots / (name + '.png')})"
     for what, how in ACTIONS.get(name, []):
-        before = page.evaluate(FIGURES)
+        before, status0 = page.evaluate(FIGURES), page.evaluate(STATUS)
         found = True
         for step in how.split(";"):  # a sequence of moves; the figure is compared after the last
             found = found and page.evaluate(MOVE, step)
@@ -209,5 +221,11 @@ def test_lesson_runs_in_jupyterlab_and_its_widgets_redraw(lab, browser, name):
                 pytest.fail(f"{name}: moving the {what} did not redraw any figure "
                             f"({len(before)} figures in the page)")
             time.sleep(1)
-        page.screenshot(path=str(shots / f"{name}-after-{how.replace(':', '_')}.png"), full_page=True)
+        if "Train" in how:  # the figure changed when training began: wait for the run to finish
+            deadline = time.time() + 300
+            while not re.match(r"(done|already trained)", st := page.evaluate(STATUS)) or st == status0:
+                assert time.time() < deadline, f"{name}: the panel's training did not finish within 5 min"
+                time.sleep(2)
+            time.sleep(2)  # the last figure update
+        page.screenshot(path=str(shots / f"{name}-after-{how.replace(':', '_').replace(';', '+')}.png"), full_page=True)
     page.close()

@@ -469,6 +469,11 @@ def test_ablation_legend_explains_the_name_suffixes(tiny_base):
     assert "_k" in legend and "n_drop" in legend and "_g" in legend and "_l" in legend
     assert tuple(p.figures["compare"].layout.yaxis.range) == (0, 1)
     assert tuple(p.figures["live"].layout.yaxis2.range) == (0, 1)
+    # right-hand axes carry their own ticks: plotly.js's default for an overlaying axis ("sync")
+    # put accuracy ticks at the loss axis's grid (0.174, 0.432, ...)
+    y2 = p.figures["live"].layout.yaxis2
+    assert y2.tickmode == "array" and list(y2.tickvals) == [0, 0.25, 0.5, 0.75, 1]
+    assert p.figures["sharpness"].layout.yaxis2.tickmode == "auto"
 
 
 def test_setup_status_names_each_setup_phase_and_restores_the_library(tiny_base):
