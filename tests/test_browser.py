@@ -34,10 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # notebook -> the controls to move: (description, JS that moves it in the page). Each JS
 # runs in the page and returns true when it found its control.
-ACTIONS: dict[str, list[tuple[str, str]]] = {
+ACTIONS: dict[str, list[tuple[str, ...]]] = {
     "02_dp_tradeoffs": [("σ slider: one step right (keyboard on its handle)", "slider")],
     "03_flatness_landscapes": [("viewer: the 'contour' view button (the notebook left it on 3d)", "button:contour")],
-    "04_sharpness_vs_epsilon": [("explorer: the metric dropdown", "select:metric")],
+    "04_sharpness_vs_epsilon": [("explorer: the metric dropdown", "select:metric"),
+                                # the runner draws no figure: its answer is its status line
+                                ("sweep runner: 'Run missing cells' with every cell trained", "button:Run missing cells",
+                                 r"nothing was missing: every cell was already trained")],
     # the notebook trained the panel's current configuration already (Train would read it back and
     # draw the same figure): a new target ε first, then Train
     "05_ablations": [("ablation panel: the ε slider one step right, then the Train button", "slider;button:Train")],
@@ -175,6 +178,7 @@ MOVE = """(what) => {
 }"""
 
 
+TEXT = "() => window.jupyterapp.shell.currentWidget.node.innerText"
 # the ablation panel's status line ("training ...", "done: ...", "already trained, ...: ..."), or ""
 STATUS = ("() => { const m = window.jupyterapp.shell.currentWidget.node.innerText"
           ".match(/^(training .*|done: .*|already trained.*)$/m); return m ? m[1] : ''; }")
@@ -205,8 +209,8 @@ def test_lesson_runs_in_jupyterlab_and_its_widgets_redraw(lab, browser, name):
     errors = page.evaluate("() => window.jupyterapp.shell.currentWidget.node"
                            ".querySelectorAll('[data-mime-type=\"application/vnd.jupyter.error\"]').length")
     assert errors == 0, f"{name}: {errors} cell error(s) in the page (screenshot {shots / (name + '.png')})"
-    for what, how in ACTIONS.get(name, []):
-        before, status0 = page.evaluate(FIGURES), page.evaluate(STATUS)
+    for what, how, *expect in ACTIONS.get(name, []):
+        before, status0, text0 = page.evaluate(FIGURES), page.evaluate(STATUS), page.evaluate(TEXT)
         found = True
         for step in how.split(";"):  # a sequence of moves; the figure is compared after the last
             found = found and page.evaluate(MOVE, step)
@@ -215,7 +219,14 @@ def test_lesson_runs_in_jupyterlab_and_its_widgets_redraw(lab, browser, name):
             page.screenshot(path=str(shots / f"{name}-missing-control.png"))
         assert found, f"{name}: control not found in the page: {what}"
         deadline = time.time() + (300 if "Train" in how else 90)
-        while page.evaluate(FIGURES) == before:
+        if expect:  # a control whose answer is text, not a figure: one more occurrence than before
+            n0 = len(re.findall(expect[0], text0))
+            while len(re.findall(expect[0], page.evaluate(TEXT))) <= n0:
+                if time.time() > deadline:
+                    page.screenshot(path=str(shots / f"{name}-no-answer.png"))
+                    pytest.fail(f"{name}: the {what} did not show {expect[0]!r}")
+                time.sleep(1)
+        while not expect and page.evaluate(FIGURES) == before:
             if time.time() > deadline:
                 page.screenshot(path=str(shots / f"{name}-no-redraw.png"))
                 pytest.fail(f"{name}: moving the {what} did not redraw any figure "
@@ -227,5 +238,6 @@ def test_lesson_runs_in_jupyterlab_and_its_widgets_redraw(lab, browser, name):
                 assert time.time() < deadline, f"{name}: the panel's training did not finish within 5 min"
                 time.sleep(2)
             time.sleep(2)  # the last figure update
-        page.screenshot(path=str(shots / f"{name}-after-{how.replace(':', '_').replace(';', '+')}.png"), full_page=True)
+        shot = re.sub(r"[^\w+-]", "_", how.replace(";", "+"))
+        page.screenshot(path=str(shots / f"{name}-after-{shot}.png"), full_page=True)
     page.close()
