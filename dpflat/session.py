@@ -170,6 +170,9 @@ class Session:
         self.ckpt = dist_mod.on_main(lambda: rd.latest_checkpoint() if resume else None)
         self.step, self.best = 0, {"accuracy": -1.0, "step": 0}
         self.best_params: Tensors | None = None  # the selected parameters so far (private state)
+        # the step at which the current pass over the loader began: a run resumed in the middle of
+        # a pass finishes that pass (same batches, same secret draws) instead of starting a new one
+        self.pass_start: int | None = None
         self.best_file = rd.path / "best.safetensors"
         self.seen, self.t0 = 0, time.time()
 
@@ -191,6 +194,7 @@ class Session:
         """Step, best-on-val and ledger counts of the checkpoint (the stepper restores the rest)."""
         self.step, self.best = state["step"], state["best"]
         self.best_params = state.get("best_params")
+        self.pass_start = state.get("pass_start")  # None in checkpoints older than this key
         self.ledger.resume_counts(state["ledger"])
         dist_mod.keep_counts_on_main(self.ledger)  # torchrun: the saved counts are totals over ranks
         if self.main:
@@ -251,7 +255,8 @@ class Session:
 
     def checkpoint(self) -> None:
         """The trainable tensors and the private state (shared entries + the stepper's)."""
-        state = {"step": self.step, "best": self.best, "ledger": dist_mod.merged_ledger(self.ledger).to_dict(),
+        state = {"step": self.step, "pass_start": self.pass_start, "best": self.best,
+                 "ledger": dist_mod.merged_ledger(self.ledger).to_dict(),
                  "best_params": self.best_params, **self.private_state()}
         if self.main:
             self.rd.save_checkpoint(self.step, self.trainable(), state)

@@ -185,10 +185,14 @@ def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None
            params: list[torch.Tensor], read: tuple[str, str, bool]) -> None:
     """The logical steps of this call: a (Poisson) batch in physical chunks, one optimizer step each."""
     P = min(s.cfg.train.physical_batch_size, s.cfg.train.batch_size)
+    per_pass = len(loader)  # logical batches of one pass (DP: the Poisson sampler's steps)
     while s.step < s.stop_at:
+        # a pass begins here, or -- resumed from a checkpoint taken inside a pass -- it began earlier
+        start = s.pass_start if s.pass_start is not None and s.step < s.pass_start + per_pass else s.step
+        s.pass_start, done = start, s.step - start
         # public randomness of the pass (the non-private loader's shuffle); DP batches and noise
         # come from the secret generators, dropout is reseeded per step (reseed_step)
-        torch.manual_seed(s.cfg.train.seed * 1_000_003 + s.step)
+        torch.manual_seed(s.cfg.train.seed * 1_000_003 + start)
         if dp:
             from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -196,6 +200,7 @@ def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None
         else:
             mem = nullcontext(loader)
         with mem as it:
+            it = _resume_pass(it, dp, done)
             lg = _Logical()
             for batch in it:
                 chunks = [batch] if dp else list(_chunks(dist_mod.shard(batch), P))
@@ -206,6 +211,34 @@ def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None
                         lg = _Logical()
                         if s.step >= s.stop_at:
                             return
+                        if s.step >= start + per_pass:  # a resumed pass ends where the original one would
+                            break
+                else:
+                    continue
+                break
+
+
+def _resume_pass(loader, dp: DPSetup | None, done: int):
+    """An iterator over the pass that continues after its first ``done`` logical batches.
+
+    Why: a crashed run is accounted by replaying its lost steps bit for bit (DESIGN.md), and a
+    new iterator draws its base seed from the loader's generator -- for DP the secret sampler,
+    whose state the checkpoint holds *after* that pass's draw. So: DP restores the sampler's
+    state after the iterator is made (the next Poisson batch is the one the crashed run drew);
+    a non-private loader re-creates the pass's shuffle (the caller reseeded it) and skips the
+    batches already trained on.
+    """
+    if not done:
+        return iter(loader)
+    if dp:
+        saved = dp.rng.sampler.get_state()
+        itr = iter(loader)
+        dp.rng.sampler.set_state(saved)
+        return itr
+    itr = iter(loader)
+    for _ in range(done):
+        next(itr)
+    return itr
 
 
 def _forward_backward(s: Session, ctx: TrainContext, model, levels: list[FlatLevel], dp: DPSetup | None,

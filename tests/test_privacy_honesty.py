@@ -106,6 +106,29 @@ def test_sigkill_between_checkpoints_then_resume_is_bit_identical(tmp_path, make
     assert led["batch_sizes"] == ref_led["batch_sizes"] and led["batch_sizes"]["steps"] == 8 == led["steps"]
 
 
+@pytest.mark.parametrize("variant", ["dp", "nonprivate"])
+@pytest.mark.parametrize("stop", [1, 6])  # inside the first and inside the second pass (4 steps each)
+def test_a_run_resumed_inside_a_pass_replays_the_uninterrupted_one(tmp_path, make_cfg, variant, stop):
+    """The crash-accounting argument (a lost step is replayed bit for bit) must hold wherever the
+    checkpoint falls. It held only at pass boundaries: a resumed run began a new pass, whose
+    iterator drew a base seed from the secret sampler (and restarted the pass's length), so every
+    step after a checkpoint inside a pass drew other batches and noise than the lost ones."""
+    over = {"train": {"epochs": 2, "checkpoint_every": 1, "eval_every": 2}}
+    cfg, ref_cfg = make_cfg(tmp_path / "cut", **over), make_cfg(tmp_path / "clean", **over)
+    if variant == "nonprivate":
+        cfg, ref_cfg = (c.replace(privacy={"enabled": False}, variant="nonprivate") for c in (cfg, ref_cfg))
+    part = train(cfg, max_steps=stop, noise_seed=SEED)
+    assert not part.get("finished") and part["step"] == stop
+    res = train(cfg)  # a new call: the generator states come from the checkpoint
+    ref = train(ref_cfg, noise_seed=SEED)
+    drop = lambda r: {k: v for k, v in r.items() if k != "examples_per_s"}  # noqa: E731
+    rows, ref_rows = ([drop(json.loads(x)) for x in RunDir(r["run_dir"]).metrics_file.read_text().splitlines()]
+                      for r in (res, ref))
+    assert rows == ref_rows and [r["step"] for r in rows] == list(range(1, 9))
+    for f in ("model.safetensors", "last.safetensors"):
+        assert (Path(res["run_dir"]) / f).read_bytes() == (Path(ref["run_dir"]) / f).read_bytes(), f
+
+
 def test_secure_rng_without_torchcsprng_is_refused_with_one_line():
     try:
         import torchcsprng  # noqa: F401
