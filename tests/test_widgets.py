@@ -278,6 +278,7 @@ def test_ablation_launch_trains_live_and_compares(tiny_base, one_thread):
     row = p.launch()
     assert row["variant"] == "dp+awp-paper" and row["guarantee"] == NOT_DP_PAPER and row["epsilon"] is None
     assert p.controls["status"].value.startswith("done: ")
+    assert p.figures["sharpness"].layout.yaxis2.title.text == "no ε: paper mode is not DP"  # why ε stays empty
     loss = p.figures["live"].data[0]
     assert list(loss.x) == list(range(1, row["steps"] + 1))  # one point per optimiser step, live
     assert p.figures["live"].layout.title.text.endswith(f"dp+awp-paper · {NOT_DP_PAPER}")

@@ -221,6 +221,9 @@ class AblationPanel(Panel):
         c["launch"].disabled = True
         c["status"].value = f"training {cfg.variant} at target ε={cfg.privacy.epsilon:g} ..."
         live.update_layout(title=f"live: {cfg.variant} (its guarantee is the ledger's, once it finishes)")
+        # a paper-mode run claims no ε: say why its ε axis stays empty instead of leaving it blank
+        self.figures["sharpness"].update_layout(yaxis2_title="ε spent so far" if not cfg.flat.paper_levels else
+                                                "no ε: paper mode is not DP")
         try:
             with c["log"]:
                 with SetupStatus(enabled=cfg.train.progress):
