@@ -93,7 +93,9 @@ def dp_run(tmp_path_factory, shared_data):
     over = _overfit_over({"enabled": True, "epsilon": 1.0})
     over["train"]["epochs"] = 15  # DP steps are slower; at ε=1 more epochs buy nothing here
     cfg = tiny_run_config(tmp_path_factory.mktemp("mia_dp") / "runs", shared_data, **over, variant="dp")
-    return train(cfg)
+    # an operator-supplied noise seed: the default (OS entropy) made this model -- and so the
+    # attack's interval -- a new draw on every CI run
+    return train(cfg, noise_seed=20261203)
 
 
 def test_membership_sets_are_balanced_disjoint_and_same_distribution(overfit_run):
@@ -139,11 +141,30 @@ def test_overfit_nonprivate_model_leaks_membership(overfit_run):
     assert d["loss"]["auc_ci"][0] == r.loss.auc_ci[0] and d["nonmember_source"] == "train-unused"
 
 
-def test_dp_model_at_epsilon_1_shows_no_measurable_leak(dp_run):
+def _dp_auc_bound(epsilon: float, delta: float) -> float:
+    """The largest AUC any membership test can reach against an (ε, δ)-DP run: the area under
+    TPR = min(1, e^ε·FPR + δ, 1 - e^-ε·(1 - δ - FPR)) (Kairouz, Oh & Viswanath 2015)."""
+    fpr = np.linspace(0.0, 1.0, 100_001)
+    tpr = np.minimum.reduce([np.ones_like(fpr), np.exp(epsilon) * fpr + delta, 1 - (1 - delta - fpr) / np.exp(epsilon)])
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def test_dp_model_at_epsilon_1_stays_inside_what_its_claim_allows(dp_run):
+    """What DP promises is a bound, not chance level: at ε=1 an attack may reach an AUC of ~0.73.
+    The old assertion (the 95% interval covers 0.5) failed on a fresh CI draw of the DP noise
+    (loss AUC interval [0.552, 0.749]) without refuting anything."""
     r = attack_run(dp_run["run_dir"], n_bootstrap=300)
     assert r.guarantee == DP and 0 < r.claimed_epsilon <= 1.0
-    assert r.loss.auc_ci[0] < 0.5 < r.loss.auc_ci[1], r.table()
-    assert r.calibrated.auc_ci[0] < 0.5 < r.calibrated.auc_ci[1], r.table()
+    bound = _dp_auc_bound(r.claimed_epsilon, r.delta)
+    assert 0.5 < bound < 0.8
+    for a in (r.loss, r.calibrated):
+        assert a.auc_ci[0] < bound, r.table()  # the attack does not refute the claim
+        assert a.auc < bound, r.table()
+
+
+def test_the_auc_bound_is_chance_without_privacy_loss_and_grows_with_epsilon():
+    assert _dp_auc_bound(0.0, 0.0) == pytest.approx(0.5, abs=1e-6)
+    assert 0.5 < _dp_auc_bound(0.5, 1e-5) < _dp_auc_bound(1.0, 1e-5) < _dp_auc_bound(4.0, 1e-5) < 1.0
 
 
 def test_reference_run_that_saw_the_members_is_refused(overfit_run, dp_run):
