@@ -130,7 +130,9 @@ def test_dp_run_bound_stays_below_the_claimed_epsilon(tmp_path, shared_data):
     from dpflat.audit import audit_config
 
     cfg = _audit_cfg(shared_data, tmp_path / "runs", {"enabled": True, "epsilon": 1.0}, 30)
-    r = audit_config(cfg, canaries=128)
+    # a fixed operator noise seed: with OS entropy each CI run audited a new draw of the DP noise,
+    # and a lower bound at 95% confidence may exceed a true ε on a few draws in a hundred
+    r = audit_config(cfg, canaries=128, noise_seed=20261203)
     assert r.guarantee == DP and 0 < r.claimed_epsilon <= 1.0
     assert r.delta == pytest.approx(1e-5)
     assert r.epsilon_lower_bound <= r.claimed_epsilon and not r.refutes_claim, r.table()
