@@ -7,14 +7,18 @@ split; the test split (the task's eval file) is read once per run, at its end. N
 tuned here. Flatness is measured on the first 128 test examples (``dpflat.analysis``).
 
 Resumable: cells are run folders under ``--output-dir`` (finished ones are skipped, an
-interrupted one resumes from its checkpoint) and landscapes are cached in them. Cells run
+interrupted one resumes from its checkpoint) and landscapes are cached in them. A finished and
+measured cell is also written to ``--record`` (default ``benchmarks/fidelity_cells.jsonl``,
+committed: ``_cells.CellRecord``), so a fresh clone on another machine skips it and still
+prints it in the table; run folders do not outlive the machine. Cells run
 seed-major, so every (task, variant, ε) gets its first seeds before any gets a fifth.
 The table is appended to benchmarks/RESULTS.md, marked PARTIAL with the number of finished
 cells when some are missing; ``--report-only`` writes the table of what exists without
 training. ``--tiny`` is the test mode (tiny random BERT, a few steps).
 
     nohup python benchmarks/bench_fidelity.py --num-threads 1 --no-append > fidelity.log 2>&1 &
-    python benchmarks/bench_fidelity.py --report-only
+    python benchmarks/bench_fidelity.py --report-only     # also records cells finished meanwhile
+    git add benchmarks/fidelity_cells.jsonl               # what the next machine continues from
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import _report  # noqa: E402
+from _cells import CellRecord  # noqa: E402
 
 VARIANTS = ["nonprivate", "dp", "dpflat"]
 MODES = ["safe", "paper"]
@@ -74,13 +79,46 @@ def landscape(run_dir: str, a) -> None:
                 split="eval", trace_matvecs=3, progress=False)
 
 
+def record_finished(a) -> int:
+    """Copy every finished (and, unless --no-landscape, measured) cell of the grid that the
+    record lacks into it: results row, flatness, per-example test correctness. Returns how
+    many were added."""
+    if a.record is None:
+        return 0
+    from dpflat.runs import RunDir, load_results
+
+    rec = CellRecord(a.record)
+    have = rec.ids()
+    t = load_results(a.output_dir) if Path(a.output_dir).is_dir() else None
+    if t is None or not len(t):
+        return 0
+    rows = {r["run_id"]: r for r in t.to_dict("records") if bool(r.get("finished"))}
+    added = 0
+    for c in grid(a):
+        rd = RunDir.for_config(c)
+        rid = rd.path.name
+        if rid in have or rid not in rows or not rd.done:
+            continue
+        row = {k: v for k, v in rows[rid].items() if k != "run_dir"}
+        s = rd.landscape()
+        if a.landscape and (s is None or s.get("top_eigenvalue") is None):
+            continue  # a cell = trained + measured
+        if s is not None:
+            row["top_eigenvalue"], row["sam_sharpness"] = s.get("top_eigenvalue"), s.get("sam_sharpness")
+        added += rec.add(rid, row, rd.test_correct())
+    return added
+
+
 def run_cells(a) -> None:
     from dpflat.runs import RunDir, RunLocked
     from dpflat.sweep import trainer
 
     todo = grid(a)
+    recorded = CellRecord(a.record).ids() if a.record else set()
     for i, c in enumerate(todo):
         rd = RunDir.for_config(c)
+        if rd.path.name in recorded:
+            continue
         t0 = time.time()
         try:
             res = trainer(c)(c)
@@ -92,6 +130,7 @@ def run_cells(a) -> None:
         print(f"[{i + 1}/{len(todo)}] {c.data.task} {res['variant']} ε={res.get('target_epsilon')} "
               f"seed={res['seed']} test={res['accuracy']:.4f} val={res.get('val_accuracy', float('nan')):.4f} "
               f"({time.time() - t0:.0f} s)", flush=True)
+        record_finished(a)
 
 
 def table_lines(a) -> tuple[list[str], int, int]:
@@ -99,23 +138,35 @@ def table_lines(a) -> tuple[list[str], int, int]:
 
     from dpflat.analysis import load_analysis
     from dpflat.runs import RunDir, load_results
-    from dpflat.stats import paired_differences
+    from dpflat.stats import load_correct, paired_differences
 
     g = grid(a)
     ids = {RunDir.for_config(c).path.name for c in g}
 
     def _flatness(row):
         """From the run's landscape.json (the table row can lose them when a finished cell is re-appended)."""
+        if row["run_id"] in recorded:
+            return row.get("top_eigenvalue"), row.get("sam_sharpness")
         try:
             s = load_analysis(row["run_dir"])
             return s.get("top_eigenvalue"), s.get("sam_sharpness")
         except (FileNotFoundError, TypeError):
             return row.get("top_eigenvalue"), row.get("sam_sharpness")
 
-    t = load_results(a.output_dir)
-    t = t[t["run_id"].isin(ids) & t["finished"].astype(bool)].copy() if len(t) else t
+    rec = CellRecord(a.record) if a.record else None
+    kept = pd.DataFrame(rec.rows()) if rec else pd.DataFrame()
+    kept = kept[kept["run_id"].isin(ids)] if len(kept) else kept
+    t = load_results(a.output_dir) if Path(a.output_dir).is_dir() else pd.DataFrame()
+    t = t[t["run_id"].isin(ids) & t["finished"].astype(bool)] if len(t) else t
+    if len(kept) and len(t):  # a recorded cell is read from the record
+        t = t[~t["run_id"].isin(set(kept["run_id"]))]
+    t = pd.concat([x for x in (kept, t) if len(x)], ignore_index=True) if len(kept) or len(t) else t
     if not len(t):
         return ["(no finished cells yet)"], 0, len(g)
+    t = t.copy()
+    if "run_dir" not in t:
+        t["run_dir"] = None
+    recorded = set(kept["run_id"]) if len(kept) else set()
     for col in ("val_accuracy", "top_eigenvalue", "sam_sharpness", "wall_s", "setup_s", "examples_per_s", "peak_mem_mb"):
         if col not in t:
             t[col] = float("nan")
@@ -124,7 +175,8 @@ def table_lines(a) -> tuple[list[str], int, int]:
     t["top_eigenvalue"], t["sam_sharpness"] = flat["top_eigenvalue"], flat["sam_sharpness"]
     done = int(t["top_eigenvalue"].notna().sum()) if a.landscape else len(t)  # a cell = trained + measured
     t["eps"] = pd.to_numeric(t["target_epsilon"], errors="coerce").fillna(float("inf"))
-    paired = paired_differences(t, "dp", "accuracy")
+    paired = paired_differences(t, "dp", "accuracy", correct=lambda r: rec.correct(r["run_id"])
+                                if r["run_id"] in recorded else load_correct(r))
     rows = []
     for (task, v, e), gg in t.groupby(["task", "variant", "eps"]):
         p = paired[(paired["task"] == task) & (paired["variant"] == v) & (paired["target_epsilon"] == e)]
@@ -168,7 +220,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--report-only", action="store_true", help="no training: the table of the finished cells")
     p.add_argument("--no-append", action="store_true", help="print the table, do not append it to RESULTS.md")
     p.add_argument("--results", default=str(_report.RESULTS), help="markdown file the table is appended to")
+    p.add_argument("--record", default=None,
+                   help="JSON-lines record of finished cells, kept across machines (default "
+                        "benchmarks/fidelity_cells.jsonl; none with --tiny unless given)")
+    p.add_argument("--no-record", action="store_true", help="neither read nor write the record")
     a = p.parse_args(argv)
+    if a.no_record:
+        a.record = None
+    elif a.record is None and not a.tiny:
+        a.record = str(ROOT / "benchmarks" / "fidelity_cells.jsonl")
     a.tasks = [x.strip() for x in a.tasks.split(",") if x.strip()]
     a.epsilons = [float(x) for x in a.epsilons.split(",")]
     a.seeds = [int(x) for x in a.seeds.split(",")]
@@ -182,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     t_all, load0 = time.time(), os.getloadavg()[0]
     if not a.report_only:
         run_cells(a)
+    n_new = record_finished(a)
+    if n_new:
+        print(f"recorded {n_new} finished cell(s) in {a.record}", flush=True)
     lines, done, total = table_lines(a)
     base = base_config(a)
     head = [

@@ -135,3 +135,46 @@ def test_bench_fidelity_tiny(tmp_path, shared_data):
     assert cells[10].strip() != "—" and cells[11].strip() != "—"  # top eigenvalue and SAM sharpness measured
     bench_fidelity.main(common + ["--seeds", "0,1", "--report-only"])
     assert "PARTIAL (4 of 8 cells finished)" in results.read_text()
+
+
+def test_bench_fidelity_record_outlives_the_run_folders(tmp_path, shared_data):
+    """Run folders die with the machine; the committed record keeps finished cells: a fresh
+    output dir skips them and prints the same table (paired intervals included)."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_fidelity
+    from _cells import CellRecord
+
+    out, rec, res1, res2 = tmp_path / "runs", tmp_path / "cells.jsonl", tmp_path / "R1.md", tmp_path / "R2.md"
+    common = ["--tiny", "--data-dir", str(shared_data), "--tasks", "sst2", "--epsilons", "8", "--seeds", "0",
+              "--record", str(rec)]
+    bench_fidelity.main(common + ["--output-dir", str(out), "--results", str(res1)])
+    assert len(CellRecord(rec).ids()) == 4 and all(CellRecord(rec).correct(i) is not None for i in CellRecord(rec).ids())
+    shutil.rmtree(out)  # another machine: only the record is left
+    fresh = tmp_path / "fresh"
+    bench_fidelity.main(common + ["--output-dir", str(fresh), "--results", str(res2)])
+    assert not fresh.exists() or not any(p.is_dir() for p in fresh.iterdir())  # nothing was trained again
+
+    def table(p):
+        return [l for l in p.read_text().splitlines() if l.startswith("| sst2 |")]
+
+    assert table(res1) == table(res2) and "PARTIAL" not in res2.read_text()
+    assert len(CellRecord(rec).ids()) == 4  # nothing recorded twice
+
+
+def test_cell_record_round_trip(tmp_path):
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _cells import CellRecord
+
+    rec = CellRecord(tmp_path / "c.jsonl")
+    corr = (np.arange(873) % 3 == 0).astype(float)
+    assert rec.add("a", {"accuracy": 0.5, "val_accuracy": float("nan")}, corr)
+    assert not rec.add("a", {"accuracy": 0.9}, None)  # the first record of a run id stays
+    assert rec.rows() == [{"run_id": "a", "accuracy": 0.5, "val_accuracy": None}]
+    assert np.array_equal(rec.correct("a"), corr) and rec.correct("b") is None
+    (tmp_path / "c.jsonl").write_text("<<<<<<< HEAD\n")
+    with pytest.raises(ValueError, match="merge conflict"):
+        rec.ids()
