@@ -22,11 +22,16 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/python -m dpflat demo --output-dir out/demo
 
+# One worker per core (pytest-xdist): every test runs one torch thread (tests/conftest.py), so
+# on 2 cores two workers halve the suite. A file's tests stay on one worker (their module
+# fixtures are built once). `python -m pytest tests/x.py` still runs in one process.
+XDIST := -n auto --dist loadfile
+
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-all: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "slow or not slow"
 
 lab: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[lab]"
