@@ -109,3 +109,27 @@ def test_run_folder_reads_go_through_rundir(tmp_path):
     assert rd.ledger() is None and rd.canaries() == set()
     rd.canaries_file.write_text(json.dumps({"rows": [5, 3, 5]}))
     assert rd.canaries() == {3, 5}
+
+
+def test_regrouped_analysis_gives_the_padded_figures(finished_runs, tmp_path):
+    """The analysis regroups its subset by length and cuts the padding (cost only): every
+    figure equals the padded batches' up to float summation order."""
+    import shutil
+
+    _, dp, _ = finished_runs
+    run = analysis.load_run(dp["run_dir"])
+    padded, grouped = analysis.analysis_batches(run, 48, regroup=None), analysis.analysis_batches(run, 48, regroup=8)
+    positions = lambda bl: sum(b["input_ids"].numel() for b in bl)  # noqa: E731
+    assert positions(grouped) < positions(padded) and sum(len(b["labels"]) for b in grouped) == 48
+    figs = {}
+    for mode in (None, 8):
+        d = tmp_path / f"r{mode}"
+        shutil.copytree(dp["run_dir"], d)
+        figs[mode] = analysis.analyze_run(d, top_k=2, grid=3, n_examples=48, density=False, progress=False,
+                                          regroup=mode)
+        assert figs[mode]["settings"] == figs[None]["settings"]  # not part of the cache key: same figures
+    a, b = figs[None], figs[8]
+    for k in ("top_eigenvalue", "hessian_trace", "sam_sharpness", "surface_center_loss"):
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), k
+    assert np.allclose(analysis.load_surface(tmp_path / "r8").losses, analysis.load_surface(tmp_path / "rNone").losses,
+                       rtol=1e-5, atol=1e-7)
