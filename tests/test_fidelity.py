@@ -178,3 +178,26 @@ def test_cell_record_round_trip(tmp_path):
     (tmp_path / "c.jsonl").write_text("<<<<<<< HEAD\n")
     with pytest.raises(ValueError, match="merge conflict"):
         rec.ids()
+
+
+def test_the_committed_fidelity_record_matches_the_grid(shared_data):
+    """Run ids hash the whole config: a changed default silently orphans every recorded cell
+    (the benchmark would train the grid again and the table would lose them). Fail instead."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_fidelity
+    from _cells import CellRecord
+    from dpflat.runs import RunDir
+
+    rec = CellRecord(ROOT / "benchmarks" / "fidelity_cells.jsonl")
+    if not rec.path.is_file():
+        pytest.skip("no fidelity record committed")
+    ids = rec.ids()
+    import argparse
+
+    a = argparse.Namespace(
+        tiny=False, data_dir=str(shared_data), output_dir="/nonexistent", num_threads=1,
+        tasks=["sst2", "qnli"], epsilons=[3.0, 8.0], seeds=[0, 1, 2, 3, 4])
+    grid = {RunDir.for_config(c).path.name for c in bench_fidelity.grid(a)}
+    orphans = sorted(ids - grid)
+    assert not orphans, (f"{len(orphans)} recorded fidelity cells are no longer in the grid (a config default "
+                         f"changed their run ids), e.g. {orphans[:2]}: restart the table or keep the old default")
