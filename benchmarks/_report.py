@@ -20,6 +20,18 @@ def machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}")
 
 
+def start(threads: int | None) -> None:
+    """A benchmark's process set-up: offline hub, its torch thread count, quiet libraries."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from dpflat.cli import quiet_libraries
+
+    quiet_libraries()
+
+
 def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 

@@ -35,14 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-append", action="store_true")
     a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(a.threads)
+    _report.start(a.threads)
     from dpflat.analysis import analyze_run
-    from dpflat.cli import quiet_libraries
 
-    quiet_libraries()
     for d in a.run_dirs:
         if not (Path(d) / "result.json").is_file():
             sys.exit(f"error: {d} is not a finished run folder")

@@ -44,20 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-append", action="store_true")
     a = p.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(a.threads)
+    _report.start(a.threads)
     import pandas as pd
+    import torch
 
     import dpflat as dp
     from dpflat import blackbox as bbm
-    from dpflat.cli import quiet_libraries
     from dpflat.config import DataConfig, RunConfig, TrainConfig
     from dpflat.sweep import sweep
     from dpflat.train import prepare_data
 
-    quiet_libraries()
     eps = [float(x) for x in a.epsilons.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
     steps = int(round(a.epochs * -(-a.train_size // a.batch_size)))

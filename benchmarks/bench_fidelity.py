@@ -232,13 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     a.tasks = [x.strip() for x in a.tasks.split(",") if x.strip()]
     a.epsilons = [float(x) for x in a.epsilons.split(",")]
     a.seeds = [int(x) for x in a.seeds.split(",")]
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(a.num_threads)
-    from dpflat.cli import quiet_libraries
-
-    quiet_libraries()
+    _report.start(a.num_threads)
     t_all, load0 = time.time(), os.getloadavg()[0]
     if not a.report_only:
         run_cells(a)
