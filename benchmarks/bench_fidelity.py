@@ -133,7 +133,7 @@ def run_cells(a) -> None:
         record_finished(a)
 
 
-def table_lines(a) -> tuple[list[str], int, int]:
+def table_lines(a) -> tuple[list[str], int, int, "pd.DataFrame"]:
     import pandas as pd
 
     from dpflat.analysis import load_analysis
@@ -162,7 +162,7 @@ def table_lines(a) -> tuple[list[str], int, int]:
         t = t[~t["run_id"].isin(set(kept["run_id"]))]
     t = pd.concat([x for x in (kept, t) if len(x)], ignore_index=True) if len(kept) or len(t) else t
     if not len(t):
-        return ["(no finished cells yet)"], 0, len(g)
+        return ["(no finished cells yet)"], 0, len(g), pd.DataFrame()
     t = t.copy()
     if "run_dir" not in t:
         t["run_dir"] = None
@@ -200,11 +200,55 @@ def table_lines(a) -> tuple[list[str], int, int]:
             s = pd.to_numeric(gg[col], errors="coerce").dropna()
             return "—" if s.empty else format(s.mean(), fmt)
         lines.append(
-            f"| {task} | {v} | {'∞' if e == float('inf') else f'{e:g}'} | {' / '.join(sorted(set(gg['guarantee'])))} "
+            f"| {task} | {v} | {'∞' if e == float('inf') else f'DP-SGD part {e:g}' if v.endswith('paper') else f'{e:g}'} "
+            f"| {' / '.join(sorted(set(gg['guarantee'])))} "
             f"| {gg['seed'].nunique()} | {gg['accuracy'].mean():.4f} ± {gg['accuracy'].std(ddof=1) if len(gg) > 1 else 0:.4f} "
             f"| {m('val_accuracy', '.4f')} | {diff} | {gap} | {m('top_eigenvalue', '.3g')} | {m('sam_sharpness', '.3g')} "
             f"| {m('wall_s', '.0f')} | {m('setup_s', '.0f')} | {m('examples_per_s', '.1f')} | {m('peak_mem_mb', '.0f')} |")
-    return lines, done, len(g)
+    return lines, done, len(g), paired
+
+
+def _row_label(variant: str, eps: float, n: int) -> str:
+    """Paper mode is not DP: its ε is only the DP-SGD part's; non-private pairs with dp at that ε."""
+    if variant == "nonprivate":
+        return f"nonprivate (vs dp at ε={eps:g}), n={n}"
+    if variant.endswith("paper"):
+        return f"{variant}, not DP (DP-SGD part ε={eps:g}), n={n}"
+    return f"{variant} ε={eps:g}, n={n}"
+
+
+def forest_figure(paired, path: Path, partial: str = "") -> Path:
+    """Paired differences to dp with their 95% intervals, one panel per task (a forest plot):
+    where a bar crosses the dashed zero line, the table cannot tell the variant from dp."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(set(paired["task"]))
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(7.2 * max(len(tasks), 1), 3.6), squeeze=False)
+    colors = {"nonprivate": "#555555", "dpflat-safe": "#1f77b4", "dpflat-paper": "#ff7f0e"}
+    for ax, task in zip(axes[0], tasks):
+        pp = paired[paired["task"] == task].copy()
+        pp["o"] = pp["variant"].map(ORDER).fillna(9)
+        pp = pp.sort_values(["target_epsilon", "o"], ascending=[True, False])
+        labels = []
+        for y, r in enumerate(pp.itertuples()):
+            c = colors.get(r.variant, "#2ca02c")
+            ax.plot([r.ci_low, r.ci_high], [y, y], color=c, lw=2.2)
+            ax.plot([r.mean_diff], [y], "o", color=c, ms=6)
+            labels.append(_row_label(r.variant, r.target_epsilon, r.n_pairs))
+        ax.axvline(0, color="k", ls="--", lw=1)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_title(f"{task}: test accuracy minus dp, paired, 95% CI", fontsize=10)
+        ax.set_xlabel("difference in test accuracy")
+        ax.grid(axis="x", alpha=0.3)
+    if partial:
+        fig.suptitle(partial, fontsize=9, color="#a00")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     n_new = record_finished(a)
     if n_new:
         print(f"recorded {n_new} finished cell(s) in {a.record}", flush=True)
-    lines, done, total = table_lines(a)
+    lines, done, total, paired = table_lines(a)
     base = base_config(a)
     head = [
         f"- command: `{_report.command()}`",
@@ -259,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     title = f"bench_fidelity: val-selected test accuracy, paired CIs vs dp, flatness, cost{' (tiny)' if a.tiny else ''}{status}"
     print(title + "\n" + "\n".join(head), flush=True)
     if not a.no_append:
+        if len(paired):
+            fig = forest_figure(paired, Path(a.results).with_name("fidelity.png"), status.strip(" —"))
+            head += ["", f"![paired differences to dp, 95% intervals]({fig.name})"]
         _report.append(title, head, Path(a.results))
 
 

@@ -128,7 +128,9 @@ def test_bench_fidelity_tiny(tmp_path, shared_data):
               "--epsilons", "8", "--results", str(results)]
     bench_fidelity.main(common + ["--seeds", "0"])
     text = results.read_text()
-    assert "PARTIAL" not in text and "| sst2 | dpflat-paper | 8 |" in text and "| sst2 | nonprivate | ∞ |" in text
+    assert "PARTIAL" not in text and "| sst2 | dpflat-paper | DP-SGD part 8 | not DP (paper mode) |" in text and "| sst2 | nonprivate | ∞ |" in text
+    assert "![paired differences to dp, 95% intervals](fidelity.png)" in text
+    assert (tmp_path / "fidelity.png").read_bytes()[:4] == b"\x89PNG"  # the forest plot beside the markdown
     row = next(l for l in text.splitlines() if l.startswith("| sst2 | dpflat-safe | 8 |"))
     assert "crosses 0" in row or "[" in row  # a paired interval vs dp
     cells = row.split("|")
