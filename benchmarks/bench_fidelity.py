@@ -133,7 +133,8 @@ def run_cells(a) -> None:
         record_finished(a)
 
 
-def table_lines(a) -> tuple[list[str], int, int, "pd.DataFrame"]:
+def table_lines(a) -> tuple:
+    """(markdown lines, finished cells, grid cells, paired differences to dp)."""
     import pandas as pd
 
     from dpflat.analysis import load_analysis
