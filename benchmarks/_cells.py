@@ -46,7 +46,10 @@ def unpack_correct(d: dict[str, Any]) -> np.ndarray:
 
 
 class CellRecord:
-    """JSON lines, one finished cell each: ``{"run_id", "row": {...}, "correct": {"n", "bits"} | null}``."""
+    """JSON lines, one finished cell each: ``{"cell", "row": {...}, "correct": {"n", "bits"} | null}``.
+
+    ``cell`` is the benchmark's own key for a grid cell (it must not depend on the machine: a
+    run id hashes the data folder's path); ``row`` is the results row as it was, run id included."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -62,36 +65,36 @@ class CellRecord:
                 d = json.loads(line)
             except ValueError:
                 raise ValueError(f"{self.path}:{i} is not a JSON line (a merge conflict?): fix or delete that line") from None
-            if not isinstance(d, dict) or "run_id" not in d or not isinstance(d.get("row"), dict):
+            if not isinstance(d, dict) or "cell" not in d or not isinstance(d.get("row"), dict):
                 raise ValueError(f"{self.path}:{i} is not a cell record")
             out.append(d)
         return out
 
-    def ids(self) -> set[str]:
-        return {d["run_id"] for d in self._lines()}
+    def cells(self) -> set[str]:
+        return {d["cell"] for d in self._lines()}
 
     def rows(self) -> list[dict[str, Any]]:
-        """The recorded results rows (the first record of a run id wins)."""
+        """The recorded results rows with their ``cell`` key (the first record of a cell wins)."""
         seen, out = set(), []
         for d in self._lines():
-            if d["run_id"] not in seen:
-                seen.add(d["run_id"])
-                out.append(dict(d["row"], run_id=d["run_id"]))
+            if d["cell"] not in seen:
+                seen.add(d["cell"])
+                out.append(dict(d["row"], cell=d["cell"]))
         return out
 
-    def correct(self, run_id: str) -> np.ndarray | None:
+    def correct(self, cell: str) -> np.ndarray | None:
         for d in self._lines():
-            if d["run_id"] == run_id and d.get("correct"):
+            if d["cell"] == cell and d.get("correct"):
                 return unpack_correct(d["correct"])
         return None
 
-    def add(self, run_id: str, row: dict[str, Any], correct: np.ndarray | None) -> bool:
-        """Append one cell unless its run id is recorded already; True when it was added."""
+    def add(self, cell: str, row: dict[str, Any], correct: np.ndarray | None) -> bool:
+        """Append one cell unless it is recorded already; True when it was added."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.path) + ".lock"):
-            if run_id in self.ids():
+            if cell in self.cells():
                 return False
-            line = {"run_id": run_id, "row": {k: _plain(v) for k, v in row.items() if k != "run_id"},
+            line = {"cell": cell, "row": {k: _plain(v) for k, v in row.items() if k != "cell"},
                     "correct": pack_correct(correct) if correct is not None else None}
             with open(self.path, "a") as f:
                 f.write(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")

@@ -79,6 +79,15 @@ def landscape(run_dir: str, a) -> None:
                 split="eval", trace_matvecs=3, progress=False)
 
 
+def cell_key(c) -> str:
+    """The record's key of a grid cell: its run id with the data folder left out. A run id
+    hashes the data folder's *path*, which differs between machines and CI clones; the files
+    (``../shared/data``) are the same, and the record must be found from any of them."""
+    from dpflat.runs import run_id
+
+    return run_id(c.replace(data={"data_dir": None}))
+
+
 def record_finished(a) -> int:
     """Copy every finished (and, unless --no-landscape, measured) cell of the grid that the
     record lacks into it: results row, flatness, per-example test correctness. Returns how
@@ -88,7 +97,7 @@ def record_finished(a) -> int:
     from dpflat.runs import RunDir, load_results
 
     rec = CellRecord(a.record)
-    have = rec.ids()
+    have = rec.cells()
     t = load_results(a.output_dir) if Path(a.output_dir).is_dir() else None
     if t is None or not len(t):
         return 0
@@ -96,8 +105,8 @@ def record_finished(a) -> int:
     added = 0
     for c in grid(a):
         rd = RunDir.for_config(c)
-        rid = rd.path.name
-        if rid in have or rid not in rows or not rd.done:
+        rid, key = rd.path.name, cell_key(c)
+        if key in have or rid not in rows or not rd.done:
             continue
         row = {k: v for k, v in rows[rid].items() if k != "run_dir"}
         s = rd.landscape()
@@ -105,7 +114,7 @@ def record_finished(a) -> int:
             continue  # a cell = trained + measured
         if s is not None:
             row["top_eigenvalue"], row["sam_sharpness"] = s.get("top_eigenvalue"), s.get("sam_sharpness")
-        added += rec.add(rid, row, rd.test_correct())
+        added += rec.add(key, row, rd.test_correct())
     return added
 
 
@@ -114,10 +123,10 @@ def run_cells(a) -> None:
     from dpflat.sweep import trainer
 
     todo = grid(a)
-    recorded = CellRecord(a.record).ids() if a.record else set()
+    recorded = CellRecord(a.record).cells() if a.record else set()
     for i, c in enumerate(todo):
         rd = RunDir.for_config(c)
-        if rd.path.name in recorded:
+        if cell_key(c) in recorded:
             continue
         t0 = time.time()
         try:
@@ -142,11 +151,11 @@ def table_lines(a) -> tuple:
     from dpflat.stats import load_correct, paired_differences
 
     g = grid(a)
-    ids = {RunDir.for_config(c).path.name for c in g}
+    key_of = {RunDir.for_config(c).path.name: cell_key(c) for c in g}  # run id -> cell
 
     def _flatness(row):
         """From the run's landscape.json (the table row can lose them when a finished cell is re-appended)."""
-        if row["run_id"] in recorded:
+        if row["cell"] in recorded:
             return row.get("top_eigenvalue"), row.get("sam_sharpness")
         try:
             s = load_analysis(row["run_dir"])
@@ -156,18 +165,20 @@ def table_lines(a) -> tuple:
 
     rec = CellRecord(a.record) if a.record else None
     kept = pd.DataFrame(rec.rows()) if rec else pd.DataFrame()
-    kept = kept[kept["run_id"].isin(ids)] if len(kept) else kept
+    kept = kept[kept["cell"].isin(set(key_of.values()))] if len(kept) else kept
     t = load_results(a.output_dir) if Path(a.output_dir).is_dir() else pd.DataFrame()
-    t = t[t["run_id"].isin(ids) & t["finished"].astype(bool)] if len(t) else t
+    t = t[t["run_id"].isin(key_of) & t["finished"].astype(bool)].copy() if len(t) else t
+    if len(t):
+        t["cell"] = t["run_id"].map(key_of)
     if len(kept) and len(t):  # a recorded cell is read from the record
-        t = t[~t["run_id"].isin(set(kept["run_id"]))]
+        t = t[~t["cell"].isin(set(kept["cell"]))]
     t = pd.concat([x for x in (kept, t) if len(x)], ignore_index=True) if len(kept) or len(t) else t
     if not len(t):
         return ["(no finished cells yet)"], 0, len(g), pd.DataFrame()
     t = t.copy()
     if "run_dir" not in t:
         t["run_dir"] = None
-    recorded = set(kept["run_id"]) if len(kept) else set()
+    recorded = set(kept["cell"]) if len(kept) else set()
     for col in ("val_accuracy", "top_eigenvalue", "sam_sharpness", "wall_s", "setup_s", "examples_per_s", "peak_mem_mb"):
         if col not in t:
             t[col] = float("nan")
@@ -176,8 +187,8 @@ def table_lines(a) -> tuple:
     t["top_eigenvalue"], t["sam_sharpness"] = flat["top_eigenvalue"], flat["sam_sharpness"]
     done = int(t["top_eigenvalue"].notna().sum()) if a.landscape else len(t)  # a cell = trained + measured
     t["eps"] = pd.to_numeric(t["target_epsilon"], errors="coerce").fillna(float("inf"))
-    paired = paired_differences(t, "dp", "accuracy", correct=lambda r: rec.correct(r["run_id"])
-                                if r["run_id"] in recorded else load_correct(r))
+    paired = paired_differences(t, "dp", "accuracy", correct=lambda r: rec.correct(r["cell"])
+                                if r["cell"] in recorded else load_correct(r))
     rows = []
     for (task, v, e), gg in t.groupby(["task", "variant", "eps"]):
         p = paired[(paired["task"] == task) & (paired["variant"] == v) & (paired["target_epsilon"] == e)]

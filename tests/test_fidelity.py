@@ -152,17 +152,20 @@ def test_bench_fidelity_record_outlives_the_run_folders(tmp_path, shared_data):
     common = ["--tiny", "--data-dir", str(shared_data), "--tasks", "sst2", "--epsilons", "8", "--seeds", "0",
               "--record", str(rec)]
     bench_fidelity.main(common + ["--output-dir", str(out), "--results", str(res1)])
-    assert len(CellRecord(rec).ids()) == 4 and all(CellRecord(rec).correct(i) is not None for i in CellRecord(rec).ids())
-    shutil.rmtree(out)  # another machine: only the record is left
+    assert len(CellRecord(rec).cells()) == 4 and all(CellRecord(rec).correct(i) is not None for i in CellRecord(rec).cells())
+    shutil.rmtree(out)  # another machine: only the record is left, and the data lies elsewhere
+    moved = tmp_path / "data_elsewhere"
+    moved.symlink_to(shared_data, target_is_directory=True)
     fresh = tmp_path / "fresh"
-    bench_fidelity.main(common + ["--output-dir", str(fresh), "--results", str(res2)])
+    bench_fidelity.main([x if x != str(shared_data) else str(moved) for x in common]
+                        + ["--output-dir", str(fresh), "--results", str(res2)])
     assert not fresh.exists() or not any(p.is_dir() for p in fresh.iterdir())  # nothing was trained again
 
     def table(p):
         return [l for l in p.read_text().splitlines() if l.startswith("| sst2 |")]
 
     assert table(res1) == table(res2) and "PARTIAL" not in res2.read_text()
-    assert len(CellRecord(rec).ids()) == 4  # nothing recorded twice
+    assert len(CellRecord(rec).cells()) == 4  # nothing recorded twice
 
 
 def test_cell_record_round_trip(tmp_path):
@@ -175,11 +178,11 @@ def test_cell_record_round_trip(tmp_path):
     corr = (np.arange(873) % 3 == 0).astype(float)
     assert rec.add("a", {"accuracy": 0.5, "val_accuracy": float("nan")}, corr)
     assert not rec.add("a", {"accuracy": 0.9}, None)  # the first record of a run id stays
-    assert rec.rows() == [{"run_id": "a", "accuracy": 0.5, "val_accuracy": None}]
+    assert rec.rows() == [{"cell": "a", "accuracy": 0.5, "val_accuracy": None}]
     assert np.array_equal(rec.correct("a"), corr) and rec.correct("b") is None
     (tmp_path / "c.jsonl").write_text("<<<<<<< HEAD\n")
     with pytest.raises(ValueError, match="merge conflict"):
-        rec.ids()
+        rec.cells()
 
 
 def test_the_committed_fidelity_record_matches_the_grid(shared_data):
@@ -188,18 +191,16 @@ def test_the_committed_fidelity_record_matches_the_grid(shared_data):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_fidelity
     from _cells import CellRecord
-    from dpflat.runs import RunDir
-
     rec = CellRecord(ROOT / "benchmarks" / "fidelity_cells.jsonl")
     if not rec.path.is_file():
         pytest.skip("no fidelity record committed")
-    ids = rec.ids()
+    ids = rec.cells()
     import argparse
 
     a = argparse.Namespace(
         tiny=False, data_dir=str(shared_data), output_dir="/nonexistent", num_threads=1,
         tasks=["sst2", "qnli"], epsilons=[3.0, 8.0], seeds=[0, 1, 2, 3, 4])
-    grid = {RunDir.for_config(c).path.name for c in bench_fidelity.grid(a)}
+    grid = {bench_fidelity.cell_key(c) for c in bench_fidelity.grid(a)}
     orphans = sorted(ids - grid)
     assert not orphans, (f"{len(orphans)} recorded fidelity cells are no longer in the grid (a config default "
                          f"changed their run ids), e.g. {orphans[:2]}: restart the table or keep the old default")
