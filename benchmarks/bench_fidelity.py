@@ -119,13 +119,12 @@ def record_finished(a) -> int:
 
 
 def run_cells(a) -> None:
-    from dpflat.runs import RunDir, RunLocked
+    from dpflat.runs import RunLocked
     from dpflat.sweep import trainer
 
     todo = grid(a)
     recorded = CellRecord(a.record).cells() if a.record else set()
     for i, c in enumerate(todo):
-        rd = RunDir.for_config(c)
         if cell_key(c) in recorded:
             continue
         t0 = time.time()
