@@ -43,3 +43,10 @@ def append(title: str, lines: list[str], path: Path = RESULTS) -> str:
     with open(path, "a") as f:
         f.write(text)
     return text
+
+
+def publish(title: str, lines: list[str], append_it: bool = True, path: Path = RESULTS) -> None:
+    """Print a section; append it to RESULTS.md unless told not to (``--no-append``)."""
+    print(title + "\n" + "\n".join(lines), flush=True)
+    if append_it:
+        append(title, lines, path)

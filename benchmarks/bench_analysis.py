@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(the fidelity benchmark's flatness figures) on copies of finished runs; medians of {a.rounds} ABBA rounds",
             "", *lines, "", f"Largest relative difference of a figure, regrouped vs padded: {worst:.1e}."]
     title = "bench_analysis: a run's flatness figures on padded vs length-regrouped batches"
-    print(title + "\n" + "\n".join(head), flush=True)
-    if not a.no_append:
-        _report.append(title, head)
+    _report.publish(title, head, not a.no_append)
 
 
 if __name__ == "__main__":

@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             f"- what: batches of {a.batch_size} (private: {a.draws} Poisson draws of expected size {a.batch_size}); "
             f"groups of {a.group}; the CLI-default data sizes", "", *lines]
     title = "bench_padding: encoder positions per real token, as padded and regrouped"
-    print(title + "\n" + "\n".join(head), flush=True)
-    if not a.no_append:
-        _report.append(title, head)
+    _report.publish(title, head, not a.no_append)
 
 
 if __name__ == "__main__":
