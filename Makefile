@@ -24,14 +24,15 @@ demo: $(VENV)/.installed
 
 # One worker per core (pytest-xdist): every test runs one torch thread (tests/conftest.py), so
 # on 2 cores two workers halve the suite. A file's tests stay on one worker (their module
-# fixtures are built once). `python -m pytest tests/x.py` still runs in one process.
+# fixtures are built once). `python -m pytest tests/x.py` still runs in one process. -rs names
+# each skipped test and why (a skip in CI should be explainable from its log).
 XDIST := -n auto --dist loadfile
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q $(XDIST)
+	$(BIN)/python -m pytest -q -rs $(XDIST)
 
 test-all: $(VENV)/.installed
-	$(BIN)/python -m pytest -q $(XDIST) -m "slow or not slow"
+	$(BIN)/python -m pytest -q -rs $(XDIST) -m "slow or not slow"
 
 lab: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[lab]"
