@@ -18,7 +18,6 @@ Directions (flat vectors over the same parameter subset):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
