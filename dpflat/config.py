@@ -27,6 +27,13 @@ class ConfigError(ValueError):
     """A bad configuration value; its message is one line the CLI prints as-is."""
 
 
+def warn(msg: str) -> None:
+    """One line on stderr: something was repaired or worked around, or looks wrong, and the run goes on."""
+    import sys
+
+    print(f"dpflat: warning: {msg}", file=sys.stderr, flush=True)
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -189,11 +196,18 @@ class ModelConfig:
         "tokens", "random, or tokens: start from the backbone's keys/values of real tokens")
     pooling: Literal["mean", "cls"] = _opt("mean", "sentence representation fed to the head")
     head_dropout: float = _opt(0.1, "dropout before the classifier head, in [0, 1)")
+    backbone_dropout: bool = _opt(True, "the frozen backbone's own dropout (hidden, attention) while training; off: "
+                                        "its layers run as in evaluation (faster, and a batch's examples share no draw)")
     attn: Literal["sdpa", "eager"] = _opt("sdpa", "attention kernel; eager supports double backward (Hessians) on CPU")
     keep_layers: str | None = _opt(None, "comma-separated layers that keep a prefix, e.g. 0,2,5 (default: all)")
-    head: Literal["linear", "prompt"] = _opt(
+    head: Literal["linear", "prompt", "readout"] = _opt(
         "linear", "linear: pooled hidden state -> linear layer; prompt: LM-BFF style, the masked-LM head's logits "
-                  "of the label words at the template's mask (BERT/RoBERTa with an MLM head)")
+                  "of the label words at the template's mask (BERT/RoBERTa with an MLM head); readout: the frozen "
+                  "zero-shot readout of a sentence embedder, cosine to each label's description, plus a per-class "
+                  "bias (only the prefix and K numbers train)")
+    label_description: str | None = _opt(None, "readout head: each label's description, e.g. 'a {} review' "
+                                               "(default: the task's, dpflat.tokens.READOUTS)")
+    cosine_scale: float = _opt(20.0, "readout head: logit scale of the cosine similarity")
     template: str | None = _opt(None, "prompt head: LM-BFF template, e.g. *cls**sent_0*_It_was*mask*.*sep+* "
                                       "(default: the task's, docs/PROTOCOL.md)")
     label_words: str | None = _opt(None, "prompt head: one word per class, comma-separated in class order, "
@@ -201,7 +215,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "backbone must be given")
-        _check(self.head in ("linear", "prompt"), f"head must be linear|prompt, got {self.head}")
+        _check(self.head in ("linear", "prompt", "readout"), f"head must be linear|prompt|readout, got {self.head}")
+        _check(self.cosine_scale > 0, f"cosine_scale must be > 0, got {self.cosine_scale}")
+        if self.label_description is not None:
+            _check("{}" in self.label_description,
+                   f"label_description must contain {{}} for the label name, got {self.label_description!r}")
         if self.template is not None:
             _check("*mask*" in self.template and "*sent_0*" in self.template,
                    f"template must contain *mask* and *sent_0*, got {self.template!r}")
@@ -283,14 +301,22 @@ class FlatConfig:
     n_drop: int = _opt(2, "number of layers whose prefix is removed (fewer than the backbone's layers)")
     layers_rho: float = _opt(0.05, "radius ρ of the sharpness indicator's ball")
     layers_directions: int = _opt(3, "random directions of the indicator besides the gradient one")
-    layers_warmup_steps: int = _opt(30, "non-private prefix warm-up steps before scoring (on allowed data)")
+    layers_scorer: Literal["plateau", "warmup"] = _opt(
+        "plateau", "model the indicator is scored on: plateau = a non-private fit (all layers) to its val plateau "
+                   "with the teacher's settings; warmup = --layers-warmup-steps fixed steps (dropout off in both)")
+    layers_warmup_steps: int = _opt(30, "with --layers-scorer warmup: non-private steps before scoring (on allowed data)")
     layers_examples: int = _opt(128, "fixed subset the indicator is evaluated on")
     layers_stop_early: bool = _opt(False, "stop dropping when the indicator no longer decreases")
     distill: bool = _opt(False, "cross-model flattening: pull the prefix toward a non-private teacher")
     distill_mode: Mode = _opt("safe", "safe: teacher on public data; paper: teacher on private data (not DP)")
     distill_lambda: float = _opt(0.01, "weight λ of ||P - P_teacher||")
     distill_squared: bool = _opt(False, "use λ||P - P_teacher||² instead of the norm")
-    teacher_epochs: float = _opt(1.0, "epochs of the teacher's training")
+    teacher_epochs: float = _opt(1.0, "step budget of the teacher's (and the plateau scorer's) fit, in epochs of its data")
+    teacher_batch_size: int = _opt(64, "batch size of the teacher's (and the plateau scorer's) fit")
+    teacher_lr: float | None = _opt(None, "learning rate of the teacher's fit (default: the run's --lr)")
+    teacher_patience: int = _opt(3, "stop the teacher's fit after this many val evaluations without a gain (0: use the "
+                                    "whole budget); the best-on-val parameters are kept")
+    teacher_eval_every: int = _opt(10, "evaluate the teacher's fit on the val split every N steps")
 
     def __post_init__(self) -> None:
         _check(self.awp_gamma >= 0, f"awp_gamma must be >= 0, got {self.awp_gamma}")
@@ -303,6 +329,11 @@ class FlatConfig:
         _check(self.layers_directions >= 0, f"layers_directions must be >= 0, got {self.layers_directions}")
         _check(self.distill_lambda >= 0, f"distill_lambda must be >= 0, got {self.distill_lambda}")
         _check(self.teacher_epochs > 0, f"teacher_epochs must be > 0, got {self.teacher_epochs}")
+        _check(self.teacher_batch_size >= 1, f"teacher_batch_size must be >= 1, got {self.teacher_batch_size}")
+        _check(self.teacher_lr is None or 0 < self.teacher_lr <= MAX_LR,
+               f"teacher_lr must be in (0, {MAX_LR:g}] when given, got {self.teacher_lr}")
+        _check(self.teacher_patience >= 0, f"teacher_patience must be >= 0, got {self.teacher_patience}")
+        _check(self.teacher_eval_every >= 1, f"teacher_eval_every must be >= 1, got {self.teacher_eval_every}")
 
     @property
     def paper_levels(self) -> list[str]:
@@ -329,6 +360,11 @@ class TrainConfig:
     epochs: float = _opt(2.0, "passes over the private training split")
     batch_size: int = _opt(128, "logical (expected) batch size; the sampling rate q is 1/len(loader) ≈ batch_size/N")
     physical_batch_size: int = _opt(64, "largest batch held in memory at once (BatchMemoryManager)")
+    # how a logical batch is cut into physical ones (dpflat/batching.py): the same examples, clipping and
+    # noise either way; grouped by length, each physical batch computes ~3x fewer padded positions
+    group_by_length: Literal["auto", "on", "off"] = _opt(
+        "auto", "cut each logical batch into physical batches of similar length, padding cut: on, off, or auto "
+                "(on, except with paper-mode AWP, whose ascent batch must be an arbitrary part of the logical batch)")
     lr: float = _opt(2e-2, f"learning rate, in (0, {MAX_LR:g}]")
     optimizer: Literal["adamw", "sgd"] = _opt("adamw", "optimizer of the trainable prefix + head")
     weight_decay: float = _opt(0.0, "weight decay of the optimizer")
@@ -439,6 +475,9 @@ class RunConfig:
     blackbox: BlackBoxConfig = field(default_factory=BlackBoxConfig)
 
     def __post_init__(self) -> None:
+        _check(not (self.paper_awp and self.train.group_by_length == "on"),
+               "paper-mode AWP takes its ascent step on a logical batch's first physical batch, which grouping by "
+               "length would make its shortest sentences: use --group-by-length auto or off")
         bb = self.blackbox
         if not bb.active:
             return
@@ -451,6 +490,15 @@ class RunConfig:
                "zo_optimizer cma is non-private only (CMA-ES has no per-example clipping); use sgd or adam with DP")
         _check(not (bb.zo_optimizer == "cma" and self.flat.distill),
                "zo_optimizer cma does not take the distillation term; use sgd or adam with --distill")
+
+    @property
+    def paper_awp(self) -> bool:
+        return self.flat.awp and self.flat.awp_mode == "paper"
+
+    @property
+    def grouped(self) -> bool:
+        """Whether training cuts its logical batches by length (``train.group_by_length`` resolved)."""
+        return self.train.group_by_length == "on" or (self.train.group_by_length == "auto" and not self.paper_awp)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -624,7 +672,8 @@ PAPER_PRESET: dict[str, dict[str, Any]] = {
     "flat": {"awp_gamma": 1e-4,  # F: AdvWeightPerturb(gamma=1e-4)
              "awp_epochs": 15.0,  # P / F's Trainer_awp: AWP during the first half (15 of 30 epochs)
              "distill_lambda": 0.01, "distill_squared": False,  # F: trainer.train(emb=..., lamb=0.01), ||.||
-             "teacher_epochs": 10.0},  # README: the non-private teacher run, --num_train_epochs 10
+             "teacher_epochs": 10.0,  # README: the non-private teacher run, --num_train_epochs 10
+             "teacher_patience": 0, "teacher_batch_size": 1024},  # all 10 epochs, at the run's batch size
 }
 
 

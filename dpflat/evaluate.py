@@ -36,6 +36,17 @@ def batches(dataset, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
     yield from loader
 
 
+def length_order(dataset) -> np.ndarray | None:
+    """Row order by real length (stable), so that evaluation batches hold sentences of similar
+    length and ``model_inputs`` cuts most padding (eval mode: every row's output is the same in
+    any batch, up to float summation order). None when the rows have no attention mask."""
+    if len(dataset) == 0 or "attention_mask" not in (getattr(dataset, "column_names", None) or ()):
+        return None
+    from .batching import dataset_lengths
+
+    return torch.argsort(dataset_lengths(dataset), stable=True).numpy()
+
+
 def autocast(device: str | torch.device, precision: str):
     """bf16 autocast on ``device`` when ``precision`` is bf16; a no-op context for fp32."""
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -49,8 +60,9 @@ def per_example_losses(
     was = model.training
     model.eval()
     losses, preds, labels, idx = [], [], [], []
+    order = length_order(dataset)
     try:
-        for b in batches(dataset, batch_size):
+        for b in batches(dataset if order is None else dataset.select(order), batch_size):
             with autocast(device, precision):
                 logits = model(**model_inputs(b, device))
             logits = logits.float()
@@ -69,6 +81,10 @@ def per_example_losses(
     }
     if idx:
         out["idx"] = torch.cat(idx).numpy()
+    if order is not None:  # back to the dataset's row order
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        out = {k: v[back] for k, v in out.items()}
     return out
 
 

@@ -202,7 +202,7 @@ def load_run_model(run_dir: str | Path, device: str = "cpu", trained: bool = Tru
 
     rd = RunDir(run_dir)
     cfg = rd.config()
-    model = build_model(cfg.model, get_task(cfg.data.task).num_labels, seed=cfg.train.seed)
+    model = build_model(cfg.model, get_task(cfg.data.task).num_labels, seed=cfg.train.seed, task=cfg.data.task)
     if trained:
         if not rd.model_file.is_file():
             raise FileNotFoundError(f"{rd.path} has no model.safetensors (unfinished run?)")

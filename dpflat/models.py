@@ -217,6 +217,53 @@ class LabelWordHead(nn.Module):
         return self.mlm_head(h)[..., self.word_ids]
 
 
+class ReadoutHead(nn.Module):
+    """The zero-shot readout of a sentence embedder: logits_k = scale * cos(h, e_k) + b_k.
+
+    ``e_k`` is the frozen backbone's embedding of class k's description ("a positive review"),
+    computed once without a prefix; only the K-number bias trains. So, as with LM-BFF's label
+    words, the prefix does the learning, and a model whose prefix is reset is (up to the bias)
+    the zero-shot classifier. The bias is an ``nn.Embedding`` row looked up per example, which
+    Opacus gives per-example gradients natively (a bare parameter would need a custom sampler).
+    """
+
+    def __init__(self, prototypes: torch.Tensor, scale: float):
+        super().__init__()
+        self.register_buffer("prototypes", F.normalize(prototypes.detach().float(), dim=-1), persistent=False)
+        self.scale = float(scale)
+        self.offset = nn.Embedding(1, prototypes.shape[0])
+        nn.init.zeros_(self.offset.weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A parameter of the head (callers use ``model.head.weight.device``)."""
+        return self.offset.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        cos = F.normalize(h, dim=-1) @ self.prototypes.to(h.dtype).T
+        # (B, 1) indices: Opacus' embedding grad sampler reads the first dimension as the batch
+        bias = self.offset(torch.zeros(h.shape[0], 1, dtype=torch.long, device=h.device))[:, 0]
+        return self.scale * cos + bias
+
+
+@torch.no_grad()
+def label_prototypes(backbone: nn.Module, tokenizer, texts: list[str], pooling: str) -> torch.Tensor:
+    """Pooled embeddings (K, H) of the label descriptions by the frozen backbone, no prefix, eval mode."""
+    was = backbone.training
+    backbone.eval()
+    try:
+        t = tokenizer(texts, return_tensors="pt", padding=True)
+        dev = next(backbone.parameters()).device
+        kw = {k: t[k].to(dev) for k in ("input_ids", "attention_mask", "token_type_ids") if k in t}
+        hidden = backbone(**kw).last_hidden_state
+    finally:
+        backbone.train(was)
+    if pooling == "cls":
+        return hidden[:, 0]
+    w = kw["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
 def _attn_name(cfg: ModelConfig) -> str:
     """Our registered attention kernel (prefix-aware) for the config's sdpa/eager choice."""
     register_attention()
@@ -280,7 +327,10 @@ class PrefixEncoder(nn.Module):
         B, m = flat.shape[:2]
         x = flat.view(B, m, self.n_layers, 2, self.n_heads, self.head_dim).permute(2, 3, 0, 4, 1, 5)
         keep = self.keep_mask.tolist()
-        return [(x[l, 0], x[l, 1]) if keep[l] else None for l in range(self.n_layers)]
+        # unbind, not x[l, 0]: each indexing's backward allocates and zero-fills a gradient of the
+        # whole prefix (2L of them per batch: 15% of a DP step on the CPU); unbind's backward is one stack
+        kv = [layer.unbind(0) for layer in x.unbind(0)]
+        return [(kv[l][0], kv[l][1]) if keep[l] else None for l in range(self.n_layers)]
 
     def layer_view(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The prefix weight as (L, m, 2*H): one slice per layer (AWP and sharpness use it)."""
@@ -298,7 +348,8 @@ class PrefixModel(nn.Module):
     """Frozen encoder + trainable prefix + classification head; forward returns logits."""
 
     def __init__(self, backbone: nn.Module, num_labels: int, cfg: ModelConfig,
-                 prompt_head: LabelWordHead | None = None, mask_token_id: int | None = None):
+                 prompt_head: LabelWordHead | None = None, mask_token_id: int | None = None,
+                 readout: ReadoutHead | None = None):
         super().__init__()
         conf = backbone.config
         self.cfg = cfg
@@ -317,6 +368,10 @@ class PrefixModel(nn.Module):
                 raise ConfigError(f"{len(prompt_head.word_ids)} label words for {num_labels} classes")
             self.head = prompt_head  # frozen: only the prefix trains
             self.mask_token_id = int(mask_token_id)
+        elif cfg.head == "readout":
+            if readout is None or readout.prototypes.shape[0] != num_labels:
+                raise ConfigError(f"head readout needs one label description per class ({num_labels}; use build_model)")
+            self.head = readout
         else:
             self.head = nn.Linear(conf.hidden_size, num_labels)
         self.num_labels = num_labels
@@ -330,6 +385,14 @@ class PrefixModel(nn.Module):
     @property
     def n_layers(self) -> int:
         return self.prefix.n_layers
+
+    def train(self, mode: bool = True) -> "PrefixModel":
+        """Training mode; without ``backbone_dropout`` the frozen backbone stays in evaluation mode
+        (its dropout off: SDPA then takes its fused kernel, and no example's draw depends on the others')."""
+        super().train(mode)
+        if mode and not self.cfg.backbone_dropout:
+            self.backbone.eval()
+        return self
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
@@ -380,7 +443,7 @@ class PrefixModel(nn.Module):
             am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             w = am.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
-        logits = self.head(self.dropout(pooled))
+        logits = self.head(pooled if self.cfg.head == "readout" else self.dropout(pooled))
         return (logits, flat) if return_prefix else logits
 
 
@@ -439,6 +502,21 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0, task: str | No
         head = LabelWordHead(mlm_head, tokens_mod.label_word_ids(tok, words))
         torch.manual_seed(seed)
         model = PrefixModel(backbone, num_labels, cfg, prompt_head=head, mask_token_id=tok.mask_token_id)
+    elif cfg.head == "readout":
+        from . import tokens as tokens_mod
+
+        if task is None:
+            raise ConfigError("head readout: give the task (its label descriptions)")
+        texts = tokens_mod.readout_texts(task, cfg.label_description)
+        if len(texts) != num_labels:
+            raise ConfigError(f"{len(texts)} readout descriptions for {num_labels} classes: {texts}")
+        backbone = load_backbone(cfg, seed=seed)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        readout = ReadoutHead(label_prototypes(backbone, tokenizer or load_tokenizer(cfg), texts, cfg.pooling),
+                              cfg.cosine_scale)
+        torch.manual_seed(seed)
+        model = PrefixModel(backbone, num_labels, cfg, readout=readout)
     else:
         backbone = load_backbone(cfg, seed=seed)
         torch.manual_seed(seed)
@@ -485,6 +563,8 @@ __all__ = [
     "check_layers",
     "LabelWordHead",
     "PrefixEncoder",
+    "ReadoutHead",
+    "label_prototypes",
     "load_mlm_backbone",
     "PrefixModel",
     "build_model",

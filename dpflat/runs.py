@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,7 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, RunConfig, identity_dict
+from .config import ConfigError, RunConfig, identity_dict, warn
 
 RESULTS = "results.parquet"
 TEST_PREDICTIONS = "test_predictions.npz"
@@ -38,11 +37,6 @@ LANDSCAPE_COLUMNS = ("top_eigenvalue", "hessian_trace", "sam_sharpness")  # join
 
 class RunFolderError(ValueError):
     """A run folder that cannot be used as it is (corrupt file, missing checkpoint); one line with the way out."""
-
-
-def warn(msg: str) -> None:
-    """One line on stderr: something was repaired or worked around, and the run goes on."""
-    print(f"dpflat: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def retrain_hint(path: Path) -> str:

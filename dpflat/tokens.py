@@ -40,6 +40,29 @@ PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+#: Label descriptions of the readout head and the black-box readout: a template ("{}" = the card's
+#: label name with "_" as a space), or one text per class: a sentence embedder scores a sentence by its cosine to each.
+#: its cosine to each. TREC's label names are not phrases, so its descriptions are written out.
+READOUTS: dict[str, str | tuple[str, ...]] = {
+    "sst2": "a {} review", "mpqa": "a {} opinion", "disaster": "a {} tweet",
+    "trec": ("a question asking for a description", "a question about a thing", "a question about an abbreviation",
+             "a question about a person", "a question about a place", "a question about a number"),
+}
+
+
+def readout_texts(task: str | TaskCard, template: str | None = None, fallback: str | None = None) -> list[str]:
+    """One description per class, in class order: the given template, else the task's, else
+    ``fallback`` (a template); none of them is an error naming the way out."""
+    card = _as_card(task)
+    tpl = template or READOUTS.get(card.name) or fallback
+    if tpl is None:
+        raise DataError(f"task {card.name} has no readout description: pass --label-description (e.g. 'a {{}} text') "
+                        "or use --head linear")
+    if isinstance(tpl, tuple):
+        return list(tpl)
+    return [tpl.format(n.replace("_", " ")) for n in card.label_names]
+
+
 def prompt_for(task: str | TaskCard, template: str | None = None,
                label_words: str | Sequence[str] | None = None) -> tuple[str, list[str]]:
     """(template, label words in class order): the given ones, else the task's default."""

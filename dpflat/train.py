@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist_mod
+from .batching import dataset_lengths, grouped_loader, split_batch
 from .config import ConfigError, RunConfig
 from .engine import DPSetup, MechanismRNG, backward_private, make_private
 from .evaluate import autocast, evaluate, evaluate_test, model_inputs
@@ -78,6 +79,9 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
         share_levels(levels, ctx)  # torchrun: the other ranks load rank 0's outcome
     setup_s = time.time() - t_setup
 
+    # the prefix the run starts from (the levels' setup leaves it alone; a resumed run loads its
+    # checkpoint only below, so this is the built model's prefix in both cases)
+    init_prefix = model.prefix.embedding.weight.detach().clone()
     # --- optimiser and privacy
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(cfg, params)
@@ -115,15 +119,37 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
                # secret: the generator states, per rank (never the seed)
                "mechanism_rng": dist_mod.gathered(rng.state_dict()) if dp and rng.source != "secure" else None})
 
+    lengths = dataset_lengths(train_ds) if cfg.grouped else None  # how to cut, not what
     with s.progress():
-        _steps(s, ctx, train_model, opt, loader, dp, levels, params, (who, how, accounted))
+        _steps(s, ctx, train_model, opt, loader, dp, levels, params, (who, how, accounted), lengths)
     if not s.done:
         return s.unfinished(dp)
     return s.finish(dp, last=model.trainable_state(), load=lambda best: _load(model, best, device),
-                    val=lambda: evaluate(model, ctx.eval, cfg.train.eval_batch_size, device, prec),
+                    val=lambda: _val_and_prefix_share(model, ctx, init_prefix, prec),
                     test=lambda: evaluate_test(model, s.tokd["eval"], cfg.train.eval_batch_size, device, prec),
                     keep=",".join(str(i) for i, k in enumerate(model.prefix.keep_mask.tolist()) if k),
                     info=ctx.info, cost=s.cost(setup_s), overlap=getattr(s.splits, "overlap", None))
+
+
+def _val_and_prefix_share(model, ctx: TrainContext, init_prefix: torch.Tensor, prec: str) -> dict[str, Any]:
+    """The selected model on val, and on val with its prefix put back to where it started.
+
+    Why: the head alone (a linear probe on the frozen encoder) does most of the learning at small
+    sizes, and every flattening level acts on the prefix; the difference says how much the
+    prefix itself learned (``info.val_accuracy_prefix_reset``). Val only: no private or test read.
+    """
+    tc = ctx.cfg.train
+    r = evaluate(model, ctx.eval, tc.eval_batch_size, ctx.device, prec)
+    w = model.prefix.embedding.weight
+    trained = w.detach().clone()
+    with torch.no_grad():
+        w.copy_(init_prefix)
+    try:
+        ctx.info["val_accuracy_prefix_reset"] = evaluate(model, ctx.eval, tc.eval_batch_size, ctx.device, prec)["accuracy"]
+    finally:
+        with torch.no_grad():
+            w.copy_(trained)
+    return r
 
 
 def _optimizer(cfg: RunConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -178,12 +204,20 @@ class _Logical:
     """One logical step in progress over its physical chunks."""
 
     def __init__(self) -> None:
-        self.new, self.examples, self.finite = True, 0, True
+        self.new, self.examples, self.finite, self.loss_sum = True, 0, True, 0.0
+
+    def mean_loss(self) -> float:
+        """The logical batch's mean per-example loss (CE + the levels' terms), over its chunks."""
+        return self.loss_sum / self.examples if self.examples else 0.0
 
 
 def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None, levels: list[FlatLevel],
-           params: list[torch.Tensor], read: tuple[str, str, bool]) -> None:
-    """The logical steps of this call: a (Poisson) batch in physical chunks, one optimizer step each."""
+           params: list[torch.Tensor], read: tuple[str, str, bool], lengths: torch.Tensor | None) -> None:
+    """The logical steps of this call: a (Poisson) batch in physical chunks, one optimizer step each.
+
+    ``lengths`` (the private rows' real lengths): cut each logical batch by length, padding
+    trimmed (``batching.py``); None: Opacus' split in arrival order (``--group-by-length off``).
+    """
     P = min(s.cfg.train.physical_batch_size, s.cfg.train.batch_size)
     per_pass = len(loader)  # logical batches of one pass (DP: the Poisson sampler's steps)
     while s.step < s.stop_at:
@@ -193,7 +227,9 @@ def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None
         # public randomness of the pass (the non-private loader's shuffle); DP batches and noise
         # come from the secret generators, dropout is reseeded per step (reseed_step)
         torch.manual_seed(s.cfg.train.seed * 1_000_003 + start)
-        if dp:
+        if dp and lengths is not None:
+            mem = nullcontext(grouped_loader(loader, lengths, P, opt))
+        elif dp:
             from opacus.utils.batch_memory_manager import BatchMemoryManager
 
             mem = BatchMemoryManager(data_loader=loader, max_physical_batch_size=P, optimizer=opt)
@@ -203,11 +239,16 @@ def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None
             it = _resume_pass(it, dp, done)
             lg = _Logical()
             for batch in it:
-                chunks = [batch] if dp else list(_chunks(dist_mod.shard(batch), P))
+                if dp:
+                    chunks = [batch]
+                elif lengths is not None:
+                    chunks = split_batch(dist_mod.shard(batch), P)
+                else:
+                    chunks = list(_chunks(dist_mod.shard(batch), P))
                 for i, chunk in enumerate(chunks):
-                    loss = _forward_backward(s, ctx, model, levels, dp, chunk, len(batch["labels"]), lg, read)
+                    _forward_backward(s, ctx, model, levels, dp, chunk, len(batch["labels"]), lg, read)
                     if _optimizer_step(opt, dp, params, levels, ctx, s.step, last=i == len(chunks) - 1):
-                        _close_step(s, dp, lg, loss)
+                        _close_step(s, dp, lg)
                         lg = _Logical()
                         if s.step >= s.stop_at:
                             return
@@ -242,8 +283,9 @@ def _resume_pass(loader, dp: DPSetup | None, done: int):
 
 
 def _forward_backward(s: Session, ctx: TrainContext, model, levels: list[FlatLevel], dp: DPSetup | None,
-                      chunk, batch_n: int, lg: _Logical, read: tuple[str, str, bool]) -> torch.Tensor:
-    """One physical chunk: (first chunk: the levels' step start) perturb, loss, backward, restore."""
+                      chunk, batch_n: int, lg: _Logical, read: tuple[str, str, bool]) -> None:
+    """One physical chunk: (first chunk: the levels' step start) perturb, loss, backward, restore;
+    its examples and loss are added to the logical step ``lg``."""
     nb = len(chunk["labels"])
     if lg.new:
         reseed_step(s.cfg.train.seed, s.step)
@@ -264,8 +306,8 @@ def _forward_backward(s: Session, ctx: TrainContext, model, levels: list[FlatLev
     s.private.count(*read, nb)
     s.seen += nb
     lg.examples += nb
+    lg.loss_sum += float(per_ex.detach().sum())
     lg.finite = lg.finite and math.isfinite(float(loss.detach()))
-    return loss
 
 
 def _optimizer_step(opt, dp: DPSetup | None, params: list[torch.Tensor], levels: list[FlatLevel],
@@ -287,13 +329,13 @@ def _optimizer_step(opt, dp: DPSetup | None, params: list[torch.Tensor], levels:
     return stepped
 
 
-def _close_step(s: Session, dp: DPSetup | None, lg: _Logical, loss: torch.Tensor) -> None:
+def _close_step(s: Session, dp: DPSetup | None, lg: _Logical) -> None:
     """A logical step is done: count it, stop on a non-finite loss, then the session's bookkeeping."""
     s.step += 1
     if dp:  # the logical batch (over ranks): the ledger's Poisson check
         s.ledger.record_batch(dist_mod.total(lg.examples))
-    check_finite(float(loss.detach()) if dist_mod.total(0 if lg.finite else 1) == 0 else math.nan, s.step)
-    s.end_step({"step": s.step, "epoch": s.step / s.steps_per_epoch, LOSS_KEY: float(loss.detach())}, dp)
+    check_finite(lg.mean_loss() if dist_mod.total(0 if lg.finite else 1) == 0 else math.nan, s.step)
+    s.end_step({"step": s.step, "epoch": s.step / s.steps_per_epoch, LOSS_KEY: lg.mean_loss()}, dp)
 
 
 __all__ = ["LOSS_KEY", "NonFiniteLoss", "TRAIN_WHO", "check_finite", "prepare_data", "reseed_step",

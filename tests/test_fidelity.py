@@ -128,15 +128,18 @@ def test_bench_fidelity_tiny(tmp_path, shared_data):
               "--epsilons", "8", "--results", str(results)]
     bench_fidelity.main(common + ["--seeds", "0"])
     text = results.read_text()
-    assert "PARTIAL" not in text and "| sst2 | dpflat-paper | DP-SGD part 8 | not DP (paper mode) |" in text and "| sst2 | nonprivate | ∞ |" in text
-    assert "![paired differences to dp, 95% intervals](fidelity.png)" in text
-    assert (tmp_path / "fidelity.png").read_bytes()[:4] == b"\x89PNG"  # the forest plot beside the markdown
+    assert "PARTIAL" not in text and "| sst2 | nonprivate | ∞ |" in text
+    for v in ("dp+awp-safe", "dp+layers-safe", "dp+distill-safe", "dpflat-safe"):
+        assert f"| sst2 | {v} | 8 | (ε, δ)-DP |" in text
+    assert "![paired differences to dp, 95% intervals](fidelity_study.png)" in text
+    assert (tmp_path / "fidelity_study.png").read_bytes()[:4] == b"\x89PNG"  # the forest plot beside the markdown
     row = next(l for l in text.splitlines() if l.startswith("| sst2 | dpflat-safe | 8 |"))
     assert "crosses 0" in row or "[" in row  # a paired interval vs dp
     cells = row.split("|")
     assert cells[10].strip() != "—" and cells[11].strip() != "—"  # top eigenvalue and SAM sharpness measured
+    assert cells[12].strip() == "no"  # dpflat keeps fewer prefix layers: not dp's parameter space
     bench_fidelity.main(common + ["--seeds", "0,1", "--report-only"])
-    assert "PARTIAL (4 of 8 cells finished)" in results.read_text()
+    assert "PARTIAL (6 of 12 cells finished)" in results.read_text()
 
 
 def test_bench_fidelity_record_outlives_the_run_folders(tmp_path, shared_data):
@@ -152,7 +155,7 @@ def test_bench_fidelity_record_outlives_the_run_folders(tmp_path, shared_data):
     common = ["--tiny", "--data-dir", str(shared_data), "--tasks", "sst2", "--epsilons", "8", "--seeds", "0",
               "--record", str(rec)]
     bench_fidelity.main(common + ["--output-dir", str(out), "--results", str(res1)])
-    assert len(CellRecord(rec).cells()) == 4 and all(CellRecord(rec).correct(i) is not None for i in CellRecord(rec).cells())
+    assert len(CellRecord(rec).cells()) == 6 and all(CellRecord(rec).correct(i) is not None for i in CellRecord(rec).cells())
     shutil.rmtree(out)  # another machine: only the record is left, and the data lies elsewhere
     moved = tmp_path / "data_elsewhere"
     moved.symlink_to(shared_data, target_is_directory=True)
@@ -165,7 +168,7 @@ def test_bench_fidelity_record_outlives_the_run_folders(tmp_path, shared_data):
         return [l for l in p.read_text().splitlines() if l.startswith("| sst2 |")]
 
     assert table(res1) == table(res2) and "PARTIAL" not in res2.read_text()
-    assert len(CellRecord(rec).cells()) == 4  # nothing recorded twice
+    assert len(CellRecord(rec).cells()) == 6  # nothing recorded twice
 
 
 def test_cell_record_round_trip(tmp_path):
@@ -185,22 +188,45 @@ def test_cell_record_round_trip(tmp_path):
         rec.cells()
 
 
-def test_the_committed_fidelity_record_matches_the_grid(shared_data):
+def _bench_args(shared_data, **over):
+    import argparse
+
+    d = dict(tiny=False, data_dir=str(shared_data), output_dir="/nonexistent", num_threads=1, grid="study",
+             tasks=list(STUDY_TASKS), epsilons=[3.0, 8.0], seeds=[0, 1, 2, 3, 4], parts=["main", "selector", "lambda",
+                                                                                     "gamma"])
+    d.update(over)
+    return argparse.Namespace(**d)
+
+
+#: the study grid's tasks (benchmarks/bench_fidelity.py's default)
+STUDY_TASKS = ("sst2", "mpqa")
+
+
+def test_the_committed_study_record_matches_the_grid(shared_data):
     """Run ids hash the whole config: a changed default silently orphans every recorded cell
     (the benchmark would train the grid again and the table would lose them). Fail instead."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_fidelity
     from _cells import CellRecord
-    rec = CellRecord(ROOT / "benchmarks" / "fidelity_cells.jsonl")
-    if not rec.path.is_file():
-        pytest.skip("no fidelity record committed")
-    ids = rec.cells()
-    import argparse
 
-    a = argparse.Namespace(
-        tiny=False, data_dir=str(shared_data), output_dir="/nonexistent", num_threads=1,
-        tasks=["sst2", "qnli"], epsilons=[3.0, 8.0], seeds=[0, 1, 2, 3, 4])
-    grid = {bench_fidelity.cell_key(c) for c in bench_fidelity.grid(a)}
-    orphans = sorted(ids - grid)
+    rec = CellRecord(ROOT / "benchmarks" / "fidelity_study_cells.jsonl")
+    if not rec.path.is_file():
+        pytest.skip("no study record committed yet")
+    grid = {bench_fidelity.cell_key(c) for c in bench_fidelity.grid(_bench_args(shared_data))}
+    orphans = sorted(rec.cells() - grid)
     assert not orphans, (f"{len(orphans)} recorded fidelity cells are no longer in the grid (a config default "
                          f"changed their run ids), e.g. {orphans[:2]}: restart the table or keep the old default")
+
+
+def test_the_old_defaults_table_is_rebuilt_from_its_record_alone(tmp_path, shared_data):
+    """The 2026-12-05 table (old defaults) stays readable: its record alone prints all 70 cells."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_fidelity
+
+    out = tmp_path / "R.md"
+    bench_fidelity.main(["--grid", "old", "--tasks", "sst2,qnli", "--results", str(out), "--output-dir",
+                         str(tmp_path / "none"), "--data-dir", str(shared_data)])
+    text = out.read_text()
+    assert "the old defaults" in text and "PARTIAL" not in text and not (tmp_path / "none").exists()
+    rows = [l for l in text.splitlines() if l.startswith(("| sst2 |", "| qnli |"))]
+    assert len(rows) == 14 and all("| 5 |" in r for r in rows)  # 2 tasks x (nonprivate + 3 variants x 2 ε), 5 seeds

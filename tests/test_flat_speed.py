@@ -1,5 +1,7 @@
 """The cheaper DP-Flat setup selects the same layers and trains the same model.
 
+- the levels' fits (teacher, layer scorer) run in length groups with dropout off: the same
+  steps as padded batches; they stop at their val plateau and keep the best parameters;
 - scoring S on length-regrouped batches (padding cut) gives the same S for every
   candidate (float noise only) and so the same greedy ranking, on a fixed seed;
 - the safe setup cache: a second run that shares backbone, public split, seed and
@@ -55,27 +57,51 @@ def test_regrouped_scoring_gives_the_same_ranking(seed):
             assert rb["candidates"][k] == pytest.approx(ra["candidates"][k], rel=1e-4, abs=1e-7)
 
 
-def test_the_regrouped_warmup_of_bench_selection_noise_is_the_shipped_fit_without_dropout():
-    """benchmarks/bench_selection_noise.py's ``regrouped`` variant claims to differ from the
-    shipped warm-up only through dropout: with dropout off both fits give the same prefix."""
-    import sys
+def test_a_fit_in_length_groups_is_the_padded_fit():
+    """The levels' fits cut each batch by length (padding cut, dropout off): the same AdamW steps
+    on the same examples as whole padded batches, to float summation order."""
+    import torch.nn.functional as F
 
-    from dpflat.flat._fit import fit_nonprivate
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_selection_noise import regrouped_fit
+    from dpflat.flat._fit import fit_to_plateau
 
     torch.set_num_threads(1)
-    model = build_model(ModelConfig(backbone="tiny-bert", prefix_len=2, prefix_init="random", head_dropout=0.0), 2,
+    model = build_model(ModelConfig(backbone="tiny-bert", prefix_len=2, prefix_init="random", head_dropout=0.1), 2,
                         seed=0)
-    assert not any(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))  # tiny-bert: none
     ds = _ragged_dataset(n=64, seed=2)
-    kw = dict(steps=4, batch_size=48, lr=0.05, device=torch.device("cpu"), seed=3)
-    a = fit_nonprivate(model, ds, **kw)
-    b = regrouped_fit(fit_nonprivate)(model, ds, **kw)
+    a, report = fit_to_plateau(model, ds, None, max_steps=4, batch_size=48, lr=0.05, device=torch.device("cpu"), seed=3)
+    ref = __import__("copy").deepcopy(model).eval()  # eval: the fit's dropout is off
+    opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=0.05)
+    loader = torch.utils.data.DataLoader(ds, batch_size=48, shuffle=True, generator=torch.Generator().manual_seed(3))
+    done = 0
+    while done < 4:
+        for b in loader:
+            opt.zero_grad()
+            F.cross_entropy(ref(**{k: v for k, v in b.items() if k != "labels"}), b["labels"]).backward()
+            opt.step()
+            done += 1
+            if done == 4:
+                break
     flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad])  # noqa: E731
+    assert report.steps == 4 and report.stopped == "budget"
     assert not torch.equal(flat(a), flat(model))  # the fit moved the prefix
-    assert torch.allclose(flat(a), flat(b), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(flat(a), flat(ref), rtol=1e-4, atol=1e-6)
+
+
+def test_a_fit_stops_at_its_val_plateau_and_keeps_the_best_parameters():
+    from dpflat.flat._fit import fit_to_plateau
+
+    torch.set_num_threads(1)
+    model = build_model(ModelConfig(backbone="tiny-bert", prefix_len=2, prefix_init="random"), 2, seed=0)
+    ds, val = _ragged_dataset(n=64, seed=2), _ragged_dataset(n=32, seed=5)
+    fit, r = fit_to_plateau(model, ds, val, max_steps=400, batch_size=16, lr=0.05, device=torch.device("cpu"),
+                            seed=1, eval_every=2, patience=2)
+    assert r.stopped == "plateau" and r.steps < 400
+    assert r.curve[0][0] == 0 and r.val_accuracy == max(acc for _, acc in r.curve)
+    assert dict(r.curve)[r.best_step] == r.val_accuracy
+    # the returned parameters are the best step's: evaluating them gives its accuracy
+    from dpflat.evaluate import evaluate
+
+    assert evaluate(fit, val, 256)["accuracy"] == pytest.approx(r.val_accuracy)
 
 
 def _args(out: Path, data: Path, mode: str, eps: float) -> list[str]:
@@ -84,8 +110,8 @@ def _args(out: Path, data: Path, mode: str, eps: float) -> list[str]:
         "--train-size", "64", "--eval-size", "32", "--public-size", "32", "--max-length", "16",
         "--prefix-len", "2", "--prefix-init", "random", "--epochs", "1", "--batch-size", "16",
         "--physical-batch-size", "8", "--checkpoint-every", "100", "--output-dir", str(out), "--no-progress",
-        "--epsilon", str(eps), "--awp-epochs", "1", "--layers-warmup-steps", "2", "--layers-examples", "32",
-        "--layers-directions", "1", "--teacher-epochs", "0.5",
+        "--epsilon", str(eps), "--awp-epochs", "1", "--layers-examples", "32",
+        "--layers-directions", "1", "--teacher-epochs", "0.5", "--teacher-batch-size", "16",
     ]
 
 
@@ -116,7 +142,7 @@ def test_safe_setup_cache_reuses_selection_and_teacher_and_trains_the_same_model
     teachers: list[torch.Tensor] = []
     first = _run(out, shared_data, "safe", 8.0, teachers)
     files = sorted(p.name for p in (out / ".setup-cache").iterdir())
-    assert len(files) == 2 and {f.split("-")[0] for f in files} == {"layers", "teacher"}
+    assert len(files) == 3 and {f.rsplit("-", 1)[0] for f in files} == {"layers", "fit-scorer", "fit-teacher"}
     second = _run(out, shared_data, "safe", 3.0, teachers)  # another ε: same public work
     i1, i2 = _info(first), _info(second)
     assert i1["layers_cached"] is False and i1["teacher_cached"] is False

@@ -210,3 +210,65 @@ def test_prompt_config_errors():
         ModelConfig(head="prompt", label_words="great")
     with pytest.raises(ConfigError, match="label_words or the task"):
         build_model(ModelConfig(backbone="tiny-bert", head="prompt"), 2)
+
+
+# --------------------------------------------------------------------------- readout head
+def _readout_model(**over):
+    cfg = ModelConfig(backbone="tiny-bert", prefix_len=2, prefix_init="random", head="readout", **over)
+    return build_model(cfg, 2, seed=0, task="sst2"), cfg
+
+
+def test_readout_head_is_the_scaled_cosine_to_the_label_descriptions_plus_a_bias():
+    from dpflat.models import label_prototypes
+    from dpflat.tokens import readout_texts
+
+    model, cfg = _readout_model()
+    model.eval()
+    assert readout_texts("sst2") == ["a negative review", "a positive review"]
+    tok = load_tokenizer(cfg)
+    protos = label_prototypes(model.backbone, tok, readout_texts("sst2"), "mean")
+    with torch.no_grad():
+        model.head.offset.weight.copy_(torch.tensor([[0.3, -0.2]]))
+    ids = tok(["a fine film", "dull"], return_tensors="pt", padding=True)
+    logits = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+    # the pooled state the head sees, computed by the model with its prefix
+    seen = {}
+    h = model.head.register_forward_hook(lambda m, i, o: seen.setdefault("h", i[0]))
+    model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+    h.remove()
+    want = cfg.cosine_scale * F.normalize(seen["h"], dim=-1) @ F.normalize(protos, dim=-1).T + torch.tensor([0.3, -0.2])
+    torch.testing.assert_close(logits, want)
+    # only the prefix and the K-number bias train; the descriptions' embeddings are fixed
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["head.offset.weight",
+                                                                                 "prefix.embedding.weight"]
+
+
+def test_readout_head_per_example_gradients_under_opacus():
+    from opacus import GradSampleModule
+
+    model, cfg = _readout_model()
+    model.train()
+    tok = load_tokenizer(cfg)
+    ids = tok(["a fine film", "dull", "not bad at all"], return_tensors="pt", padding=True)
+    y = torch.tensor([1, 0, 1])
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    F.cross_entropy(gsm(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]), y, reduction="sum").backward()
+    for i in range(3):  # each example's gradient, one at a time, is Opacus' per-example row
+        model.zero_grad()
+        ref = build_model(cfg, 2, seed=0, task="sst2").train()
+        ref.load_state_dict(model.state_dict())
+        one = {k: v[i : i + 1] for k, v in ids.items()}
+        F.cross_entropy(ref(input_ids=one["input_ids"], attention_mask=one["attention_mask"]), y[i : i + 1]).backward()
+        torch.testing.assert_close(model.head.offset.weight.grad_sample[i], ref.head.offset.weight.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(model.prefix.embedding.weight.grad_sample[i], ref.prefix.embedding.weight.grad,
+                                   atol=1e-6, rtol=1e-4)
+
+
+def test_readout_head_needs_descriptions():
+    with pytest.raises(Exception, match="readout description"):
+        build_model(ModelConfig(backbone="tiny-bert", prefix_len=2, head="readout"), 2, seed=0, task="qnli")
+    with pytest.raises(ConfigError, match="label_description"):
+        ModelConfig(head="readout", label_description="no placeholder")
+    model = build_model(ModelConfig(backbone="tiny-bert", prefix_len=2, head="readout", label_description="a {} text"),
+                        2, seed=0, task="qnli")
+    assert model.head.prototypes.shape[0] == 2

@@ -174,14 +174,18 @@ def test_delta_of_at_least_one_over_n_is_refused(tmp_path, make_cfg, capsys):
 def test_non_finite_loss_stops_the_run_with_one_line_and_no_result(tmp_path, make_cfg, capsys, monkeypatch):
     import dpflat.train as train_mod
 
-    orig, calls = train_mod._per_example_loss, {"n": 0}
+    orig, close, calls = train_mod._per_example_loss, train_mod._close_step, {"n": 0}
 
     def poisoned(ctx, model, levels, batch):
-        calls["n"] += 1
         per_ex = orig(ctx, model, levels, batch)
-        return per_ex * float("nan") if calls["n"] > 2 else per_ex  # step 1 (two chunks) is fine
+        return per_ex * float("nan") if calls["n"] >= 1 else per_ex  # step 1 (all its chunks) is fine
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return close(*a, **k)
 
     monkeypatch.setattr(train_mod, "_per_example_loss", poisoned)
+    monkeypatch.setattr(train_mod, "_close_step", counted)
     cfg = make_cfg(tmp_path / "runs")
     cfg.save(tmp_path / "cfg.json")
     rc, out, err = _cli(["train", "--config", str(tmp_path / "cfg.json"), "--noise-seed", "1"], capsys)

@@ -6,7 +6,12 @@ before distributed training); re-recorded when the DP mechanism's randomness mov
 from the public global RNG to secret generators (issue 14), after showing that with the
 old randomness source substituted back the loop reproduced the old pins exactly, and
 when the splits became content-disjoint private / public / val / test (issue 17: the
-private rows and the selection split changed). The runs pin the mechanism with
+private rows and the selection split changed), and on 2026-12-07 (issue 27) when each logical
+batch became cut into physical batches grouped by length (other dropout draws; with
+``--group-by-length off`` the old runs come out to 1e-7, ``ARRIVAL_ORDER_EVAL_LOSS``) and the
+logged loss became the logical batch's mean (it was the last physical batch's); the dpflat pin
+again the same day, when the teacher and the layer scorer became fits to their val plateau
+with dropout off. The runs pin the mechanism with
 ``--noise-seed`` (``NOISE_SEED``): by default it is secret. Any later change that alters the numbers (a different batch
 order, a skipped pass, a changed clip, a reordered RNG draw) fails here; a deliberate
 change of the method must regenerate them, and say so in its commit:
@@ -45,15 +50,21 @@ VARIANTS = {
 }
 
 PINNED = {
-    "dp": {"losses": [0.6250585317611694, 0.4184879660606384, 2.1772899627685547, 1.4714503288269043, 0.933424174785614, 1.4482585191726685, 0.7182531952857971, 0.856934666633606],
-           "eval_loss": 1.4318410158157349},
-    "dp-awp": {"losses": [0.6250585317611694, 0.4184887707233429, 2.177273750305176, 1.4714401960372925, 0.9334313869476318, 1.4482916593551636, 0.7182612419128418, 0.8569304943084717],
-           "eval_loss": 1.4318562746047974},
-    "dpflat": {"losses": [0.6343644261360168, 0.43075066804885864, 2.1930341720581055, 1.4889914989471436, 0.9535606503486633, 1.470484733581543, 0.7389103770256042, 0.8824349641799927],
-           "eval_loss": 1.4341216087341309},
-    "nonprivate": {"losses": [0.3678688704967499, 0.405256986618042, 0.3567117750644684, 0.3515263497829437, 0.42410847544670105, 0.34233343601226807, 0.3192918300628662, 0.32779720425605774],
-           "eval_loss": 0.8489528894424438},
+    "dp": {"losses": [0.607011485744167, 0.7914658908186287, 1.7622218973496382, 1.4250478329865828, 0.9186451775687081, 1.15346883905345, 0.7449792058844316, 0.7994318497486603],
+           "eval_loss": 1.4590446949005127},
+    "dp-awp": {"losses": [0.607011485744167, 0.7914640492406385, 1.76221404356115, 1.425042193868886, 0.9186538696289063, 1.1535008035857102, 0.7449858314112613, 0.7994327056102264],
+           "eval_loss": 1.4590643644332886},
+    "dpflat": {"losses": [0.6069652325398213, 0.7998945959683122, 1.7731381023631376, 1.438661119212275, 0.9359382356916155, 1.1732607381097202, 0.7680744497399581, 0.8252258056249374],
+           "eval_loss": 1.4561388492584229},
+    "nonprivate": {"losses": [0.7206530272960663, 0.9640126153826714, 0.6848939806222916, 0.6133798509836197, 0.8459772765636444, 0.5985742658376694, 0.7330787032842636, 0.6316515803337097],
+           "eval_loss": 1.0821114778518677},
 }
+
+
+#: ``--group-by-length off`` (Opacus' arrival-order cut): the test losses of the runs pinned before
+#: 2026-12-07, when the per-step loss row was the last physical batch's and batches were cut in
+#: arrival order. The arrival-order path still computes exactly these runs.
+ARRIVAL_ORDER_EVAL_LOSS = {"dp": 1.4318410158157349, "dp-awp": 1.4318562746047974, "nonprivate": 0.8489528894424438}
 
 
 def run(cfg) -> dict:
@@ -69,6 +80,14 @@ def test_losses_are_pinned(name, tmp_path, make_cfg):
     assert len(got["losses"]) == len(want["losses"])
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(want["losses"]), rtol=RTOL, atol=ATOL)
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=RTOL, abs=ATOL)
+
+
+@pytest.mark.parametrize("name", ["dp", "nonprivate"])
+def test_the_arrival_order_cut_still_trains_the_old_runs(name, tmp_path, make_cfg):
+    over = json.loads(json.dumps(VARIANTS[name]))
+    over.setdefault("train", {})["group_by_length"] = "off"
+    got = run(make_cfg(tmp_path, **over))
+    assert got["eval_loss"] == pytest.approx(ARRIVAL_ORDER_EVAL_LOSS[name], rel=1e-6)
 
 
 def test_pins_tell_awp_from_plain_dp():

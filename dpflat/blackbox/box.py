@@ -14,10 +14,9 @@ from torch import nn
 
 from ..config import ConfigError, RunConfig
 from ..evaluate import model_inputs, per_example_losses
+from .. import tokens as tokens_mod
 from ..models import load_backbone, load_tokenizer
 
-#: label descriptions per task for the zero-shot readout ("{}" = the card's label name)
-TEMPLATES = {"sst2": "a {} review", "mpqa": "a {} opinion", "disaster": "a {} tweet"}
 
 
 # --------------------------------------------------------------------------- the black box
@@ -186,8 +185,8 @@ class PromptModel(nn.Module):
 
 # --------------------------------------------------------------------------- building
 def readout_texts(cfg: RunConfig, card) -> list[str]:
-    template = cfg.blackbox.readout_template or TEMPLATES.get(card.name, "{}")
-    return [template.format(n.replace("_", " ")) for n in card.label_names]
+    """The zero-shot readout's label descriptions (``tokens.READOUTS``; a bare label name otherwise)."""
+    return tokens_mod.readout_texts(card, cfg.blackbox.readout_template, fallback="{}")
 
 
 def build_prompt_model(cfg: RunConfig, card, tokenizer=None, device: torch.device | str = "cpu",
@@ -227,5 +226,5 @@ def evaluate_prompt(model: PromptModel, dataset, batch_size: int = 256) -> dict[
     return {"loss": float(r["loss"].mean()), "accuracy": float((r["pred"] == r["label"]).mean()), "n": n}
 
 
-__all__ = ["BlackBox", "Projection", "PromptModel", "TEMPLATES", "build_prompt_model", "evaluate_prompt",
+__all__ = ["BlackBox", "Projection", "PromptModel", "build_prompt_model", "evaluate_prompt",
            "readout_texts"]

@@ -34,6 +34,8 @@ class TrainContext:
     steps_per_epoch: int = 0
     dp: "DPSetup | None" = None
     info: dict[str, Any] = field(default_factory=dict)  # levels report here (goes to result.json)
+    # what one level's setup leaves for a later one in this run (the layer scorer's fit, for the teacher)
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 class FlatLevel:

@@ -8,25 +8,39 @@ The teacher prefix P_t is one broadcast tensor, never copied per example.
 - safe (default): the teacher is trained on the public split only.
 - paper: the teacher is trained on the private training set (as the authors do): NOT DP.
 
+The teacher is a non-private fit to its validation plateau (``_fit.level_fit``: early
+stopping on the val split within ``--teacher-epochs``, dropout off), so it is a model that
+has learned its task; ``result.json`` records its val accuracy, steps and seconds, and a
+teacher not clearly above the majority class prints one warning line. With the cross-layer
+level on, it continues the layer scorer's fit under the chosen keep-mask.
+
 A safe teacher reads only public data, so it is cached under the output dir, keyed by
-everything it depends on (``_cache``: model state incl. keep-mask, public and eval
+everything it depends on (``_cache``: model state incl. keep-mask, public and val
 split content, seed, fit settings); runs that share it (a sweep over ε) train it once.
 A paper-mode teacher is never cached: it would carry private data into later runs.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
-from ..config import ConfigError, FlatConfig
-from . import _cache
-from ._fit import fit_nonprivate, steps_for_epochs
+from ..config import ConfigError, FlatConfig, warn
+from ._fit import level_fit
 from .base import FlatLevel, TrainContext
 
 PAPER_WHO = "distill/paper-teacher"
 PAPER_HOW = "non-private teacher training on the private split"
+#: a teacher whose val accuracy is not this far above the majority class gets a warning line
+TEACHER_MARGIN = 0.05
+
+
+def _majority_share(val) -> float:
+    """The majority class's share of the val split (what a constant prediction scores)."""
+    labels = torch.as_tensor(val[:]["labels"]) if len(val) else torch.zeros(0, dtype=torch.long)
+    return float(torch.bincount(labels).max() / len(labels)) if len(labels) else 0.0
 
 
 def distill_term(prefix_out: torch.Tensor, teacher: torch.Tensor, keep_cols: torch.Tensor | None,
@@ -56,33 +70,26 @@ class Distillation(FlatLevel):
         else:
             data = ctx.private.read(PAPER_WHO, PAPER_HOW, accounted=False)
             count = lambda nb: ctx.private.count(PAPER_WHO, PAPER_HOW, False, nb)  # noqa: E731
-        steps = steps_for_epochs(c.teacher_epochs, len(data), tc.batch_size)
         ctx.info["teacher_data"] = "public split" if c.distill_mode == "safe" else "private split (not DP)"
-        ctx.info["teacher_steps"] = steps
-        cache_key = None
-        if c.distill_mode == "safe" and _cache.enabled():  # public data only: safe to reuse across runs
-            cache_key = _cache.key("teacher", {
-                "model": _cache.fingerprint_model(ctx.model), "public": _cache.fingerprint_dataset(data),
-                "eval": _cache.fingerprint_dataset(ctx.eval), "seed": tc.seed, "steps": steps,
-                "batch_size": tc.batch_size, "lr": tc.lr, "eval_batch_size": tc.eval_batch_size,
-                "device": ctx.device.type, "torch": torch.__version__,
-            })
-            hit = _cache.load(ctx.cfg.train.output_dir, cache_key)
-            if hit is not None:
-                self.teacher = hit["teacher"].to(ctx.device)
-                ctx.info["teacher_accuracy"] = float(hit["accuracy"])
-                ctx.info["teacher_cached"] = True
-                return
-        teacher = fit_nonprivate(ctx.model, data, steps=steps, batch_size=tc.batch_size, lr=tc.lr,
-                                 device=ctx.device, seed=tc.seed + 17, on_batch=count)
+        # the layer scorer's fit on the same data, when there is one: the teacher continues it under the
+        # chosen keep-mask (its prefix then starts where a trained model is, not at the initial one)
+        scorer = ctx.shared.get(f"scorer/{c.distill_mode}")
+        init = None
+        if scorer is not None:
+            init = copy.deepcopy(scorer)
+            init.prefix.set_keep(ctx.model.prefix.keep_mask)
+        teacher, report, cached = level_fit(ctx, data, kind="teacher", seed=tc.seed + 17, on_batch=count,
+                                            cache=c.distill_mode == "safe", init=init)
         self.teacher = teacher.prefix.embedding.weight.detach().clone()
-        from ..evaluate import evaluate
-
-        ctx.info["teacher_accuracy"] = evaluate(teacher, ctx.eval, tc.eval_batch_size, ctx.device)["accuracy"]
-        if cache_key is not None:
-            _cache.save(ctx.cfg.train.output_dir, cache_key,
-                        {"teacher": self.teacher.cpu(), "accuracy": float(ctx.info["teacher_accuracy"])})
-        ctx.info["teacher_cached"] = False
+        ctx.info.update(report.to_info("teacher"))
+        ctx.info["teacher_accuracy"] = report.val_accuracy  # the name older results use (val split)
+        ctx.info["teacher_cached"] = cached
+        ctx.info["teacher_warm_start"] = init is not None
+        majority = _majority_share(ctx.eval)
+        if report.val_accuracy < majority + TEACHER_MARGIN:
+            warn(f"the {ctx.info['teacher_data']} teacher reaches {report.val_accuracy:.3f} val accuracy, not "
+                      f"clearly above the majority class ({majority:.3f}): distillation pulls toward a model that has "
+                      f"not learned the task (more public data: --public-size; a longer fit: --teacher-epochs)")
 
     def _keep_cols(self, ctx: TrainContext) -> torch.Tensor | None:
         keep = ctx.model.prefix.keep_mask

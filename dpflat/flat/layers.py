@@ -7,19 +7,23 @@ estimated (``landscape.sharpness.prefix_indicator``) at u = r g/||g|| and at
 r = rho * ||P|| over the prefix weights, on a fixed subset of the allowed data.
 Greedy elimination repeatedly removes the kept layer whose removal gives the lowest
 S, until ``n_drop`` layers are gone (or, with ``layers_stop_early``, until S stops
-decreasing). The indicator is scored on a copy of the model after a short
-non-private warm-up of its prefix + head on the same allowed data; the copy is then
-thrown away, so the level changes only the keep-mask.
+decreasing). The indicator is scored on a copy of the model that has learned the task on
+the same allowed data: a non-private fit of prefix + head to its validation plateau with
+dropout off (``--layers-scorer plateau``, ``_fit.level_fit``; the teacher's settings), so
+the ranking is a property of a trained model's landscape, not of the fit's dropout draws
+(``benchmarks/bench_selection_noise.py`` measures it under reseeding). The copy is then
+thrown away -- the teacher continues from it under the chosen mask -- so the level changes
+only the keep-mask. ``--layers-scorer warmup`` is the earlier fixed short warm-up.
 
-- safe (default): warm-up and S use the public split only: no privacy cost.
+- safe (default): the scorer fit and S use the public split only: no privacy cost.
 - paper: they use the private training data (as the authors): NOT DP.
 
 Cost (the one-off setup of a DP-Flat run): the scored examples are regrouped by length
 and their padding cut (``landscape.rebatch_by_length``; the same S up to float
 summation order, so the same ranking -- tests/test_flat_speed.py checks it), and in
-safe mode the outcome is cached under the output dir keyed by everything it depends on
-(``_cache``), so runs that share backbone, public split, seed and settings (a sweep
-over ε) select once. Paper mode is never cached.
+safe mode the scorer's fit and the selection are cached under the output dir keyed by
+everything they depend on (``_cache``), so runs that share backbone, public split, seed and
+settings (a sweep over ε) select once. Paper mode is never cached.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from landscape.sharpness import prefix_indicator
 from ..config import ConfigError, FlatConfig
 from ..evaluate import model_inputs
 from . import _cache
-from ._fit import fit_nonprivate
+from ._fit import fit_to_plateau, level_fit
 from .base import FlatLevel, TrainContext
 
 PAPER_WHO = "layers/paper-sharpness"
@@ -118,33 +122,39 @@ class LayerSelection(FlatLevel):
             data = ctx.public
             if data is None or len(data) == 0:
                 raise ConfigError("layer selection in safe mode scores sharpness on the public split: set --public-size > 0")
-            count = lambda nb: None  # noqa: E731
+            count = None
         else:
             data = ctx.private.read(PAPER_WHO, PAPER_HOW, accounted=False)
             count = lambda nb: ctx.private.count(PAPER_WHO, PAPER_HOW, False, nb)  # noqa: E731
+        safe = c.layers_mode == "safe"
+        if c.layers_scorer == "plateau":  # a model that has learned the task (shared with the teacher)
+            scorer, report, fit_cached = level_fit(ctx, data, kind="scorer", seed=tc.seed + 29, on_batch=count,
+                                                   cache=safe)
+            ctx.info.update({**report.to_info("scorer"), "scorer_cached": fit_cached})
+            ctx.shared[f"scorer/{c.layers_mode}"] = scorer
+        elif c.layers_warmup_steps > 0:
+            scorer, _ = fit_to_plateau(ctx.model, data, None, max_steps=c.layers_warmup_steps,
+                                       batch_size=tc.batch_size, lr=tc.lr, device=ctx.device, seed=tc.seed + 29,
+                                       on_batch=count)
+        else:
+            scorer = copy.deepcopy(ctx.model).eval()
         cache_key = None
-        if c.layers_mode == "safe" and _cache.enabled():  # public data only: safe to reuse across runs
+        if safe and _cache.enabled():  # public data only: safe to reuse across runs
             cache_key = _cache.key("layers", {
-                "model": _cache.fingerprint_model(ctx.model), "public": _cache.fingerprint_dataset(data),
-                "seed": tc.seed, "batch_size": tc.batch_size, "lr": tc.lr, "device": ctx.device.type,
-                "torch": torch.__version__, "n_drop": c.n_drop, "rho": c.layers_rho,
-                "directions": c.layers_directions, "warmup": c.layers_warmup_steps,
-                "examples": c.layers_examples, "stop_early": c.layers_stop_early, "group": SCORE_GROUP,
+                "scorer": _cache.fingerprint_model(scorer), "public": _cache.fingerprint_dataset(data),
+                "seed": tc.seed, "device": ctx.device.type, "torch": torch.__version__, "n_drop": c.n_drop,
+                "rho": c.layers_rho, "directions": c.layers_directions, "examples": c.layers_examples,
+                "stop_early": c.layers_stop_early, "group": SCORE_GROUP,
             })
             hit = _cache.load(ctx.cfg.train.output_dir, cache_key)
             if hit is not None:
                 self._finish(ctx, list(hit["keep"]), list(hit["trace"]), cached=True)
                 return
-        if c.layers_warmup_steps > 0:
-            scorer = fit_nonprivate(ctx.model, data, steps=c.layers_warmup_steps, batch_size=tc.batch_size,
-                                    lr=tc.lr, device=ctx.device, seed=tc.seed + 29, on_batch=count)
-        else:
-            scorer = copy.deepcopy(ctx.model).eval()
         batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in scoring_batches(data, c.layers_examples)]
         n_sub = sum(len(b["labels"]) for b in batches)
         passes = 1 + 2 * c.layers_directions  # gradient + both signs of each random direction, + base loss
         keep, trace = greedy_drop(scorer, batches, c.n_drop, c.layers_rho, c.layers_directions, tc.seed,
-                                  c.layers_stop_early, on_eval=lambda: count(n_sub * passes))
+                                  c.layers_stop_early, on_eval=(lambda: count(n_sub * passes)) if count else None)
         if cache_key is not None:
             _cache.save(ctx.cfg.train.output_dir, cache_key, {"keep": keep, "trace": trace})
         self._finish(ctx, keep, trace, cached=False)
