@@ -1,24 +1,43 @@
-"""Fidelity benchmark: test accuracy of nonprivate, dp, dpflat (safe) and dpflat (paper) with
-paired 95% intervals against dp, flatness (top Hessian eigenvalue, SAM sharpness) and run cost.
+"""Fidelity benchmark: does DP-Flat (safe) act? Test accuracy of each level against DP with
+paired 95% intervals, the fraction of the DP -> non-private gap closed, flatness and run cost.
 
-SST-2 and QNLI with the CLI defaults otherwise (MiniLM, 2,000 private examples, public 500,
-val 500, 2 epochs), ε ∈ {3, 8}, seeds 0..4. Checkpoints are selected on the validation
-split; the test split (the task's eval file) is read once per run, at its end. Nothing is
-tuned here. Flatness is measured on the first 128 test examples (``dpflat.analysis``).
+The study grid (``--grid study``, the default since 2026-12-07, issue 27): the CLI defaults (the
+study regime, chosen on val: ``benchmarks/bench_regime.py``), variants nonprivate, dp, dp+awp,
+dp+layers, dp+distill and dpflat (safe), ε ∈ {3, 8}, seeds 0..4, on SST-2 and a second task.
+Its parts (``--part``):
+
+- ``main``: the grid above;
+- ``selector``: SST-2, ε = 3, seeds 0..2: the layer selector against all layers kept (dp), the
+  authors' hand-picked dropped layers (roberta-base's, scaled to the backbone's depth) and a
+  random keep-mask with the same n_drop (drawn from the public seed);
+- ``lambda``: SST-2, ε = 3, seeds 0..2: dp+distill at λ ∈ {0.001, 0.01, 0.1, 1}, norm and
+  squared norm;
+- ``gamma``: SST-2, ε = 3, seeds 0..2: dp+awp at γ ∈ {0.001, 0.01, 0.1, 1}.
+
+Checkpoints are selected on the validation split; the test split (the task's eval file) is read
+once per run, at its end. Nothing is tuned here. Flatness is measured on the first 128 test
+examples over the trainable parameters (``dpflat.analysis``): a run that keeps fewer prefix
+layers (dp+layers, dpflat) is measured in a smaller parameter space than dp, so the table marks
+which rows share dp's.
+
+``--grid old`` prints the table of the old defaults (2,000 private examples, 2 epochs, batch 128,
+linear head, 1-epoch teacher, 30-step dropout warm-up scorer: the 5-seed table of 2026-12-05)
+from its committed record (``benchmarks/fidelity_cells.jsonl``) alone: that code no longer
+trains those configurations (their run ids are of the old config), so nothing is trained.
 
 Resumable: cells are run folders under ``--output-dir`` (finished ones are skipped, an
 interrupted one resumes from its checkpoint) and landscapes are cached in them. A finished and
-measured cell is also written to ``--record`` (default ``benchmarks/fidelity_cells.jsonl``,
-committed: ``_cells.CellRecord``), so a fresh clone on another machine skips it and still
-prints it in the table; run folders do not outlive the machine. Cells run
-seed-major, so every (task, variant, ε) gets its first seeds before any gets a fifth.
-The table is appended to benchmarks/RESULTS.md, marked PARTIAL with the number of finished
-cells when some are missing; ``--report-only`` writes the table of what exists without
-training. ``--tiny`` is the test mode (tiny random BERT, a few steps).
+measured cell is also written to ``--record`` (``benchmarks/fidelity_study_cells.jsonl`` for the
+study grid, committed: ``_cells.CellRecord``), so a fresh clone on another machine skips it and
+still prints it in the table; run folders do not outlive the machine. Cells run seed-major, so
+every (task, variant, ε) gets its first seeds before any gets a fifth. The table is appended to
+benchmarks/RESULTS.md, marked PARTIAL with the number of finished cells when some are missing;
+``--report-only`` writes the table of what exists without training. ``--tiny`` is the test mode
+(tiny random BERT, a few steps).
 
     nohup python benchmarks/bench_fidelity.py --num-threads 1 --no-append > fidelity.log 2>&1 &
     python benchmarks/bench_fidelity.py --report-only     # also records cells finished meanwhile
-    git add benchmarks/fidelity_cells.jsonl               # what the next machine continues from
+    git add benchmarks/fidelity_study_cells.jsonl         # what the next machine continues from
 """
 
 from __future__ import annotations
@@ -35,11 +54,21 @@ sys.path.insert(0, str(ROOT))
 import _report  # noqa: E402
 from _cells import CellRecord  # noqa: E402
 
-VARIANTS = ["nonprivate", "dp", "dpflat"]
-MODES = ["safe", "paper"]
+#: the study grid's variants (safe mode) and the old grid's (safe and paper)
+VARIANTS = ["nonprivate", "dp", "dp+awp", "dp+layers", "dp+distill", "dpflat"]
+OLD_VARIANTS, OLD_MODES = ["nonprivate", "dp", "dpflat"], ["safe", "paper"]
+PARTS = ("main", "selector", "lambda", "gamma")
+#: the sensitivity grids (SST-2, ε = 3, seeds 0..2)
+LAMBDAS = [(0.001, False), (0.01, False), (0.1, False), (1.0, False), (0.001, True), (0.01, True), (0.1, True),
+           (1.0, True)]
+GAMMAS = [0.001, 0.01, 0.1, 1.0]
+PART_SEEDS = [0, 1, 2]
 #: test examples the flatness figures use (Lanczos + SAM on a loaded 2-core CPU: minutes per run)
 N_LANDSCAPE = 128
-ORDER = {"nonprivate": 0, "dp": 1, "dpflat-safe": 2, "dpflat-paper": 3}
+ORDER = {"nonprivate": 0, "dp": 1, "dp+awp-safe": 2, "dp+layers-safe": 3, "dp+distill-safe": 4, "dpflat-safe": 5,
+         "dpflat-paper": 6}
+#: variants whose flatness is measured in dp's parameter space (every prefix layer kept)
+ALL_LAYERS = ("nonprivate", "dp", "dp+awp-safe", "dp+distill-safe")
 
 
 def base_config(a):
@@ -58,18 +87,57 @@ def base_config(a):
 
 
 def grid(a):
-    """All cells, seed-major; inside a seed and task: nonprivate, then per ε dp, dpflat-safe,
-    dpflat-paper, so that a partial table compares every variant at the first ε."""
+    """All cells of the chosen parts, seed-major; inside a seed and task: nonprivate, then per ε
+    dp and the levels, so that a partial table compares every variant at the first ε."""
     from dpflat.sweep import cells
 
     base = base_config(a)
     out = []
-    for seed in a.seeds:
-        for task in a.tasks:
-            cs = cells(base.replace(data={"task": task}), VARIANTS, a.epsilons, [seed], MODES)
-            out += sorted(cs, key=lambda c: (c.privacy.enabled, a.epsilons.index(c.privacy.epsilon)
-                                             if c.privacy.enabled else 0, ORDER.get(c.variant, 9)))
+    if "main" in a.parts:
+        for seed in a.seeds:
+            for task in a.tasks:
+                cs = cells(base.replace(data={"task": task}), VARIANTS, a.epsilons, [seed], ["safe"])
+                out += sorted(cs, key=lambda c: (c.privacy.enabled, a.epsilons.index(c.privacy.epsilon)
+                                                 if c.privacy.enabled else 0, ORDER.get(c.variant, 9)))
+    side = [p for p in a.parts if p != "main"]
+    if side:
+        sst2 = base.replace(data={"task": a.tasks[0]}, privacy={"epsilon": a.epsilons[0]})
+        for seed in [s for s in PART_SEEDS if s in a.seeds]:
+            for part in side:
+                out += part_cells(part, sst2.replace(train={"seed": seed}))
     return out
+
+
+def _keep(n_layers: int, drop: set[int]) -> str:
+    return ",".join(str(i) for i in range(n_layers) if i not in drop)
+
+
+def part_cells(part: str, base) -> list:
+    """The side grid ``part`` at one seed: configs with their own variant labels (paired with dp)."""
+    import random
+
+    from dpflat.config import PAPER_DROPPED_LAYERS, PAPER_N_LAYERS, apply_variant
+    from dpflat.models import check_layers
+
+    if part == "selector":
+        n = check_layers(base.model) or 6
+        k = base.flat.n_drop
+        # the authors' dropped layers of roberta-base (12 layers) for the task, scaled to this depth
+        scaled = sorted({min(n - 1, l * n // PAPER_N_LAYERS) for l in PAPER_DROPPED_LAYERS.get(base.data.task, ())})
+        authors = set(scaled[:k]) if len(scaled) >= k else set(scaled)
+        rnd = set(random.Random(f"random-mask:{base.train.seed}").sample(range(n), k))  # public: the seed
+        dp = apply_variant(base, "dp")
+        return [dp.replace(model={"keep_layers": _keep(n, authors)}, variant="dp+keep[authors]"),
+                dp.replace(model={"keep_layers": _keep(n, rnd)}, variant="dp+keep[random]")]
+    if part == "lambda":  # the default (λ, squared) is the main grid's dp+distill cell
+        d = apply_variant(base, "dp+distill")
+        return [d.replace(flat={"distill_lambda": lam, "distill_squared": sq},
+                          variant=f"dp+distill[λ={lam:g}{',sq' if sq else ''}]") for lam, sq in LAMBDAS
+                if (lam, sq) != (d.flat.distill_lambda, d.flat.distill_squared)]
+    if part == "gamma":  # the default γ is the main grid's dp+awp cell
+        w = apply_variant(base, "dp+awp")
+        return [w.replace(flat={"awp_gamma": g}, variant=f"dp+awp[γ={g:g}]") for g in GAMMAS if g != w.flat.awp_gamma]
+    raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
 
 
 def landscape(run_dir: str, a) -> None:
@@ -92,7 +160,7 @@ def record_finished(a) -> int:
     """Copy every finished (and, unless --no-landscape, measured) cell of the grid that the
     record lacks into it: results row, flatness, per-example test correctness. Returns how
     many were added."""
-    if a.record is None:
+    if a.record is None or a.grid == "old":
         return 0
     from dpflat.runs import RunDir, load_results
 
@@ -149,7 +217,7 @@ def table_lines(a) -> tuple:
     from dpflat.runs import RunDir, load_results
     from dpflat.stats import load_correct, paired_differences
 
-    g = grid(a)
+    g = grid(a) if a.grid == "study" else []
     key_of = {RunDir.for_config(c).path.name: cell_key(c) for c in g}  # run id -> cell
 
     def _flatness(row):
@@ -164,16 +232,18 @@ def table_lines(a) -> tuple:
 
     rec = CellRecord(a.record) if a.record else None
     kept = pd.DataFrame(rec.rows()) if rec else pd.DataFrame()
-    kept = kept[kept["cell"].isin(set(key_of.values()))] if len(kept) else kept
-    t = load_results(a.output_dir) if Path(a.output_dir).is_dir() else pd.DataFrame()
+    if a.grid == "study":  # the old grid: every recorded cell (its configurations are not rebuilt)
+        kept = kept[kept["cell"].isin(set(key_of.values()))] if len(kept) else kept
+    t = load_results(a.output_dir) if Path(a.output_dir).is_dir() and g else pd.DataFrame()
     t = t[t["run_id"].isin(key_of) & t["finished"].astype(bool)].copy() if len(t) else t
     if len(t):
         t["cell"] = t["run_id"].map(key_of)
     if len(kept) and len(t):  # a recorded cell is read from the record
         t = t[~t["cell"].isin(set(kept["cell"]))]
     t = pd.concat([x for x in (kept, t) if len(x)], ignore_index=True) if len(kept) or len(t) else t
+    total = len(g) if g else len(kept)
     if not len(t):
-        return ["(no finished cells yet)"], 0, len(g), pd.DataFrame()
+        return ["(no finished cells yet)"], 0, total, pd.DataFrame()
     t = t.copy()
     if "run_dir" not in t:
         t["run_dir"] = None
@@ -193,8 +263,8 @@ def table_lines(a) -> tuple:
         p = paired[(paired["task"] == task) & (paired["variant"] == v) & (paired["target_epsilon"] == e)]
         rows.append((task, e, ORDER.get(v, 9), v, gg, p))
     lines = ["| task | variant | target ε | guarantee | seeds | test acc (mean ± std) | val acc | Δ vs dp [95% CI] | "
-             "gap closed | top Hessian eig | SAM sharpness | wall s | setup s | ex/s | peak MiB |",
-             "|" + "---|" * 15]
+             "gap closed | top Hessian eig | SAM sharpness | dp's space | wall s | setup s | ex/s | peak MiB |",
+             "|" + "---|" * 16]
     for task, e, _, v, gg, p in sorted(rows, key=lambda r: r[:3]):
         if v == "nonprivate":  # pairs with dp at every ε: the DP -> non-private gap itself
             p = paired[(paired["task"] == task) & (paired["variant"] == v)]
@@ -215,8 +285,14 @@ def table_lines(a) -> tuple:
             f"| {' / '.join(sorted(set(gg['guarantee'])))} "
             f"| {gg['seed'].nunique()} | {gg['accuracy'].mean():.4f} ± {gg['accuracy'].std(ddof=1) if len(gg) > 1 else 0:.4f} "
             f"| {m('val_accuracy', '.4f')} | {diff} | {gap} | {m('top_eigenvalue', '.3g')} | {m('sam_sharpness', '.3g')} "
-            f"| {m('wall_s', '.0f')} | {m('setup_s', '.0f')} | {m('examples_per_s', '.1f')} | {m('peak_mem_mb', '.0f')} |")
-    return lines, done, len(g), paired
+            f"| {same_space(v)} | {m('wall_s', '.0f')} | {m('setup_s', '.0f')} | {m('examples_per_s', '.1f')} "
+            f"| {m('peak_mem_mb', '.0f')} |")
+    return lines, done, total, paired
+
+
+def same_space(variant: str) -> str:
+    """Whether a variant's flatness is measured over dp's parameters (every prefix layer kept)."""
+    return "yes" if variant in ALL_LAYERS or variant.startswith(("dp+awp[", "dp+distill[")) else "no"
 
 
 def _row_label(variant: str, eps: float, n: int) -> str:
@@ -238,7 +314,8 @@ def forest_figure(paired, path: Path, partial: str = "") -> Path:
 
     tasks = sorted(set(paired["task"]))
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(7.2 * max(len(tasks), 1), 3.6), squeeze=False)
-    colors = {"nonprivate": "#555555", "dpflat-safe": "#1f77b4", "dpflat-paper": "#ff7f0e"}
+    colors = {"nonprivate": "#555555", "dpflat-safe": "#1f77b4", "dpflat-paper": "#ff7f0e", "dp+awp-safe": "#9467bd",
+              "dp+layers-safe": "#8c564b", "dp+distill-safe": "#2ca02c"}
     for ax, task in zip(axes[0], tasks):
         pp = paired[paired["task"] == task].copy()
         pp["o"] = pp["variant"].map(ORDER).fillna(9)
@@ -264,6 +341,9 @@ def forest_figure(paired, path: Path, partial: str = "") -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", default="study", choices=["study", "old"],
+                   help="study: today's defaults (issue 27); old: the 2026-12-05 table from its record alone")
+    p.add_argument("--parts", default="main", help=f"comma-separated parts of the study grid: {', '.join(PARTS)}")
     p.add_argument("--output-dir", default="/work/fidelity-runs")
     p.add_argument("--data-dir", default=os.environ.get("DPFLAT_DATA_DIR", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--tasks", default="sst2,qnli")
@@ -283,7 +363,15 @@ def main(argv: list[str] | None = None) -> None:
     if a.no_record:
         a.record = None
     elif a.record is None and not a.tiny:
-        a.record = str(ROOT / "benchmarks" / "fidelity_cells.jsonl")
+        a.record = str(ROOT / "benchmarks" / ("fidelity_study_cells.jsonl" if a.grid == "study" else "fidelity_cells.jsonl"))
+    if a.grid == "old":
+        if a.record is None:
+            raise SystemExit("--grid old reads its cells from a record (--record benchmarks/fidelity_cells.jsonl)")
+        a.report_only = True  # today's code does not train the old configurations
+    a.parts = [x.strip() for x in a.parts.split(",") if x.strip()]
+    bad = [x for x in a.parts if x not in PARTS]
+    if bad:
+        raise SystemExit(f"unknown part {bad[0]!r}; choose from {', '.join(PARTS)}")
     a.tasks = [x.strip() for x in a.tasks.split(",") if x.strip()]
     a.epsilons = [float(x) for x in a.epsilons.split(",")]
     a.seeds = [int(x) for x in a.seeds.split(",")]
@@ -299,10 +387,14 @@ def main(argv: list[str] | None = None) -> None:
     head = [
         f"- command: `{_report.command()}`",
         f"- machine: {_report.machine()}; load average {load0:.1f} at start; this invocation {(time.time() - t_all) / 60:.1f} min",
-        f"- setting: tasks {', '.join(a.tasks)}; backbone {base.model.backbone}, {base.data.train_size} private / "
-        f"{base.data.public_size:g} public / {base.data.val_size} val examples (content-disjoint), test = the task's "
-        f"eval file; {base.train.epochs:g} epochs, batch {base.train.batch_size}, C={base.privacy.max_grad_norm}; "
-        f"checkpoint selected on val, test read once; ε {a.epsilons}, seeds {a.seeds}",
+        (f"- setting: tasks {', '.join(a.tasks)}; parts {', '.join(a.parts)}; backbone {base.model.backbone}, head "
+         f"{base.model.head}, {base.data.train_size} private / {base.data.public_size:g} public / {base.data.val_size} "
+         f"val examples (content-disjoint), test = the task's eval file; {base.train.epochs:g} epochs, batch "
+         f"{base.train.batch_size}, lr {base.train.lr:g}, C={base.privacy.max_grad_norm}; checkpoint selected on val, "
+         f"test read once; ε {a.epsilons}, seeds {a.seeds}" if a.grid == "study" else
+         "- setting: **the old defaults** (until 2026-12-05): MiniLM with a linear head, 2,000 private / 500 public / "
+         "500 val examples, 2 epochs, batch 128 (32 DP steps), a 1-epoch teacher (4 steps), a 30-step warm-up "
+         "scorer with dropout on; rebuilt from the committed record alone (today's code trains other configurations)"),
         "- Δ vs dp: mean paired (same task, ε, seed) difference of test accuracy, 95% bootstrap interval over seeds "
         "and test examples (dpflat/stats.py); gap closed = Δ / (nonprivate − dp). Flatness on the first "
         f"{16 if a.tiny else N_LANDSCAPE} test examples, trainable parameters (prefix + head); wall/setup seconds, examples/s "
@@ -311,11 +403,14 @@ def main(argv: list[str] | None = None) -> None:
         *lines,
     ]
     status = "" if done >= total else f" — PARTIAL ({done} of {total} cells finished)"
-    title = f"bench_fidelity: val-selected test accuracy, paired CIs vs dp, flatness, cost{' (tiny)' if a.tiny else ''}{status}"
+    which = " (the old defaults, from the record)" if a.grid == "old" else ""
+    title = (f"bench_fidelity{which}: val-selected test accuracy, paired CIs vs dp, flatness, cost"
+             f"{' (tiny)' if a.tiny else ''}{status}")
     print(title + "\n" + "\n".join(head), flush=True)
     if not a.no_append:
         if len(paired):
-            fig = forest_figure(paired, Path(a.results).with_name("fidelity.png"), status.strip(" —"))
+            name = "fidelity_study.png" if a.grid == "study" else "fidelity.png"
+            fig = forest_figure(paired, Path(a.results).with_name(name), status.strip(" —"))
             head += ["", f"![paired differences to dp, 95% intervals]({fig.name})"]
         _report.append(title, head, Path(a.results))
 

@@ -418,6 +418,119 @@ def check_ranking(a) -> str:
     return text
 
 
+#: one timed training run in a child process; run against any checkout (``PYTHONPATH``): the
+#: baseline commit and the working tree use the same script, so the same Poisson batches are timed
+_PATH_RUNNER = r"""
+import json, sys, time, torch
+from dpflat import privacy as P
+from dpflat.cli import quiet_libraries
+from dpflat.config import RunConfig, apply_variant
+from dpflat.train import train
+spec = json.loads(sys.argv[1])
+quiet_libraries()
+torch.set_num_threads(spec["threads"])
+count = [0]
+orig = P.PrivateSplit.count
+def counting(self, who, how, accounted, examples):
+    if who in ("train/dp-sgd", "train/non-private"):
+        count[0] += int(examples)
+    return orig(self, who, how, accounted, examples)
+P.PrivateSplit.count = counting
+cfg = apply_variant(RunConfig(), spec["variant"], "safe").replace(**spec["over"])
+stamps, ex, c0 = [], [], time.process_time()
+def on_step(row):
+    stamps.append(time.perf_counter()); ex.append(count[0])
+train(cfg, resume=False, max_steps=spec["steps"], on_step=on_step, noise_seed=spec["noise_seed"])
+print("RESULT " + json.dumps({"stamps": stamps, "examples": ex}))
+"""
+
+
+def _baseline_tree(rev: str) -> str:
+    """The tree of ``rev`` exported into a temporary folder (git archive): the code to compare against."""
+    import subprocess
+
+    d = tempfile.mkdtemp(prefix=f"bench-base-{rev[:8]}-")
+    arch = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", d], input=arch, check=True)
+    return d
+
+
+def compare_paths(a) -> str:
+    """examples/s of DP-SGD at the CLI defaults: the baseline commit's code, today's code with its
+    old per-batch cut and dropout, and today's defaults, interleaved (ABC CBA ...) in child processes
+    on the same Poisson batches (one operator noise seed); ratios of matched steps."""
+    import json
+    import subprocess
+
+    from dpflat.config import RunConfig
+
+    base_dir = _baseline_tree(a.baseline_rev)
+    d = RunConfig()  # today's CLI defaults, passed explicitly so the old code runs the same sizes
+    sizes = {"data": {"train_size": d.data.train_size, "public_size": d.data.public_size, "data_dir": a.data_dir},
+             "train": {"epochs": d.train.epochs, "batch_size": d.train.batch_size, "lr": d.train.lr,
+                       "physical_batch_size": d.train.physical_batch_size, "progress": False,
+                       "checkpoint_every": 10**6, "eval_every": 10**6}}
+    old_model = {"backbone_dropout": True, "head_dropout": 0.1}
+    paths = [
+        ("baseline", f"code at {a.baseline_rev[:8]} (arrival-order cut, dropout on)", base_dir,
+         {"data": sizes["data"], "train": sizes["train"], "model": {"head_dropout": 0.1}}),
+        ("old-cut", "today's code, --group-by-length off, backbone and head dropout on", str(ROOT),
+         {"data": sizes["data"], "train": {**sizes["train"], "group_by_length": "off"}, "model": old_model}),
+        ("new", "today's CLI defaults (length-grouped physical batches; dropout as configured)", str(ROOT),
+         {"data": sizes["data"], "train": sizes["train"]}),
+    ]
+    steps = a.warmup_steps + a.timed_steps
+    runs: dict[str, list[list[float]]] = {k: [] for k, *_ in paths}
+    exs: dict[str, list[list[int]]] = {k: [] for k, *_ in paths}
+    load0 = os.getloadavg()
+    for rnd in range(a.rounds):
+        for key, _, tree, over in (paths if rnd % 2 == 0 else paths[::-1]):
+            out = tempfile.mkdtemp(prefix=f"bench-path-{key}-")
+            spec = {"variant": "dp", "threads": a.threads or 2, "steps": steps, "noise_seed": 20261207,
+                    "over": {**over, "train": {**over["train"], "output_dir": out}, "privacy": {"epsilon": 8.0}}}
+            env = {**os.environ, "PYTHONPATH": tree, "HF_HUB_OFFLINE": "1"}
+            p = subprocess.run([sys.executable, "-c", _PATH_RUNNER, json.dumps(spec)], capture_output=True, text=True,
+                               env=env, cwd=tree)
+            line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{key} failed:\n{p.stderr[-2000:]}")
+            r = json.loads(line[7:])
+            st, ex = r["stamps"], r["examples"]
+            runs[key].append([st[k] - st[k - 1] for k in range(a.warmup_steps, steps)])
+            exs[key].append([ex[k] - ex[k - 1] for k in range(a.warmup_steps, steps)])
+            print(f"[round {rnd}] {key}: {sum(exs[key][-1]) / sum(runs[key][-1]):.1f} ex/s", flush=True)
+    load1 = os.getloadavg()
+    rate = {k: sum(map(sum, exs[k])) / sum(map(sum, runs[k])) for k in runs}
+
+    def matched(slow: str, fast: str) -> float:
+        rs = [s / f for rs_, rf in zip(runs[slow], runs[fast]) for s, f in zip(rs_, rf)]
+        return statistics.median(rs)
+
+    assert all(exs[k] == exs["baseline"] for k in exs), "the paths did not train on the same Poisson batches"
+    tab = ["| path | what | DP-SGD examples/s | vs baseline (rate) | vs baseline (median of matched steps) |",
+           "|---|---|---:|---:|---:|"]
+    for key, label, _, _ in paths:
+        tab.append(f"| {key} | {label} | {rate[key]:.1f} | {rate[key] / rate['baseline']:.2f}× | "
+                   f"{matched('baseline', key):.2f}× |")
+    r = rate["new"] / rate["baseline"]
+    lines = [
+        f"- command: `{_report.command()}`",
+        f"- machine: {_report.machine()}; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end",
+        f"- what: DP-SGD (`--variant dp`, ε = 8) at today's CLI defaults (SST-2, MiniLM-L6, {d.data.train_size} private "
+        f"examples, logical batch {d.train.batch_size}, physical {d.train.physical_batch_size}), each path in its own "
+        f"child process with {a.threads or 2} torch threads, {a.rounds} rounds in alternating order; the same operator "
+        f"noise seed, so every path trains on the same Poisson batches (checked); {a.warmup_steps} warm-up steps "
+        f"dropped, {a.timed_steps} timed; baseline = `git archive {a.baseline_rev}`",
+        "",
+        *tab,
+        "",
+        f"- today's defaults vs the baseline: **{r:.2f}×** examples/s (goal ≥ 3×: **{'met' if r >= 3 else 'NOT met'}**)",
+    ]
+    _report.publish("bench_train --paths: DP-SGD throughput of the baseline and today's code, side by side", lines,
+                    not a.no_append)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps, 1 profiled step, 2 eval repeats")
@@ -441,7 +554,15 @@ def main(argv=None) -> str:
     p.add_argument("--check-ranking", action="store_true",
                    help="instead: the CLI-default layer selection scored on the plain fixed batch and on the "
                         "length-regrouped batches (the new default): same keep-mask? S differences? time?")
+    p.add_argument("--paths", action="store_true",
+                   help="instead: DP-SGD examples/s at the CLI defaults of a baseline commit's code, today's code with "
+                        "the old cut, and today's defaults, side by side (see compare_paths)")
+    p.add_argument("--baseline-rev", default="648505a", help="with --paths: the commit to compare against")
+    p.add_argument("--warmup-steps", type=int, default=2, help="with --paths: steps dropped")
+    p.add_argument("--timed-steps", type=int, default=8, help="with --paths: steps timed")
     a = p.parse_args(argv)
+    if a.paths:
+        return compare_paths(a)
     if a.end_to_end:
         return end_to_end(a)
     if a.check_ranking:
