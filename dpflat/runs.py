@@ -122,7 +122,7 @@ class RunDir:
         The output folders this call had to make are remembered (``made_parents``): a run refused
         before any work removes them again when they are still empty.
         """
-        self.made_parents = prepare_output_dir(self.path.parent, made=[])
+        self.made_parents = prepare_output_dir(self.path.parent)
         made = not self.path.exists()
         try:
             self.path.mkdir(exist_ok=True)
@@ -493,22 +493,20 @@ def _os_error(e: OSError, path: Path) -> Exception:
     return e
 
 
-def prepare_output_dir(root: str | Path, made: list[Path] | None = None) -> list[Path]:
+def prepare_output_dir(root: str | Path) -> list[Path]:
     """The output folder exists (made if needed) and is a writable folder; else one line naming it.
 
-    Returns the folders this call made, innermost first (``made``: the list to fill), so that a
-    refused run can remove them again (``RunDir.remove_if_bare``).
+    Returns the folders this call made, innermost first, so that a refused run can remove them
+    again (``RunDir.remove_if_bare``): a refused call must not leave an empty ``--output-dir``.
     """
     root = Path(root)
-    made = [] if made is None else made
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output folder {root} is a file, not a folder: choose another --output-dir")
-    missing = [p for p in (root, *root.parents) if not p.exists()]
+    made = [p for p in (root, *root.parents) if not p.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _os_error(e, root) from None
-    made.extend(missing)
     if not os.access(root, os.W_OK):
         raise ConfigError(f"cannot write to {root}: permission denied; choose a writable --output-dir")
     return made

@@ -80,9 +80,9 @@ def test_report_of_a_copied_output_folder_reads_the_copy_not_the_original(dp_roo
     rd = _only_run(copy)
     rd.ledger_file.unlink()
     table = load_results(copy)
-    assert table.iloc[0]["run_dir"] == str(rd.path)  # beside the table, not the stored absolute path
     t = checked_guarantees(table, copy)
     assert t.iloc[0]["guarantee"] == UNKNOWN and math.isnan(t.iloc[0]["epsilon"])
+    assert table.iloc[0]["run_dir"] == str(rd.path)  # beside the table, not the stored absolute path
     assert UNKNOWN in build_report(copy).read_text() and "1 runs, 0 of them (ε, δ)-DP" in (copy / "report.html").read_text()
     assert checked_guarantees(load_results(dp_root), dp_root).iloc[0]["guarantee"] == DP  # the original is untouched
     with pytest.raises(FileNotFoundError, match="no results table in"):
