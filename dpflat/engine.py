@@ -13,13 +13,14 @@ import math
 import secrets
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, PrivacyConfig
+from .config import ConfigError, PrivacyConfig, RunConfig
 from .distributed import is_distributed, rank_poisson_loader
 from .privacy import PrivacyLedger
 
@@ -71,6 +72,20 @@ def spent_epsilon(accountant: Any, delta: float) -> float:
     return _epsilon(accountant, accountant.mechanism() if hasattr(accountant, "mechanism") else "rdp", delta)
 
 
+def planned_mechanism(cfg: RunConfig, n_private: int) -> tuple[str, float, int]:
+    """(mechanism, q, steps) the training loops run for ``cfg`` on N private examples.
+
+    White box: Opacus' Poisson rate q = 1/len(loader) = 1/⌈N/B⌉; black box: q = B/N; both
+    take round(epochs x ⌈N/B⌉) steps. Known before any model is built, so an unreachable
+    target is refused first (``session.Session``), and ``verify`` checks a ledger against it.
+    """
+    per_pass = max(1, -(-int(n_private) // cfg.train.batch_size))
+    steps = max(1, int(round(cfg.train.epochs * per_pass)))
+    if cfg.blackbox.active:
+        return "dpzero", cfg.train.batch_size / n_private, steps
+    return "dp-sgd", 1.0 / per_pass, steps
+
+
 def noise_for_target(cfg: PrivacyConfig, sample_rate: float, steps: int, delta: float) -> float:
     """σ for (target ε, δ) after ``steps`` Poisson steps at rate q, under the chosen accountant.
 
@@ -81,7 +96,14 @@ def noise_for_target(cfg: PrivacyConfig, sample_rate: float, steps: int, delta: 
     A target the accountant cannot resolve is refused with one line: one whose ε at the σ
     found is <= 0 (Opacus' search stops there and would claim a negative ε), and one so
     large that the best RDP order is the grid's smallest (α = 1.01: the bound is not tight).
+    Cached per process (seconds per search): a run checks its target before building its
+    model, then the mechanism asks again.
     """
+    return _noise_for_target(cfg, float(sample_rate), int(steps), float(delta))
+
+
+@lru_cache(maxsize=128)
+def _noise_for_target(cfg: PrivacyConfig, sample_rate: float, steps: int, delta: float) -> float:
     from opacus.accountants import create_accountant
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -353,6 +375,7 @@ __all__ = [
     "fill_ledger",
     "make_private",
     "noise_for_target",
+    "planned_mechanism",
     "spent_epsilon",
     "zeroth_order_setup",
 ]

@@ -33,6 +33,7 @@ from . import data as data_mod
 from . import splits as splits_mod
 from . import tokens as tokens_mod
 from . import distributed as dist_mod
+from . import engine as engine_mod
 from .config import ConfigError, RunConfig
 from .engine import DPSetup, fill_ledger
 from .evaluate import peak_memory_mb, reset_peak_memory
@@ -156,8 +157,10 @@ class Session:
         if cfg.train.batch_size > self.n:
             raise ConfigError(f"batch_size {cfg.train.batch_size} is larger than the private training split "
                               f"({self.n} examples)")
-        if cfg.privacy.enabled:
-            cfg.privacy.resolve_delta(self.n)  # δ < 1/N, the default's too: refused before any model is built
+        if cfg.privacy.enabled:  # refused before any model, setup or folder work: δ < 1/N (the default's too)
+            delta = cfg.privacy.resolve_delta(self.n)  # and a target ε the accountant can resolve
+            _, q, steps = engine_mod.planned_mechanism(cfg, self.n)
+            engine_mod.noise_for_target(cfg.privacy, q, steps, delta)
         self.ledger = PrivacyLedger()
         self.private = PrivateSplit(self.tokd["private"], self.ledger)
         self.main = dist_mod.is_main()  # under torchrun only rank 0 evaluates, logs and writes

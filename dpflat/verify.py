@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import ConfigError, RunConfig
+from .engine import planned_mechanism
 from .privacy import DP, MECHANISM_READ, NOT_DP_NONPRIVATE, NOT_DP_PAPER, SAMPLED_GAUSSIAN, UNKNOWN
 from .runs import RunDir, RunFolderError
 
@@ -57,15 +58,6 @@ def _close(a: Any, b: float, rtol: float = 1e-9) -> bool:
         return False
 
 
-def _expected_mechanism(cfg: RunConfig, n: int) -> tuple[str, float, int]:
-    """The mechanism, q and steps the training loops use for ``cfg`` at N private examples."""
-    per_pass = max(1, -(-n // cfg.train.batch_size))
-    steps = max(1, int(round(cfg.train.epochs * per_pass)))
-    if cfg.blackbox.active:  # blackbox/loop.py: q = B/N
-        return "dpzero", cfg.train.batch_size / n, steps
-    return "dp-sgd", 1.0 / per_pass, steps  # train.py: Opacus' q = 1/len(loader)
-
-
 def derive(ledger: Mapping[str, Any] | None, cfg: RunConfig | None) -> Derived:
     """The guarantee a (validated) ledger and the run's config support together (see module doc)."""
     if ledger is None:
@@ -84,7 +76,7 @@ def derive(ledger: Mapping[str, Any] | None, cfg: RunConfig | None) -> Derived:
         return Derived(NOT_DP_PAPER, reason="a read of the private split no accountant covers")
     try:
         n = int(ledger["n_private"])
-        want_mech, want_q, want_steps = _expected_mechanism(cfg, n)
+        want_mech, want_q, want_steps = planned_mechanism(cfg, n)
         q, sigma, steps, delta = (float(ledger["sample_rate"]), float(ledger["noise_multiplier"]),
                                   int(ledger["steps"]), float(ledger["delta"]))
         problems = [name for name, ok in (

@@ -57,7 +57,11 @@ def test_the_default_delta_keeps_the_one_over_n_rule_so_one_private_example_is_r
 
 
 # --------------------------------------------------------------------------- 3. tiny ε
-def test_a_target_epsilon_the_accountant_cannot_resolve_is_refused_and_no_claim_is_negative(tmp_path, make_cfg):
+def test_a_target_epsilon_the_accountant_cannot_resolve_is_refused_and_no_claim_is_negative(tmp_path, make_cfg,
+                                                                                              monkeypatch):
+    import dpflat.train as train_mod
+
+    monkeypatch.setattr(train_mod, "build_model", lambda *a, **k: pytest.fail("refused only after building a model"))
     with pytest.raises(ConfigError, match=r"cannot reach ε=0\.0001 .*<= 0"):
         train(make_cfg(tmp_path / "runs", privacy={"epsilon": 1e-4}))
     assert not (tmp_path / "runs").exists()
