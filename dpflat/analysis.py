@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, RunConfig
+from .config import MAX_GRID, ConfigError, RunConfig
 from .evaluate import model_inputs
 from .figures import run_label
-from .privacy import DP, UNKNOWN
+from .privacy import DP
 from .runs import LANDSCAPE_COLUMNS, RunDir, atomic_write_text, update_result
 
 SUBDIR = "landscape"
@@ -54,14 +54,21 @@ class LoadedRun:
         """The run's ledger; empty when missing or invalid (the guarantee is then unknown)."""
         return RunDir(self.run_dir).ledger() or {}
 
+    @cached_property
+    def derived(self):
+        """The guarantee derived from the run's config, ledger and recorded mechanism (``verify``)."""
+        from .verify import derive_run
+
+        return derive_run(self.run_dir)
+
     @property
     def guarantee(self) -> str:
-        """From the run's ledger only; a run without a valid ledger.json has an unknown guarantee."""
-        return str(self.ledger.get("guarantee", UNKNOWN))
+        """Derived from the run folder; a run without a valid ledger.json has an unknown guarantee."""
+        return self.derived.guarantee
 
     @property
     def claimed_epsilon(self) -> float | None:
-        return self.result.get("epsilon") if self.guarantee == DP else None
+        return self.derived.epsilon if self.guarantee == DP else None
 
     @property
     def label(self) -> str:
@@ -167,8 +174,10 @@ def analyze_run(
     """
     import landscape as ls
 
-    if top_k < 1 or grid < 3 or span <= 0 or n_examples < 1 or trace_matvecs < 3 or density_iter < 2:
-        raise ConfigError("need top_k >= 1, grid >= 3, span > 0, n_examples >= 1, trace_matvecs >= 3, density_iter >= 2")
+    if (top_k < 1 or not 3 <= grid <= MAX_GRID or span <= 0 or n_examples < 1 or trace_matvecs < 3
+            or density_iter < 2):
+        raise ConfigError(f"need top_k >= 1, grid in [3, {MAX_GRID}], span > 0, n_examples >= 1, trace_matvecs >= 3, "
+                          "density_iter >= 2")
     rd = RunDir(run_dir)
     out_dir = rd.landscape_dir
     settings = {"top_k": top_k, "grid": grid, "span": span, "n_examples": n_examples, "seed": seed,

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import typing
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from .config import (MODES, PRESETS, SECTIONS, VARIANTS, ConfigError, RunConfig, apply_preset, apply_variant,
-                     check_device, field_types, split_optional)
+from .config import (MAX_GRID, MODES, PRESETS, SECTIONS, VARIANTS, ConfigError, RunConfig, apply_preset,
+                     apply_variant, check_device, check_variant, field_types, split_optional)
 
 FLAG_NAME = {"enabled": "dp", "active": "blackbox"}
 
@@ -27,16 +30,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _whole(minimum: int):
-    """argparse type: a whole number >= ``minimum``, refused by name at parse time."""
+def _whole(minimum: int, maximum: int | None = None):
+    """argparse type: a whole number >= ``minimum`` (and <= ``maximum``), refused by name at parse time."""
+    want = f"a whole number >= {minimum}" if maximum is None else f"a whole number in [{minimum}, {maximum}]"
 
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if v < minimum or (maximum is not None and v > maximum):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
         return v
 
     parse.__name__ = "int"
@@ -139,8 +143,8 @@ def _parser() -> _Parser:
     la = command("landscape", "Hessian spectrum + 2D loss surface of a finished run")
     la.add_argument("run_dir", help="a finished run folder")
     la.add_argument("--top-k", type=_whole(1), default=3, metavar="INT", help="top Hessian eigenvalues (default: 3)")
-    la.add_argument("--grid", type=_whole(3), default=21, metavar="INT",
-                    help="points per axis of the 2D surface (default: 21)")
+    la.add_argument("--grid", type=_whole(3, MAX_GRID), default=21, metavar="INT",
+                    help=f"points per axis of the 2D surface, at most {MAX_GRID} (default: 21)")
     la.add_argument("--span", type=float, default=1.0,
                     help="surface spans [-span, span] along each direction (default: 1.0)")
     la.add_argument("--n-examples", type=_whole(1), default=256, metavar="INT",
@@ -158,8 +162,8 @@ def _parser() -> _Parser:
     d.add_argument("--backbone", default="minilm", help="backbone (default: minilm)")
     d.add_argument("--device", default="cpu", help="cpu, cuda[:N] or mps (default: cpu)")
     d.add_argument("--data-dir", default=None, help="folder holding <task>/ files (default: $DPFLAT_DATA_DIR, ./data)")
-    d.add_argument("--grid", type=_whole(3), default=9, metavar="INT",
-                   help="points per axis of each 2D surface (default: 9)")
+    d.add_argument("--grid", type=_whole(3, MAX_GRID), default=9, metavar="INT",
+                   help=f"points per axis of each 2D surface, at most {MAX_GRID} (default: 9)")
 
     r = command("report", "write report.html for the runs of an output folder")
     r.add_argument("output_dir", help="an output folder holding results.parquet")
@@ -191,6 +195,7 @@ def _cmd_train(ns) -> int:
 
     base = RunConfig.load(ns.config) if ns.config else None
     cfg = config_from_args(ns, base)
+    check_variant(cfg)  # the variant goes into the run id and the table: it must say what the run computes
     res = trainer(cfg)(cfg, resume=not ns.no_resume, max_steps=ns.max_steps, noise_seed=ns.noise_seed,
                        secure_rng=ns.secure_rng)
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the row: print it once
@@ -326,12 +331,39 @@ def _user_error(e: BaseException) -> bool:
     return isinstance(e, (ValueError, OSError, RunLocked)) or type(e).__module__.startswith("dpflat")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit): unwound like Ctrl-C, so the run folder's lock
+    is released and a fresh folder that did no work is removed, then one line and status 143."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`Terminated` (the default handler died silently with 143)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; any error is one line on stderr (``--debug``: and its traceback), status 2.
 
-    130 after Ctrl-C (also during the first seconds of imports), 1 for an error that is
-    a bug of ours rather than a bad input.
+    130 after Ctrl-C (also during the first seconds of imports), 143 after SIGTERM, 1 for an
+    error that is a bug of ours rather than a bad input.
     """
+    with _sigterm_unwinds():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("DPFLAT_DEBUG"))
     cmd = ""
@@ -347,12 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = handlers[ns.cmd](ns)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below, not at interpreter exit
         return rc
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             import traceback
 
             traceback.print_exc()
         again = "; run the same command again to resume from the last checkpoint" if cmd in ("train", "sweep") else ""
+        if isinstance(e, Terminated):
+            print(f"dpflat: terminated (SIGTERM){again}", file=sys.stderr)
+            return 143  # 128 + SIGTERM, what a shell reports for a terminated command
         print(f"dpflat: interrupted{again}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`dpflat tasks | head`): nothing to say, as `yes | head`

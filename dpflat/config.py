@@ -18,7 +18,8 @@ import os
 import re
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+import dataclasses
+from dataclasses import FrozenInstanceError, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,22 @@ def warn(msg: str) -> None:
     import sys
 
     print(f"dpflat: warning: {msg}", file=sys.stderr, flush=True)
+
+
+class UnknownName(ConfigError):
+    """A section or field this version does not know: a typo, or a config.json a newer dpflat wrote."""
+
+    def __init__(self, msg: str, name: str):
+        super().__init__(msg)
+        self.name = name
+
+
+class FrozenConfigError(ConfigError, FrozenInstanceError):
+    """An assignment to a validated config: configs are immutable, a changed copy comes from ``replace``."""
+
+
+#: the largest number of points per axis of a 2D loss surface (``landscape --grid``): grid² evaluations
+MAX_GRID = 201
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -103,8 +120,25 @@ def check_types(obj: Any, section: str) -> None:
             raise ConfigError(f"{section}.{name} must be {want}, got {value!r}")
 
 
+def _frozen(where: str):
+    """``__setattr__``/``__delattr__`` of a frozen config: one line that says how to get a changed copy.
+
+    Why frozen: a config is validated once, at construction; a later assignment (``cfg.privacy.epsilon
+    = nan``) would reach the run, its config.json and its id unchecked.
+    """
+
+    def refuse(self, attr: str, *value: Any) -> None:
+        how = (f"cfg.replace({attr}=...)" if where == "run" else
+               f"cfg.replace({where}={{{attr!r}: ...}}) or cfg.{where}.replace({attr}=...)")
+        raise FrozenConfigError(f"a validated config cannot be changed ({where + '.' if where != 'run' else ''}"
+                                f"{attr}): make a changed copy with {how}")
+
+    return refuse
+
+
 def section(name: str):
-    """Class decorator: the section's ``__post_init__`` runs after the type check of every field."""
+    """Class decorator (over ``@dataclass(frozen=True)``): the section's ``__post_init__`` runs after
+    the type check of every field; assignments are refused, ``replace`` makes a validated copy."""
 
     def wrap(klass: type) -> type:
         own = klass.__dict__.get("__post_init__")
@@ -114,7 +148,13 @@ def section(name: str):
             if own is not None:
                 own(self)
 
+        def replace(self, **changes: Any):
+            """A copy with some fields changed, validated like a new one."""
+            return dataclasses.replace(self, **changes)
+
         klass.__post_init__ = __post_init__
+        klass.replace = replace
+        klass.__setattr__ = klass.__delattr__ = _frozen(name)
         klass.section_name = name
         return klass
 
@@ -156,7 +196,7 @@ def check_device(device: str) -> None:
 
 
 @section("data")
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """Which task, where its files are, and how to split/subsample it."""
 
@@ -177,7 +217,7 @@ class DataConfig:
         _check(8 <= self.max_length <= 4096, f"max_length must be in [8, 4096], got {self.max_length}")
         for name in ("train_size", "eval_size"):
             if getattr(self, name) == 0:  # the CLI's way to say "all of it"
-                setattr(self, name, None)
+                object.__setattr__(self, name, None)  # still being constructed: frozen from here on
             v = getattr(self, name)
             _check(v is None or v >= 1, f"{name} must be >= 1 when given, got {v}")
         _check(self.public_size >= 0, f"public_size must be >= 0, got {self.public_size}")
@@ -186,7 +226,7 @@ class DataConfig:
 
 
 @section("model")
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Backbone and the trainable prefix + head on top of it."""
 
@@ -244,7 +284,7 @@ class ModelConfig:
 
 
 @section("privacy")
-@dataclass
+@dataclass(frozen=True)
 class PrivacyConfig:
     """DP-SGD settings. ``enabled=False`` runs the same loop without clipping or noise."""
 
@@ -271,11 +311,14 @@ class PrivacyConfig:
     def resolve_delta(self, n_private: int) -> float:
         """δ = 1/N^1.1 by default: smaller than 1/N, the usual rule of thumb.
 
-        An explicit δ must be < 1/N: at δ >= 1/N the mechanism that publishes one random
-        record in full is (0, δ)-DP, so such a "guarantee" protects no one. Checked here
-        because only the training loop knows N.
+        Every δ, the default too, must be < 1/N: at δ >= 1/N the mechanism that publishes one
+        random record in full is (0, δ)-DP, so such a "guarantee" protects no one. For N = 1 the
+        default is 1 = 1/N, so a DP run needs N >= 2. Checked here because only the run knows N.
         """
         if self.delta is None:
+            if n_private < 2:
+                raise ConfigError(f"DP needs at least 2 private examples, got N = {n_private}: the default "
+                                  "delta 1/N^1.1 is then not < 1/N (raise --train-size, or use --no-dp)")
             return 1.0 / (n_private**1.1)
         if n_private > 0 and self.delta >= 1.0 / n_private:
             raise ConfigError(f"delta {self.delta:g} must be < 1/N = {1.0 / n_private:.3g} "
@@ -287,7 +330,7 @@ Mode = Literal["safe", "paper"]
 
 
 @section("flat")
-@dataclass
+@dataclass(frozen=True)
 class FlatConfig:
     """The three flattening levels, each on/off with its mode (see docs/ARCHITECTURE.md and the README)."""
 
@@ -353,7 +396,7 @@ MAX_LR = 100.0
 
 
 @section("train")
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, evaluation, checkpoints and where the run goes."""
 
@@ -406,6 +449,7 @@ class TrainConfig:
         if self.run_name is not None:
             check_run_name(self.run_name)
         _check(self.sharpness_every >= 0, f"sharpness_every must be >= 0, got {self.sharpness_every}")
+        _check(self.seed >= 0, f"seed must be a whole number >= 0, got {self.seed}")
         _check(self.sharpness_examples >= 1, f"sharpness_examples must be >= 1, got {self.sharpness_examples}")
 
     def resolved_precision(self) -> str:
@@ -423,7 +467,7 @@ ZOOptimizer = Literal["sgd", "adam", "cma"]
 
 
 @section("blackbox")
-@dataclass
+@dataclass(frozen=True)
 class BlackBoxConfig:
     """Black-box DP-Flat (``dpflat/blackbox/``): a soft prompt tuned from forward queries only.
 
@@ -462,7 +506,7 @@ class BlackBoxConfig:
                    f"readout_template must contain {{}} for the label name, got {self.readout_template!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; serialised as the run folder's config.json."""
 
@@ -475,12 +519,19 @@ class RunConfig:
     blackbox: BlackBoxConfig = field(default_factory=BlackBoxConfig)
 
     def __post_init__(self) -> None:
+        for sect, klass in SECTIONS.items():
+            _check(isinstance(getattr(self, sect), klass), f"RunConfig.{sect} must be a {klass.__name__}, got "
+                   f"{type(getattr(self, sect)).__name__} (RunConfig.from_dict reads a dict)")
+        _check(isinstance(self.variant, str) and bool(self.variant), f"variant must be a name, got {self.variant!r}")
         _check(not (self.paper_awp and self.train.group_by_length == "on"),
                "paper-mode AWP takes its ascent step on a logical batch's first physical batch, which grouping by "
                "length would make its shortest sentences: use --group-by-length auto or off")
         bb = self.blackbox
         if not bb.active:
             return
+        _check(self.train.sharpness_every == 0,
+               "the sharpness trajectory (--sharpness-every) needs white-box access to the Hessian of the prefix; "
+               "the black-box path has none: leave it out")
         _check(not (self.flat.awp or self.flat.layers),
                "black-box runs support only cross-model flattening (--distill): --awp and --layers need "
                "white-box access to the prefix layers")
@@ -513,7 +564,8 @@ class RunConfig:
                                     f"{', '.join(SECTIONS)}, got a {type(d).__name__}")
         unknown = [k for k in d if k not in SECTIONS and k != "variant"]
         if unknown:
-            raise ConfigError(f"unknown config section {_unknown(unknown, [*SECTIONS, 'variant'])}")
+            raise UnknownName(f"unknown config section {_unknown(unknown, [*SECTIONS, 'variant'])}",
+                              f"section {unknown[0]!r}")
         kwargs: dict[str, Any] = {}
         for sect, klass in SECTIONS.items():
             sub = d.get(sect, {})
@@ -521,7 +573,7 @@ class RunConfig:
             known = [f.name for f in fields(klass)]
             unknown = [k for k in sub if k not in known]
             if unknown:
-                raise ConfigError(f"unknown {sect} field {_unknown(unknown, known)}")
+                raise UnknownName(f"unknown {sect} field {_unknown(unknown, known)}", f"{sect}.{unknown[0]}")
             kwargs[sect] = klass(**sub)
         if "variant" in d:
             _check(isinstance(d["variant"], str) and bool(d["variant"]), f"variant must be a name, got {d['variant']!r}")
@@ -551,6 +603,8 @@ class RunConfig:
             raise ConfigError(f"{p} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         try:
             return cls.from_dict(d)
+        except UnknownName as e:  # kept apart: a run folder's reader says "written by a newer dpflat"
+            raise UnknownName(f"{p}: {e}", e.name) from None
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from None
         except TypeError as e:  # pragma: no cover - a bug of ours, never of the file
@@ -565,6 +619,22 @@ class RunConfig:
             else:
                 d.setdefault(sect, {}).update(changes)  # "blackbox" is absent from white-box dicts
         return RunConfig.from_dict(d)
+
+
+RunConfig.__setattr__ = RunConfig.__delattr__ = _frozen("run")
+
+
+def as_run_config(cfg: Any) -> RunConfig:
+    """The run config an entry point was given: a ``RunConfig``, or its dict form (validated by name).
+
+    Why: ``train({"privacy": {...}})`` died with an AttributeError deep inside; anything else is
+    one line that says what is expected.
+    """
+    if isinstance(cfg, RunConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return RunConfig.from_dict(cfg)
+    raise ConfigError(f"a run needs a RunConfig (or its dict form), got a {type(cfg).__name__}")
 
 
 def _unknown(names: list[str], known: list[str]) -> str:
@@ -633,6 +703,56 @@ def variant_name(variant: str, mode: str) -> str:
     return variant if variant in NO_MODE_VARIANTS else f"{variant}-{mode}"
 
 
+def levels_names(cfg: RunConfig) -> set[str]:
+    """The variant names that describe what ``cfg`` computes (``variant_name`` style, as the ablation
+    panel names its mixes: ``dp+awp.safe+layers.paper`` when the levels' modes differ).
+
+    Two when hand-picked layers (``model.keep_layers``, as ``--preset paper`` sets them) stand in
+    for the cross-layer level: with and without it.
+    """
+    fc = cfg.flat
+    out = set()
+    for hand_picked in {False, cfg.model.keep_layers is not None}:
+        on = [lv for lv in ("awp", "layers", "distill") if getattr(fc, lv) or (lv == "layers" and hand_picked)]
+        modes = {lv: getattr(fc, f"{lv}_mode") for lv in on}
+        if cfg.blackbox.active:  # only distillation runs there (RunConfig refuses the others)
+            if not fc.distill:
+                out.add("bb-dp" if cfg.privacy.enabled else "bb-nonprivate")
+            else:
+                out.add(("bb-dpflat" if cfg.privacy.enabled else "bb-nonprivate+distill") + f"-{fc.distill_mode}")
+            continue
+        base = "dp" if cfg.privacy.enabled else "nonprivate"
+        if not on:
+            out.add(base)
+        elif len(set(modes.values())) > 1:
+            out.add(base + "+" + "+".join(f"{lv}.{modes[lv]}" for lv in on))
+        else:
+            mode = modes[on[0]]
+            out.add(("dpflat" if len(on) == 3 and cfg.privacy.enabled else base + "+" + "+".join(on)) + f"-{mode}")
+    return out
+
+
+def check_variant(cfg: RunConfig) -> None:
+    """A run's variant name must say what it computes: it goes into the run id and the results table.
+
+    ``custom`` names any config. Any other name (settings suffixes after ``_`` aside, as the
+    ablation panel appends them) must be one of :func:`levels_names`: ``{"variant": "dpflat"}`` over
+    a plain DP config, or ``"nope"``, is refused. The command line checks every run it trains (a
+    ``--config`` file's variant, or ``--variant`` with flags that switch its levels); not part of
+    ``RunConfig``'s own validation, so a config.json of an older run still reads.
+    """
+    if cfg.variant == "custom":
+        return
+    names = levels_names(cfg)
+    if cfg.variant.split("_", 1)[0] in names:
+        return
+    if cfg.variant not in {*VARIANTS, *(variant_name(v, m) for v in VARIANTS for m in MODES)}:
+        raise ConfigError(f"unknown variant {cfg.variant!r}: a preset name ({', '.join(VARIANTS)}; flattening ones "
+                          "with -safe or -paper) or custom")
+    raise ConfigError(f"variant {cfg.variant!r} does not describe this config (its levels make it "
+                      f"{' or '.join(sorted(names))}): use --variant to set a preset's levels, or name it custom")
+
+
 def apply_variant(cfg: RunConfig, variant: str, mode: str = "safe") -> RunConfig:
     """A copy of ``cfg`` switched to a named variant, every level in ``mode``."""
     _check(variant in VARIANTS, f"unknown variant {variant!r}; choose one of: {', '.join(VARIANTS)}")
@@ -643,7 +763,11 @@ def apply_variant(cfg: RunConfig, variant: str, mode: str = "safe") -> RunConfig
     if mode == "paper" and flat["awp"]:
         flat["awp_gamma"] = PAPER_AWP_GAMMA
     blackbox = {"active": False, **preset.get("blackbox", {})}
-    return cfg.replace(privacy=preset["privacy"], flat=flat, blackbox=blackbox, variant=variant_name(variant, mode))
+    # the sharpness trajectory needs the white-box Hessian: a black-box variant of a base that records
+    # one (the notebooks' sizes) turns it off rather than carry a setting that does nothing
+    train = {"sharpness_every": 0} if blackbox["active"] else {}
+    return cfg.replace(privacy=preset["privacy"], flat=flat, blackbox=blackbox, train=train,
+                       variant=variant_name(variant, mode))
 
 
 # --------------------------------------------------------------------------- presets
@@ -726,5 +850,11 @@ __all__ = [
     "NO_MODE_VARIANTS",
     "NONPRIVATE_VARIANTS",
     "apply_variant",
+    "as_run_config",
+    "check_variant",
+    "levels_names",
     "variant_name",
+    "FrozenConfigError",
+    "MAX_GRID",
+    "UnknownName",
 ]

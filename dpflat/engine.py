@@ -13,13 +13,14 @@ import math
 import secrets
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, PrivacyConfig
+from .config import ConfigError, PrivacyConfig, RunConfig
 from .distributed import is_distributed, rank_poisson_loader
 from .privacy import PrivacyLedger
 
@@ -49,10 +50,40 @@ def accountant_kwargs(accountant: str) -> dict[str, Any]:
     return {"alphas": RDP_ALPHAS} if accountant == "rdp" else {}
 
 
+#: Opacus warns when the best RDP order sits on an edge of the α grid: the bound is valid, only loose
+_GRID_EDGE = "Optimal order is the"
+
+
+def _epsilon(accountant: Any, name: str, delta: float) -> float:
+    """ε of an Opacus accountant, never negative and without Opacus' grid-edge warning.
+
+    Far below what a conversion resolves (huge σ, large δ) the RDP -> (ε, δ) bound can come
+    out below 0; (ε, δ)-DP for some ε < 0 implies it for ε = 0, so 0 is the claim then.
+    Targets in that range are refused by :func:`noise_for_target` before any training.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_GRID_EDGE)
+        eps = float(accountant.get_epsilon(delta=delta, **accountant_kwargs(name)))
+    return max(eps, 0.0) if math.isfinite(eps) else eps
+
+
 def spent_epsilon(accountant: Any, delta: float) -> float:
     """ε an Opacus accountant has spent so far (RDP over :data:`RDP_ALPHAS`)."""
-    name = accountant.mechanism() if hasattr(accountant, "mechanism") else "rdp"
-    return float(accountant.get_epsilon(delta=delta, **accountant_kwargs(name)))
+    return _epsilon(accountant, accountant.mechanism() if hasattr(accountant, "mechanism") else "rdp", delta)
+
+
+def planned_mechanism(cfg: RunConfig, n_private: int) -> tuple[str, float, int]:
+    """(mechanism, q, steps) the training loops run for ``cfg`` on N private examples.
+
+    White box: Opacus' Poisson rate q = 1/len(loader) = 1/⌈N/B⌉; black box: q = B/N; both
+    take round(epochs x ⌈N/B⌉) steps. Known before any model is built, so an unreachable
+    target is refused first (``session.Session``), and ``verify`` checks a ledger against it.
+    """
+    per_pass = max(1, -(-int(n_private) // cfg.train.batch_size))
+    steps = max(1, int(round(cfg.train.epochs * per_pass)))
+    if cfg.blackbox.active:
+        return "dpzero", cfg.train.batch_size / n_private, steps
+    return "dp-sgd", 1.0 / per_pass, steps
 
 
 def noise_for_target(cfg: PrivacyConfig, sample_rate: float, steps: int, delta: float) -> float:
@@ -61,32 +92,59 @@ def noise_for_target(cfg: PrivacyConfig, sample_rate: float, steps: int, delta: 
     Why not ``make_private_with_epsilon``: it derives steps as int(epochs / q), which
     for fractional epochs can round to fewer steps than we run and overshoot ε. We
     pass the exact step count to the same Opacus search instead (with the wide α grid).
+
+    A target the accountant cannot resolve is refused with one line: one whose ε at the σ
+    found is <= 0 (Opacus' search stops there and would claim a negative ε), and one so
+    large that the best RDP order is the grid's smallest (α = 1.01: the bound is not tight).
+    Cached per process (seconds per search): a run checks its target before building its
+    model, then the mechanism asks again.
     """
+    return _noise_for_target(cfg, float(sample_rate), int(steps), float(delta))
+
+
+@lru_cache(maxsize=128)
+def _noise_for_target(cfg: PrivacyConfig, sample_rate: float, steps: int, delta: float) -> float:
+    from opacus.accountants import create_accountant
     from opacus.accountants.utils import get_noise_multiplier
 
+    want = f"ε={cfg.epsilon:g} with q={sample_rate:.4g}, {steps} steps, δ={delta:.3g}"
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=cfg.epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=cfg.accountant,
-                epsilon_tolerance=0.01,
-                **accountant_kwargs(cfg.accountant),
-            )
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_GRID_EDGE)
+            sigma = float(get_noise_multiplier(target_epsilon=cfg.epsilon, target_delta=delta,
+                                               sample_rate=sample_rate, steps=steps, accountant=cfg.accountant,
+                                               epsilon_tolerance=0.01, **accountant_kwargs(cfg.accountant)))
     except ValueError as e:
-        raise ConfigError(f"cannot reach ε={cfg.epsilon} with q={sample_rate:.4g}, {steps} steps: {e}") from e
+        raise ConfigError(f"cannot reach {want}: {e}") from None
+    acc = create_accountant(cfg.accountant)
+    acc.history = [(sigma, sample_rate, steps)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        eps = float(acc.get_epsilon(delta=delta, **accountant_kwargs(cfg.accountant)))
+    if not eps > 0:
+        raise ConfigError(f"cannot reach {want}: the {cfg.accountant} accountant gives ε={eps:.3g} <= 0 at the σ "
+                          f"found ({sigma:.3g}), below what it resolves; choose a larger --epsilon")
+    if any("smallest alpha" in str(w.message) for w in seen):
+        raise ConfigError(f"cannot reach {want} tightly: at the σ it needs ({sigma:.2g}) the {cfg.accountant} "
+                          f"accountant's best order is its smallest (α={RDP_ALPHAS[0]}); choose a smaller --epsilon")
+    return sigma
 
 
 def epsilon_for(accountant: str, sample_rate: float, sigma: float, steps: int, delta: float) -> float:
-    """ε after ``steps`` steps: the same computation the training accountant does."""
+    """ε after ``steps`` steps: the same computation the training accountant does (never negative)."""
     from opacus.accountants import create_accountant
 
+    if not 0 < sample_rate <= 1:
+        raise ConfigError(f"sample rate q must be in (0, 1], got {sample_rate}")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ConfigError(f"noise multiplier σ must be a finite number > 0, got {sigma}")
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ConfigError(f"steps must be a whole number >= 1, got {steps}")
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}")
     acc = create_accountant(accountant)
-    acc.history = [(sigma, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta, **accountant_kwargs(accountant)))
+    acc.history = [(sigma, sample_rate, int(steps))]
+    return _epsilon(acc, accountant, delta)
 
 
 # --------------------------------------------------------------------------- secret randomness
@@ -317,6 +375,7 @@ __all__ = [
     "fill_ledger",
     "make_private",
     "noise_for_target",
+    "planned_mechanism",
     "spent_epsilon",
     "zeroth_order_setup",
 ]

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from .privacy import DP, NOT_DP_NONPRIVATE, NOT_DP_PAPER, UNKNOWN
-from .runs import RunDir
 
 # Metric columns of the results table and their axis labels; MIA columns (``mia_*``) are
 # plotted under their own names as they appear.
@@ -109,17 +108,19 @@ def aggregate(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- sharpness vs ε
 def checked_guarantees(table: pd.DataFrame, out: Path) -> pd.DataFrame:
-    """The table with each row's guarantee re-read from its run folder's ledger.
+    """The table with each row's guarantee derived from its run folder (``verify.derive_run``).
 
-    A run without a valid ledger.json is "unknown guarantee" and claims no ε, whatever
-    its results row says; a run that is not DP shows no ε either.
+    The folder is ``out / run_id``, beside the table: never the absolute ``run_dir`` stored at
+    training time (a copied output folder would show the original's ledgers). A run without a
+    valid ledger.json is "unknown guarantee"; the guarantee follows from the config, the reads
+    and the recorded mechanism, and ``epsilon`` is the ε that mechanism gives (DP runs only).
     """
+    from .verify import derive_run
+
     t = table.copy()
-    dirs = [Path(r.get("run_dir") or out / r["run_id"]) for r in t.to_dict("records")]
-    dirs = [d if d.is_dir() else out / d.name for d in dirs]
-    t["guarantee"] = [str((RunDir(d).ledger() or {}).get("guarantee", UNKNOWN)) for d in dirs]
-    if "epsilon" in t:
-        t["epsilon"] = t["epsilon"].where(t["guarantee"] == DP)
+    derived = [derive_run(Path(out) / str(r)) for r in t["run_id"]] if "run_id" in t else []
+    t["guarantee"] = [d.guarantee for d in derived]
+    t["epsilon"] = [d.epsilon if d.guarantee == DP else np.nan for d in derived]
     return t
 
 

@@ -24,6 +24,15 @@ NOT_DP_NONPRIVATE = "not DP (non-private)"
 # noise σC on the sum), so the same accountants apply: DP-SGD on gradients, DPZero on the
 # scalar finite differences of the black-box path.
 SAMPLED_GAUSSIAN = ("dp-sgd", "dpzero")
+#: the one read of the private split each mechanism accounts for (the training loops' ``TRAIN_WHO``);
+#: any other read recorded as accounted is not covered by it (``dpflat.verify``)
+MECHANISM_READ = {"dp-sgd": "train/dp-sgd", "dpzero": "train/dpzero"}
+#: the fields of an accounted read that are functions of the secret sampling (left out of ledger.json)
+PRIVATE_READ_FIELDS = ("count", "examples")
+#: metrics.jsonl columns computed from private batches: private diagnostics, not covered
+PRIVATE_METRICS = ("train_loss_private", "examples_per_s", "clipped_fraction", "queries")
+#: the run folder's file of private statistics (batch sizes, read counts, split overlaps, query counts)
+PRIVATE_DIAGNOSTICS = "private_diagnostics.json"
 
 
 @dataclass
@@ -58,10 +67,9 @@ class PrivacyLedger:
     # os-entropy (default), operator-supplied (--noise-seed; reproducible, the operator must keep it
     # secret) or secure (Opacus secure_mode). Never the seed itself.
     noise_source: str | None = None
-    # logical batch size per DP step, as count / sum / sum of squares (Poisson check, see accountants.py)
+    # logical batch size per DP step, as count / sum / sum of squares (Poisson check, see accountants.py).
+    # A function of the secret sampling: private, so written to private_diagnostics.json, never to ledger.json
     batch_sizes: dict[str, float] = field(default_factory=lambda: {"steps": 0, "sum": 0.0, "sumsq": 0.0})
-    # normalised-text duplicates removed between the splits (filled from the data module when it reports them)
-    split_overlap: dict[str, Any] = field(default_factory=dict)
     release: dict[str, Any] = field(default_factory=dict)  # what the guarantee covers (see RELEASE)
 
     def record_batch(self, size: int) -> None:
@@ -129,6 +137,7 @@ class PrivacyLedger:
         return self.epsilon if self.mechanism in SAMPLED_GAUSSIAN and self.guarantee != DP else None
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything, batch sizes and every read's counts included: the checkpoint's private state."""
         d = asdict(self)
         d["guarantee"] = self.guarantee
         d["claimed_epsilon"] = self.claimed_epsilon
@@ -136,6 +145,25 @@ class PrivacyLedger:
         if self.guarantee != DP:  # no ε under a name that reads as the run's: only as the DP-SGD part's
             d["dpsgd_part_epsilon"] = d.pop("epsilon")
         return d
+
+    def public_dict(self) -> dict[str, Any]:
+        """ledger.json: the accounting without the private statistics (see :meth:`private_dict`).
+
+        Why: a DP run's ledger.json is covered by its guarantee, so it may hold only what the
+        mechanism releases or the config fixes. The batch sizes and the counts of accounted
+        reads (examples: their sum; physical batches: how many exceeded the memory limit) are
+        functions of the secret Poisson sampling; ``steps`` is the public count of releases.
+        Unaccounted reads keep their counts: they are why such a run claims nothing.
+        """
+        d = self.to_dict()
+        d.pop("batch_sizes")
+        d["reads"] = [{k: v for k, v in r.items() if not (r["accounted"] and k in PRIVATE_READ_FIELDS)}
+                      for r in d["reads"]]
+        return d
+
+    def private_dict(self) -> dict[str, Any]:
+        """What :meth:`public_dict` leaves out: the batch sizes and every read's counts (private diagnostics)."""
+        return {"batch_sizes": dict(self.batch_sizes), "reads": [asdict(r) for r in self.reads]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PrivacyLedger":
@@ -197,19 +225,29 @@ class PrivateSplit:
         self.ledger.record_many(who, how, accounted, batches, examples)
 
 
-#: what a run's (ε, δ) covers, and what it does not (ledger.json "release", README)
+#: what a run's (ε, δ) covers, and what it does not (ledger.json "release", README): every file a
+#: run folder holds is named on one side (``tests/test_privacy_boundary.py`` checks it)
 RELEASE = {
     "covered": [
         "model.safetensors (the selected parameters; post-processing of the DP training)",
-        "eval-split metrics of the selected model (result.json, results table: accuracy, eval_loss)",
-        "config.json, ledger.json (public inputs and the accounting)",
+        "eval-split metrics of the selected model (result.json, results table: accuracy, eval_loss, test_*, "
+        "val_*; test_predictions.npz: per-example test correctness; info: what the setup found on public data)",
+        "metrics.jsonl step, epoch, epsilon, eval_* and z_norm (functions of the DP iterates and public data); "
+        "sharpness.jsonl (measured on public or test data)",
+        "config.json, ledger.json (public inputs and the accounting: mechanism, q, σ, steps, δ, ε, which "
+        "reads were accounted)",
     ],
     "private_diagnostics_not_covered": [
-        "metrics.jsonl train_loss_private (raw loss of private batches, per step)",
-        "checkpoints (ckpt-*/: parameters and the secret generator state in state.pt), best.safetensors, "
-        "last.safetensors",
+        f"metrics.jsonl {', '.join(PRIVATE_METRICS)} (computed from the private batches, per step)",
+        f"{PRIVATE_DIAGNOSTICS} (logical batch sizes, each read's counts, the split-overlap duplicate counts, "
+        "black-box query counts)",
+        "checkpoints (ckpt-*/: parameters and the secret generator state in state.pt; a generator state "
+        "holds its seed, so whoever reads any checkpoint, ckpt-0000000 included, can replay every noise "
+        "draw from step 0: keep checkpoints as private as the data), LATEST, best.safetensors, last.safetensors",
+        "training time and memory (result.json, results table: wall_s, setup_s, train_s, examples_per_s, "
+        "peak_mem_mb; side channels of the batch sizes; examples_per_s there is the expected qN per step)",
         "loss landscapes and Hessians computed on the private split",
-        "membership-inference reads (mia.json) and canary audits",
+        "membership-inference reads (mia.json) and canary audits (canaries.json, audit.json)",
     ],
     "note": "release only the covered artifacts; the others read private data outside the accountant",
 }
@@ -228,6 +266,10 @@ __all__ = [
     "DP",
     "NOT_DP_NONPRIVATE",
     "NOT_DP_PAPER",
+    "MECHANISM_READ",
+    "PRIVATE_DIAGNOSTICS",
+    "PRIVATE_METRICS",
+    "PRIVATE_READ_FIELDS",
     "RELEASE",
     "SAMPLED_GAUSSIAN",
     "UNKNOWN",

@@ -1,7 +1,8 @@
 """A self-contained HTML report of a sweep: sharpness vs ε, accuracy, surfaces, spectra.
 
 One file (plotly inlined once) that opens offline in any browser. Every model is
-labelled with the guarantee from its ledger, never with a claim computed here. The
+labelled with the guarantee derived from its run folder beside the table (``dpflat.verify``:
+config, ledger reads and the recorded mechanism), never with its results row's claim. The
 figures come from ``dpflat.figures`` (shared with the notebooks); this module writes HTML.
 """
 
@@ -97,11 +98,12 @@ def build_report(output_dir: str | Path, title: str = "dpflat report", notes: li
 
     n_dp = int((table["guarantee"] == DP).sum())
     notes = [safe_text(n) for n in (notes or [])]
-    notes.append(f"{len(table)} runs, {n_dp} of them (ε, δ)-DP by their ledgers. A run labelled \"not DP\" or "
-                 "\"unknown guarantee\" (no valid ledger.json) claims no ε and is drawn as a band, not on the ε axis.")
+    notes.append(f"{len(table)} runs, {n_dp} of them (ε, δ)-DP as derived from their folders (config, ledger reads, "
+                 "recorded mechanism; ε recomputed). A run labelled \"not DP\" or \"unknown guarantee\" (no valid or "
+                 "no consistent ledger.json) claims no ε and is drawn as a band, not on the ε axis.")
     notes.append("Covered by a DP run's guarantee: its model and eval-split metrics. Private diagnostics (training "
-                 "loss, checkpoints, private-split landscapes, MIA reads) are not (see each run's ledger.json "
-                 "\"release\").")
+                 "loss, private_diagnostics.json, checkpoints, private-split landscapes, MIA reads) are not (see each "
+                 "run's ledger.json \"release\").")
     body = "\n".join(f"<div class='fig'>{p}</div>" for p in parts)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1500px}} table.results{{border-collapse:collapse;font-size:13px}}

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, RunConfig, identity_dict, warn
+from .config import ConfigError, RunConfig, UnknownName, identity_dict, warn
+from .privacy import PRIVATE_DIAGNOSTICS
 
 RESULTS = "results.parquet"
 TEST_PREDICTIONS = "test_predictions.npz"
@@ -44,8 +45,13 @@ def retrain_hint(path: Path) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then move into place; a failed write names ``path`` and leaves no .tmp."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError as e:  # a full disk fails at close, with no file name on the error
+        tmp.unlink(missing_ok=True)
+        raise _write_error(e, path) from None
     os.replace(tmp, path)
 
 
@@ -95,14 +101,22 @@ class RunDir:
     sharpness_file = property(lambda self: self.path / "sharpness.jsonl")
     mia_file = property(lambda self: self.path / "mia.json")
     canaries_file = property(lambda self: self.path / "canaries.json")
+    best_file = property(lambda self: self.path / "best.safetensors")
+    last_file = property(lambda self: self.path / "last.safetensors")
+    #: private statistics of a finished run (batch sizes, read counts, split overlaps): not covered
+    private_file = property(lambda self: self.path / PRIVATE_DIAGNOSTICS)
 
     @property
     def done(self) -> bool:
         return self.result_file.is_file()
 
     def create(self, cfg: RunConfig) -> bool:
-        """Make the folder (or check that it holds this same config); True when this call made it."""
-        prepare_output_dir(self.path.parent)
+        """Make the folder (or check that it holds this same config); True when this call made it.
+
+        The output folders this call had to make are remembered (``made_parents``): a run refused
+        before any work removes them again when they are still empty.
+        """
+        self.made_parents = prepare_output_dir(self.path.parent)
         made = not self.path.exists()
         try:
             self.path.mkdir(exist_ok=True)
@@ -150,6 +164,11 @@ class RunDir:
             return
         if names <= {"config.json", "config.json.tmp", ".lock"}:
             shutil.rmtree(self.path, ignore_errors=True)
+        for parent in getattr(self, "made_parents", []):  # innermost first; only while empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
     @contextmanager
     def removed_on_failure(self, made: bool) -> Iterator[None]:
@@ -191,6 +210,9 @@ class RunDir:
             raise FileNotFoundError(f"{self.path} is not a run folder (no config.json)")
         try:
             return RunConfig.load(self.config_file)
+        except UnknownName as e:  # a field or section this version does not know: a newer dpflat wrote it
+            raise RunFolderError(f"{self.path}'s config.json was written by a newer dpflat ({e.name} is unknown "
+                                 "to this version): upgrade dpflat to use this run folder") from None
         except ConfigError as e:
             raise RunFolderError(f"{self.path}'s config.json is corrupt ({str(e).removeprefix(str(self.config_file) + ': ')}): "
                                  "move the folder away, or run under another --run-name") from None
@@ -210,6 +232,17 @@ class RunDir:
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
         return out
+
+    def start_fresh(self) -> None:
+        """A run that starts from step 0 without a checkpoint: what an earlier attempt wrote goes.
+
+        Why: its metrics rows, best-on-val parameters and outputs belong to a trajectory that is
+        not continued (a killed attempt, or ``--no-resume``); kept, they would be duplicated rows
+        and a stale best.safetensors. Checkpoints go when step 0's is saved (``save_checkpoint``).
+        """
+        for f in (self.metrics_file, self.best_file, self.last_file, self.model_file, self.result_file,
+                  self.ledger_file, self.private_file, self.predictions_file):
+            f.unlink(missing_ok=True)
 
     def truncate_metrics(self, step: int) -> None:
         """Drop rows logged after ``step`` (they belong to work a resume will redo)."""
@@ -284,7 +317,7 @@ class RunDir:
         tmp = path.with_name(path.name + ".tmp")
         try:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - a full disk is a SafetensorError (neither OSError nor RuntimeError)
             tmp.unlink(missing_ok=True)
             raise _write_error(e, path) from None
         os.replace(tmp, path)
@@ -307,6 +340,14 @@ class RunDir:
             return valid_ledger(json.loads(self.ledger_file.read_text()))
         except (OSError, ValueError):
             return None
+
+    def private_diagnostics(self) -> dict[str, Any] | None:
+        """private_diagnostics.json (batch sizes, read counts, overlaps); None when absent or unreadable."""
+        try:
+            d = json.loads(self.private_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return d if isinstance(d, dict) else None
 
     def landscape(self) -> dict[str, Any] | None:
         """The landscape analysis summary; None when not analysed or unreadable."""
@@ -446,18 +487,23 @@ def _os_error(e: OSError, path: Path) -> Exception:
     return e
 
 
-def prepare_output_dir(root: str | Path) -> Path:
-    """The output folder exists (made if needed) and is a writable folder; else one line naming it."""
+def prepare_output_dir(root: str | Path) -> list[Path]:
+    """The output folder exists (made if needed) and is a writable folder; else one line naming it.
+
+    Returns the folders this call made, innermost first, so that a refused run can remove them
+    again (``RunDir.remove_if_bare``): a refused call must not leave an empty ``--output-dir``.
+    """
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output folder {root} is a file, not a folder: choose another --output-dir")
+    made = [p for p in (root, *root.parents) if not p.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _os_error(e, root) from None
     if not os.access(root, os.W_OK):
         raise ConfigError(f"cannot write to {root}: permission denied; choose a writable --output-dir")
-    return root
+    return made
 
 
 def check_before_work(cfg: RunConfig, max_steps: int | None = None) -> None:
@@ -614,24 +660,31 @@ def update_result(output_dir: str | Path, run_id: str, columns: dict[str, Any]) 
 
 
 def load_results(output_dir: str | Path):
-    """The results table of an output folder (empty without one); an unreadable one is rebuilt."""
+    """The results table of an output folder (empty when it has none yet); an unreadable one is rebuilt.
+
+    ``run_dir`` is where each run's folder is *now*: beside the table (``<output_dir>/<run_id>``),
+    never the absolute path stored when it was trained, so a copied or moved output folder is
+    read from itself. A path that is no folder is refused (a typo is not an empty table).
+    """
     root = Path(output_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no results table in {root}: it is not a folder (check the path)")
     path = root / RESULTS
     table = _read_table(path)  # no file: an empty table
-    if table is not None:
-        return table
-    try:
-        modify_results(root, lambda t: None)  # rebuilds and writes under the lock
-    except (OSError, ValueError):  # a read-only folder: use the rebuilt table without saving it
-        table, _ = _load_or_rebuild(root)
-        return table
-    return _read_table(path)
+    if table is None:
+        try:
+            modify_results(root, lambda t: None)  # rebuilds and writes under the lock
+            table = _read_table(path)
+        except (OSError, ValueError):  # a read-only folder: use the rebuilt table without saving it
+            table, _ = _load_or_rebuild(root)
+    if table is not None and "run_id" in table.columns:
+        table = table.assign(run_dir=[str(root / str(r)) for r in table["run_id"]])
+    return table
 
 
 def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str, Any], best_step: int,
                steps: int, keep_layers: str, info: dict[str, Any], *, val: dict[str, Any] | None = None,
-               test_examples: dict[str, Any] | None = None, cost: dict[str, float] | None = None,
-               overlap: dict[str, int] | None = None) -> dict[str, Any]:
+               test_examples: dict[str, Any] | None = None, cost: dict[str, float] | None = None) -> dict[str, Any]:
     """Write a finished run's ``result.json`` and its row of the results table; return the row.
 
     One place for the row's columns, so white-box and black-box runs land in the same
@@ -677,7 +730,6 @@ def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str,
         "keep_layers": keep_layers,
         "finished": True,
         **{k: float(cost[k]) for k in ("wall_s", "setup_s", "train_s", "examples_per_s", "peak_mem_mb") if k in cost},
-        **{f"overlap_{k}": int(v) for k, v in (overlap or {}).items()},
         **{f"info_{k}": v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
     }
     rd.write_json(rd.result_file, {**row, "info": info})

@@ -8,9 +8,10 @@ update. Everything around that lives here, once:
   a failed fresh one leaves no folder, the lock keeps two processes apart);
 - ``Session``: seeds and threads, the data (private split behind the ledger), the
   latest checkpoint, resume of the shared state (step, best-on-val, ledger counts),
-  evaluate-and-select on the validation split, the per-step log row, checkpoints,
-  and the finish: the selected parameters, the one read of the test split, ledger
-  and result written through ``runs.finish_run``.
+  evaluate-and-select on the validation split, the per-step log row, checkpoints
+  (the start of a run is one too: step 0, before the first secret draw), and the
+  finish: the selected parameters, the one read of the test split, ledger, private
+  diagnostics and result written through ``runs.finish_run``.
 
 Under ``torchrun`` rank 0 alone writes, evaluates and holds the lock; the helpers of
 ``distributed.py`` are no-ops in a single process, so the black-box loop uses them too.
@@ -32,15 +33,16 @@ from . import data as data_mod
 from . import splits as splits_mod
 from . import tokens as tokens_mod
 from . import distributed as dist_mod
+from . import engine as engine_mod
 from .config import ConfigError, RunConfig
 from .engine import DPSetup, fill_ledger
 from .evaluate import peak_memory_mb, reset_peak_memory
 from .models import load_tokenizer
-from .privacy import PrivacyLedger, PrivateSplit, fill_release
+from .privacy import PRIVATE_METRICS, SAMPLED_GAUSSIAN, PrivacyLedger, PrivateSplit, fill_release
 from .runs import RunDir, finish_run
 
 #: the per-step loss of private batches: a private diagnostic, not covered by the guarantee
-LOSS_KEY = "train_loss_private"
+LOSS_KEY = PRIVATE_METRICS[0]  # "train_loss_private"
 Tensors = dict[str, torch.Tensor]
 
 
@@ -53,13 +55,6 @@ def check_finite(loss: float, step: int) -> None:
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"training loss became non-finite ({loss}) at step {step}; lower --lr "
                             f"(the run is left unfinished, no result written)")
-
-
-def split_overlap(splits) -> dict[str, Any]:
-    """Duplicate counts the data module reports between the splits (empty if it reports none)."""
-    summary = getattr(splits, "summary", None)
-    d = summary() if callable(summary) else {}
-    return {k: v for k, v in dict(d or {}).items() if "dup" in k or "overlap" in k}
 
 
 def reseed_step(seed: int, step: int) -> None:
@@ -162,19 +157,26 @@ class Session:
         if cfg.train.batch_size > self.n:
             raise ConfigError(f"batch_size {cfg.train.batch_size} is larger than the private training split "
                               f"({self.n} examples)")
+        if cfg.privacy.enabled:  # refused before any model, setup or folder work: δ < 1/N (the default's too)
+            delta = cfg.privacy.resolve_delta(self.n)  # and a target ε the accountant can resolve
+            _, q, steps = engine_mod.planned_mechanism(cfg, self.n)
+            engine_mod.noise_for_target(cfg.privacy, q, steps, delta)
         self.ledger = PrivacyLedger()
-        self.ledger.split_overlap = split_overlap(self.splits)
         self.private = PrivateSplit(self.tokd["private"], self.ledger)
         self.main = dist_mod.is_main()  # under torchrun only rank 0 evaluates, logs and writes
         # the same checkpoint on every rank: (trainable tensors, private state) or None
         self.ckpt = dist_mod.on_main(lambda: rd.latest_checkpoint() if resume else None)
+        if self.ckpt is None and self.main:
+            rd.start_fresh()  # rows and files of an attempt that is not continued go (killed, or --no-resume)
         self.step, self.best = 0, {"accuracy": -1.0, "step": 0}
         self.best_params: Tensors | None = None  # the selected parameters so far (private state)
         # the step at which the current pass over the loader began: a run resumed in the middle of
         # a pass finishes that pass (same batches, same secret draws) instead of starting a new one
         self.pass_start: int | None = None
-        self.best_file = rd.path / "best.safetensors"
-        self.seen, self.t0 = 0, time.time()
+        self.best_file = rd.best_file
+        self.seen, self.t0, self.step0 = 0, time.time(), 0
+        #: private statistics the stepper adds for private_diagnostics.json (e.g. the black box's queries)
+        self.diagnostics: dict[str, Any] = {}
 
     # --- plan and resume
     def plan(self, steps_per_epoch: int) -> None:
@@ -187,8 +189,18 @@ class Session:
 
     def bind(self, evaluate: Callable[[], dict[str, Any]], trainable: Callable[[], Tensors],
              private_state: Callable[[], dict[str, Any]]) -> None:
-        """The stepper's part: val evaluation, its trainable tensors, its checkpoint entries."""
+        """The stepper's part: val evaluation, its trainable tensors, its checkpoint entries.
+
+        Called when the stepper is set up (model, mechanism, levels; resumed or fresh) and before
+        its first step. A fresh run then takes its step-0 checkpoint: the secret generators' state
+        before their first draw, the setup's outcome and ledger. Why: a run killed before its
+        first regular checkpoint resumes from there and replays every step bit for bit (same
+        batches, same noise, one metrics row per step) instead of starting over with a new
+        secret stream while the lost steps' releases go uncounted.
+        """
         self.evaluate, self.trainable, self.private_state = evaluate, trainable, private_state
+        if self.ckpt is None and self.step == 0:
+            self.checkpoint()
 
     def resume_shared(self, state: dict[str, Any]) -> None:
         """Step, best-on-val and ledger counts of the checkpoint (the stepper restores the rest)."""
@@ -212,7 +224,7 @@ class Session:
         tc = self.cfg.train
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.rd.path.name,
                         disable=not (tc.progress and self.main), leave=False)
-        self.t0, self.seen = time.time(), 0
+        self.t0, self.seen, self.step0 = time.time(), 0, self.step
         try:
             yield
         finally:
@@ -285,7 +297,8 @@ class Session:
         """Select the best-on-val parameters, read the test split once, write model, ledger, result and row.
 
         ``load(best)`` puts the selected tensors (None: keep the last) into the model and
-        returns the state to release; ``val`` / ``test`` evaluate that model.
+        returns the state to release; ``val`` / ``test`` evaluate that model. ``overlap``: the
+        splits' duplicate counts, which go to the private diagnostics with the batch sizes.
         """
         self.ledger = dist_mod.merged_ledger(self.ledger)  # torchrun: every rank's reads, counted once
         return dist_mod.on_main(self._finish, dp, last, load, val, test, keep, info, cost, overlap)
@@ -301,14 +314,32 @@ class Session:
         final, per_example = test()  # the test split, once
         fill_ledger(self.ledger, cfg.privacy, dp, self.step)
         fill_release(self.ledger)
-        rd.write_json(rd.ledger_file, self.ledger.to_dict())
+        rd.write_json(rd.ledger_file, self.ledger.public_dict())
         if cost is not None:
-            cost = dict(cost)
+            cost = self._public_cost(dict(cost))
             cost["wall_s"] = time.time() - cost.pop("t_start")
             cost["peak_mem_mb"] = peak_memory_mb(self.device)
+        rd.write_json(rd.private_file, {
+            "note": "private diagnostics: functions of the private split outside the accountant, not covered by "
+                    "the run's guarantee (see ledger.json release)",
+            **self.ledger.private_dict(), "split_overlap": {k: int(v) for k, v in (overlap or {}).items()},
+            **self.diagnostics})
         return finish_run(cfg, rd, self.card.metric, self.ledger, final, self.best["step"], self.step, keep, info,
-                          val=v, test_examples=per_example, cost=cost, overlap=overlap)
+                          val=v, test_examples=per_example, cost=cost)
+
+    def _public_cost(self, cost: dict[str, Any]) -> dict[str, Any]:
+        """The results row's throughput of a DP run: expected examples (qN per step) per second.
+
+        Why: the exact count (``seen``) is the sum of the secret Poisson batch sizes, and
+        examples_per_s x train_s gave it back; it goes to the private diagnostics instead.
+        """
+        led = self.ledger
+        if "examples_per_s" in cost and led.mechanism in SAMPLED_GAUSSIAN and led.sample_rate:
+            self.diagnostics["examples_per_s"] = cost["examples_per_s"]
+            expected = (self.step - self.step0) * led.sample_rate * led.n_private
+            cost["examples_per_s"] = expected / max(float(cost.get("train_s") or 0.0), 1e-9)
+        return cost
 
 
 __all__ = ["LOSS_KEY", "NonFiniteLoss", "Session", "check_finite", "prepare_data", "reseed_step", "run_in_folder",
-           "split_overlap", "start_run"]
+           "start_run"]

@@ -12,7 +12,8 @@ from typing import Any, Callable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .config import MODES, NO_MODE_VARIANTS, NONPRIVATE_VARIANTS, VARIANTS, ConfigError, RunConfig, apply_variant
+from .config import (MODES, NO_MODE_VARIANTS, NONPRIVATE_VARIANTS, VARIANTS, ConfigError, RunConfig, apply_variant,
+                     as_run_config)
 from .figures import join_guarantees, mean_std
 from .privacy import DP
 from .runs import RunDir, RunLocked, check_before_work, load_results
@@ -54,7 +55,7 @@ def trainer(cfg: RunConfig) -> Callable[..., dict[str, Any]]:
     bb-* config). Both take ``(cfg, resume=, max_steps=, on_step=, noise_seed=,
     secure_rng=, extra_private=)`` and return the run's results row.
     """
-    if cfg.blackbox.active:
+    if as_run_config(cfg).blackbox.active:
         from .blackbox import train as bb_train
 
         return bb_train
@@ -73,6 +74,8 @@ def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
     """
     from .engine import cell_noise_seed
 
+    base = as_run_config(base)
+    progress = progress and base.train.progress  # --no-progress: no sweep bar either
     grid = cells(base, variants, epsilons, seeds, modes)
     if base.train.run_name and len(grid) > 1:
         raise ConfigError(f"--run-name names one run folder, but this sweep has {len(grid)} cells: leave it out "

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import distributed as dist_mod
 from .batching import dataset_lengths, grouped_loader, split_batch
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, as_run_config
 from .engine import DPSetup, MechanismRNG, backward_private, make_private
 from .evaluate import autocast, evaluate, evaluate_test, model_inputs
 from .flat import build_levels, share_levels, share_step_state
@@ -27,7 +27,7 @@ from .flat.base import FlatLevel, TrainContext
 from .models import build_model
 from .runs import check_before_work
 from .session import (LOSS_KEY, NonFiniteLoss, Session, check_finite, prepare_data, reseed_step, run_in_folder,
-                      split_overlap, start_run)
+                      start_run)
 
 TRAIN_WHO = "train/dp-sgd"
 NONPRIVATE_WHO = "train/non-private"
@@ -51,6 +51,7 @@ def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
     or the run id, never written to the run folder). ``secure_rng``: Opacus' secure_mode.
     ``extra_private``: raw rows appended to the private split (an audit's canaries).
     """
+    cfg = as_run_config(cfg)  # a dict is read (and validated) as RunConfig.from_dict; anything else is one line
     if cfg.blackbox.active:
         raise ConfigError("a black-box (bb-*) config trains with dpflat.blackbox.train; "
                           "dpflat.sweep.trainer(cfg) picks the loop for any config")
@@ -339,4 +340,4 @@ def _close_step(s: Session, dp: DPSetup | None, lg: _Logical) -> None:
 
 
 __all__ = ["LOSS_KEY", "NonFiniteLoss", "TRAIN_WHO", "check_finite", "prepare_data", "reseed_step",
-           "split_overlap", "start_run", "train"]
+           "start_run", "train"]

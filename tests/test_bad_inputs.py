@@ -146,6 +146,61 @@ def _enospc_checkpoint(ctx: Ctx) -> None:
     ctx.mp.setattr(runs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
 
 
+def _enospc_best(ctx: Ctx) -> None:
+    """What a full disk looks like to safetensors: its own SafetensorError, not an OSError."""
+    import safetensors
+
+    import dpflat.runs as runs
+
+    real = runs.save_file
+
+    def full(tensors, filename, *a, **k):
+        if str(filename).endswith("best.safetensors.tmp"):
+            Path(filename).write_bytes(b"partial")
+            raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+        return real(tensors, filename, *a, **k)
+
+    ctx.mp.setattr(runs, "save_file", full)
+    ctx.mp.setattr(runs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+
+
+def _enospc_latest(ctx: Ctx) -> None:
+    """A full disk while the LATEST pointer is written: the error comes without a file name."""
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name == "LATEST.tmp":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    ctx.mp.setattr(Path, "write_text", full)
+
+
+def _newer_config(ctx: Ctx) -> None:
+    """The finished run's config.json as a newer dpflat writes it: one field this version does not know."""
+    d = json.loads((ctx.run / "config.json").read_text())
+    d["train"]["future_knob"] = 1
+    (ctx.run / "config.json").write_text(json.dumps(d))
+
+
+def _no_leftovers(name: str) -> Callable[[Ctx], None]:
+    """A refused run into a new --output-dir leaves not even that folder (nor its parent) behind."""
+
+    def check(ctx: Ctx) -> None:
+        assert not (ctx.tmp / name).exists(), sorted(p.name for p in (ctx.tmp / name).rglob("*"))
+
+    return check
+
+
+def _no_tmp_files(ctx: Ctx) -> None:
+    left = [p.name for p in ctx.out.rglob("*.tmp")]
+    assert not left, left
+
+
+def _frozen(ctx: Ctx, section: str, name: str, value: Any) -> None:
+    setattr(getattr(ctx.cfg(), section), name, value)
+
+
 def _truncate(p: Path, keep: int = 40) -> None:
     p.write_bytes(p.read_bytes()[:keep])
 
@@ -228,6 +283,14 @@ CASES: list[Case] = [
          lambda c: c.train("--config", str(c.tmp / "nope.json"))),
     Case("config_variant_type", '"variant": 3', "variant must be a name, got 3",
          lambda c: c.train("--config", str(c.write("c.json", js({"variant": 3}))))),
+    Case("config_variant_label", '"variant": "dpflat" over a plain DP config (it was only a label)',
+         "variant 'dpflat' does not describe this config (its levels make it dp)",
+         lambda c: c.train("--config", str(c.write("c.json", js({"variant": "dpflat"}))))),
+    Case("config_variant_unknown", '"variant": "nope"', "unknown variant 'nope'",
+         lambda c: c.train("--config", str(c.write("c.json", js({"variant": "nope"}))))),
+    Case("variant_flag_mismatch", "--variant dp with --awp (filed as dp, trained with AWP)",
+         "variant 'dp' does not describe this config (its levels make it dp+awp-safe)",
+         lambda c: c.train("--variant", "dp", "--awp")),
     # ------------------------------------------------------------------ train flags
     Case("lr_huge", "--lr 1e30 (diverges to NaN)", "lr must be <= 100, got 1e+30", lambda c: c.train("--lr", "1e30")),
     Case("lr_nan", "--lr nan", "train.lr must be a finite number, got nan", lambda c: c.train("--lr", "nan")),
@@ -244,6 +307,19 @@ CASES: list[Case] = [
     Case("epochs_negative", "--epochs -1", "epochs must be > 0, got -1.0", lambda c: c.train("--epochs", "-1")),
     Case("epsilon_inf", "--epsilon inf", "privacy.epsilon must be a finite number, got inf",
          lambda c: c.train("--epsilon", "inf")),
+    Case("epsilon_tiny", "--epsilon 1e-4 (the σ search stopped at an ε < 0 and claimed it)",
+         "cannot reach ε=0.0001 with q=0.25, 4 steps", lambda c: c.train("--epsilon", "1e-4", "--run-name", "fresh")),
+    Case("epsilon_huge", "--epsilon 1e9 (printed Opacus' two-line warning and trained)",
+         "cannot reach ε=1e+09 with q=0.25, 4 steps", lambda c: c.train("--epsilon", "1e9", "--run-name", "fresh")),
+    Case("train_size_one", "--train-size 1 (the default δ = 1/N^1.1 was 1, labelled DP)",
+         "DP needs at least 2 private examples, got N = 1",
+         lambda c: c.train("--train-size", "1", "--batch-size", "1", "--run-name", "fresh")),
+    Case("blackbox_sharpness", "--blackbox --sharpness-every 2 (was silently a no-op)",
+         "the sharpness trajectory (--sharpness-every) needs white-box access",
+         lambda c: c.train("--blackbox", "--sharpness-every", "2")),
+    Case("refused_new_output_dir", "a refused run into an --output-dir that did not exist (it was left behind)",
+         "cannot reach ε=0.0001", check=_no_leftovers("new"),
+         argv=lambda c: ["train", *c.flags(c.tmp / "new" / "runs"), "--epsilon", "1e-4"]),
     Case("device_mps", "--device mps on a machine without MPS", "MPS is not available on this machine",
          lambda c: c.train("--device", "mps")),
     Case("device_cudafoo", "--device cudafoo", "device must be cpu, cuda[:N] or mps, got cudafoo",
@@ -283,6 +359,12 @@ CASES: list[Case] = [
          _setup_then(_readonly, lambda c: c.train("--run-name", "fresh"))),
     Case("disk_full_config", "disk full when the run's config is written", "no space left on the device writing",
          _setup_then(_enospc_config, lambda c: c.train("--run-name", "fresh"))),
+    Case("disk_full_best", "disk full while best.safetensors is written (a SafetensorError, exit 1)",
+         "/runs/fresh/best.safetensors: free some space", new_folder_ok=True, check=_no_tmp_files,
+         argv=_setup_then(_enospc_best, lambda c: c.train("--run-name", "fresh"))),
+    Case("disk_full_latest", "disk full while the LATEST pointer is written (the message named no file)",
+         "/runs/fresh/LATEST: free some space", new_folder_ok=True, check=_no_tmp_files,
+         argv=_setup_then(_enospc_latest, lambda c: c.train("--run-name", "fresh"))),
     Case("disk_full_checkpoint", "disk full at the first checkpoint (torch.save: 'unexpected pos')",
          "no space left on the device writing", new_folder_ok=True,
          argv=_setup_then(_enospc_checkpoint, lambda c: c.train("--run-name", "fresh", "--checkpoint-every", "1",
@@ -298,6 +380,9 @@ CASES: list[Case] = [
          _setup_then(_other_config_folder, lambda c: c.train("--run-name", "other"))),
     Case("finished_rerun_read_only", "a finished run re-run on a read-only filesystem: its stored row, nothing written",
          "", rc=0, argv=_setup_then(_readonly, lambda c: c.train("--run-name", BASE))),
+    Case("run_config_newer", "the run folder's config.json has a field this version does not know (was 'corrupt')",
+         "config.json was written by a newer dpflat (train.future_knob is unknown to this version)",
+         _setup_then(_newer_config, lambda c: c.train("--run-name", BASE))),
     Case("run_config_corrupt", "the run folder's config.json is corrupt", "'s config.json is corrupt",
          _setup_then(lambda c: (c.run / "config.json").write_text("{garbage"), lambda c: c.train("--run-name", BASE))),
     Case("model_deleted_train", "a finished run whose model.safetensors was deleted (train)",
@@ -331,6 +416,13 @@ CASES: list[Case] = [
          lambda c: c.sweep("--device", "cudafoo")),
     Case("sweep_config_misspelt", "sweep --config with a misspelt section", "unknown config section 'trian'",
          lambda c: c.sweep("--config", str(c.write("c.json", js({"trian": {}}))))),
+    Case("sweep_seed_negative", "sweep --seeds -1 (drew a progress bar before its error)",
+         "seed must be a whole number >= 0, got -1", lambda c: c.sweep("--variants", "dp", "--seeds", "-1")),
+    Case("sweep_refused_new_output_dir", "a refused sweep into an --output-dir that did not exist",
+         "cannot reach ε=0.0001", check=_no_leftovers("new"),
+         argv=lambda c: ["sweep", *c.flags(c.tmp / "new" / "runs"), "--variants", "dp", "--epsilons", "1e-4"]),
+    Case("sweep_no_progress", "sweep --no-progress (still drew the sweep's bar): trains the cell, prints no bar",
+         "", rc=0, table_may_change=True, new_folder_ok=True, argv=lambda c: c.sweep("--variants", "dp", "--epsilons", "8")),
     # ------------------------------------------------------------------ landscape
     Case("landscape_model_deleted", "landscape of a finished run whose model.safetensors was deleted",
          "is finished but its model.safetensors is missing: retrain it with",
@@ -345,8 +437,13 @@ CASES: list[Case] = [
          _setup_then(lambda c: c.unfinish(), lambda c: ["landscape", str(c.run)])),
     Case("landscape_config_corrupt", "landscape of a run whose config.json is corrupt", "'s config.json is corrupt",
          _setup_then(lambda c: (c.run / "config.json").write_text("[]"), lambda c: ["landscape", str(c.run)])),
-    Case("landscape_grid", "landscape --grid 2", "argument --grid: must be a whole number >= 3, got '2'",
+    Case("landscape_grid", "landscape --grid 2", "argument --grid: must be a whole number in [3, 201], got '2'",
          lambda c: ["landscape", str(c.run), "--grid", "2"]),
+    Case("landscape_grid_huge", "landscape --grid 100000 (died with MemoryError)",
+         "argument --grid: must be a whole number in [3, 201], got '100000'",
+         lambda c: ["landscape", str(c.run), "--grid", "100000"]),
+    Case("landscape_config_newer", "landscape of a run whose config.json a newer dpflat wrote",
+         "config.json was written by a newer dpflat", _setup_then(_newer_config, lambda c: ["landscape", str(c.run)])),
     # ------------------------------------------------------------------ report
     Case("report_table_truncated", "report over a truncated results.parquet: rebuilt, said in one line",
          "rebuilt it from the 1 run folders' result.json", rc=0, table_may_change=True, check=_table_has_base,
@@ -388,6 +485,19 @@ CASES: list[Case] = [
          api=lambda c: _api_sweep(c, [], [3.0], [0])),
     Case("api_sweep_run_name", "sweep() of several cells under one run_name", "--run-name names one run folder",
          api=lambda c: _api_sweep(c, ["dp"], [3.0, 8.0], [0])),
+    Case("api_frozen_epsilon", "cfg.privacy.epsilon = nan after validation (trained with σ = 10)",
+         "a validated config cannot be changed (privacy.epsilon)",
+         api=lambda c: _frozen(c, "privacy", "epsilon", float("nan"))),
+    Case("api_frozen_batch_size", "cfg.train.batch_size = -5 after validation (reached torch)",
+         "a validated config cannot be changed (train.batch_size)", api=lambda c: _frozen(c, "train", "batch_size", -5)),
+    Case("api_train_dict", "train({...}) with a dict (AttributeError): read as a config, checked by name",
+         "privacy.epsilon must be a finite number, got 'x'", api=lambda c: _api_train(c, {"privacy": {"epsilon": "x"}})),
+    Case("api_train_not_a_config", "train('config.json')", "a run needs a RunConfig (or its dict form), got a str",
+         api=lambda c: _api_train(c, "config.json")),
+    Case("api_epsilon_for_q", "epsilon_for with q > 1 ('math domain error')", "sample rate q must be in (0, 1], got 1.5",
+         api=lambda c: __import__("dpflat.engine").engine.epsilon_for("rdp", 1.5, 1.0, 10, 1e-5)),
+    Case("api_load_results_missing", "load_results of a path that does not exist (was an empty table)",
+         "no results table in", api=lambda c: __import__("dpflat.runs").runs.load_results(c.tmp / "nope")),
 ]
 
 
@@ -587,6 +697,29 @@ def test_ctrl_c_during_imports_exits_130_without_traceback(tmp_path):
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("dpflat: interrupted"), err
 
 
+def test_sigterm_during_training_exits_143_with_one_line_and_resumes(tmp_path, shared_data):
+    """SIGTERM (``kill``, a scheduler's time limit) exited 143 with no message; now it unwinds like
+    Ctrl-C: the lock is released, one line says what to do, and the same command resumes."""
+    out = tmp_path / "runs"
+    argv = [sys.executable, "-m", "dpflat", "train", *base_flags(out, shared_data), "--run-name", "term",
+            "--epochs", "50", "--checkpoint-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list((out / "term").glob("ckpt-*")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)  # training has begun: the step-0 checkpoint is written before the first step
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith("dpflat: terminated (SIGTERM); run the same command"), err
+    assert not (out / "term" / ".lock").exists()
+    step = int((out / "term" / "LATEST").read_text().strip().removeprefix("ckpt-"))
+    rc = main(["train", *base_flags(out, shared_data), "--run-name", "term", "--epochs", "50", "--checkpoint-every",
+               "1", "--max-steps", str(step + 1)])  # the same command resumes (and stops one step later)
+    assert rc == 0 and json.loads((out / "term" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 1
+
+
 def test_debug_flag_shows_the_traceback(tmp_path, capsys):
     assert main(["--debug", "train", "--epsilon", "-3", "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -604,13 +737,14 @@ def render_doc() -> str:
              "| case | what is wrong | exit | message |", "|---|---|---|---|"]
     for c in CASES:
         rc, msg = MESSAGES[c.id]
-        msg = msg.replace("|", "\\|").replace("\n", " <br> ") or "(none: the stored result is printed)"
+        msg = msg.replace("|", "\\|").replace("\n", " <br> ") or "(no message: the command's output is printed)"
         lines.append(f"| `{c.id}` | {c.what.replace('|', chr(92) + '|')} | {rc} | {msg} |")
     lines += ["", "Also covered by their own tests: a truncated, NaN or garbage checkpoint is named and the previous",
               "one used; every checkpoint corrupt is one line with `--no-resume` advice; `LATEST` pointing to a",
               "missing checkpoint falls back to the earlier one; three processes appending to one results table",
               "lose no row; a corrupt table is rebuilt from the run folders; re-running a finished run does not",
-              "rewrite the table; Ctrl-C during the imports exits 130 without a traceback; `--debug` shows it.", ""]
+              "rewrite the table; Ctrl-C during the imports exits 130 without a traceback; SIGTERM during training",
+              "exits 143 with one line and the run resumes; `--debug` shows the traceback.", ""]
     return "\n".join(lines)
 
 

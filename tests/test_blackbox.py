@@ -215,8 +215,10 @@ def test_white_box_train_refuses_a_black_box_config(tmp_path, make_cfg):
     assert not RunDir.for_config(cfg).path.exists()  # refused before any folder
     res = trainer(cfg)(cfg, max_steps=1)
     assert not res["finished"] and res["step"] == 1
-    (ckpt,) = Path(res["run_dir"]).glob("ckpt-*")
-    assert set(load_file(str(ckpt / "trainable.safetensors"))) == {"z"}
+    cks = sorted(p.name for p in Path(res["run_dir"]).glob("ckpt-*"))
+    assert cks == ["ckpt-0000000", "ckpt-0000001"]  # the start of the run is a checkpoint too (issue 26)
+    for name in cks:
+        assert set(load_file(str(Path(res["run_dir"]) / name / "trainable.safetensors"))) == {"z"}
 
 
 @pytest.mark.parametrize("over, msg", [

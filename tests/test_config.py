@@ -98,3 +98,71 @@ def test_identity_fields_are_one_list_and_leave_run_ids_alone():
     assert identity_dict(moved.to_dict()) == identity_dict(base.to_dict())
     assert run_id(base.replace(train={"seed": 1})) != run_id(base)
     assert run_id(base.replace(train={"sharpness_every": 5})) != run_id(base)
+
+
+# --------------------------------------------------------------------------- issue 26: immutable, checked labels
+@pytest.mark.parametrize("sect", list(SECTIONS))
+def test_every_section_is_frozen_and_replace_revalidates(sect):
+    """A validated config cannot be changed in place (``cfg.privacy.epsilon = nan`` reached the run and
+    its config.json); ``replace`` makes a copy that is checked like a new one."""
+    from dpflat.config import FrozenConfigError
+
+    cfg = RunConfig()
+    part = getattr(cfg, sect)
+    name = fields(part)[0].name
+    with pytest.raises(FrozenConfigError, match=rf"cannot be changed \({sect}\.{name}\).*replace") as e:
+        setattr(part, name, getattr(part, name))
+    assert isinstance(e.value, ConfigError) and "\n" not in str(e.value)
+    with pytest.raises(FrozenConfigError, match=r"\(variant\)"):
+        cfg.variant = "dp"
+    with pytest.raises(ConfigError, match="epsilon must be > 0"):
+        cfg.privacy.replace(epsilon=-1.0)
+    assert cfg.privacy.replace(epsilon=3.0).epsilon == 3.0 and cfg.privacy.epsilon == 8.0
+    assert RunConfig().data.replace(train_size=0).train_size is None  # the "all of it" spelling still works
+
+
+def test_a_run_takes_a_config_or_its_dict_and_nothing_else():
+    from dpflat.config import as_run_config
+
+    assert as_run_config({"privacy": {"epsilon": 3}}).privacy.epsilon == 3
+    with pytest.raises(ConfigError, match="got a str"):
+        as_run_config("config.json")
+    with pytest.raises(ConfigError, match="RunConfig.privacy must be a PrivacyConfig, got dict"):
+        RunConfig(privacy={"epsilon": 3})
+
+
+def test_a_variant_name_must_describe_the_config():
+    """The variant goes into the run id and the table: ``{"variant": "dpflat"}`` over plain DP is refused."""
+    from dpflat.config import MODES, apply_preset, check_variant, levels_names
+
+    for v in VARIANTS:
+        for mode in MODES:
+            cfg = apply_variant(RunConfig(), v, mode)
+            check_variant(cfg)
+            check_variant(apply_preset(cfg, "paper"))  # hand-picked layers stand in for the selector
+    check_variant(RunConfig.from_dict({"flat": {"awp": True}}))  # custom labels anything
+    assert levels_names(RunConfig.from_dict({"flat": {"awp": True, "layers": True, "layers_mode": "paper"}})) == {
+        "dp+awp.safe+layers.paper"}  # the ablation panel's name for a mix of modes
+    check_variant(RunConfig.from_dict({"variant": "dp+awp-safe_g0.1", "flat": {"awp": True, "awp_gamma": 0.1}}))
+    with pytest.raises(ConfigError, match=r"variant 'dpflat' does not describe this config \(its levels make it dp\)"):
+        check_variant(RunConfig.from_dict({"variant": "dpflat"}))
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        check_variant(RunConfig.from_dict({"variant": "nope"}))
+    with pytest.raises(ConfigError, match="does not describe"):
+        check_variant(apply_variant(RunConfig(), "dp").replace(flat={"awp": True}))
+
+
+def test_a_black_box_run_refuses_the_sharpness_trajectory():
+    with pytest.raises(ConfigError, match="sharpness trajectory.*black-box"):
+        RunConfig.from_dict({"blackbox": {"active": True}, "train": {"sharpness_every": 5}})
+    base = RunConfig().replace(train={"sharpness_every": 8})  # the notebooks' sizes record a trajectory
+    assert apply_variant(base, "bb-dp").train.sharpness_every == 0  # a black-box cell of their sweep: off
+    assert apply_variant(base, "dp").train.sharpness_every == 8
+
+
+def test_unknown_names_say_which_for_a_newer_config():
+    from dpflat.config import UnknownName
+
+    with pytest.raises(UnknownName) as e:
+        RunConfig.from_dict({"train": {"future_knob": 1}})
+    assert e.value.name == "train.future_knob"

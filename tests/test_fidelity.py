@@ -69,7 +69,8 @@ def test_selection_never_reads_the_test_split(make_cfg, tmp_path, monkeypatch, v
         assert len(z["correct"]) == gate["n_test"] and z["correct"].mean() == pytest.approx(res["accuracy"])
     for k in ("wall_s", "setup_s", "examples_per_s", "peak_mem_mb"):
         assert res[k] > 0 or (k == "setup_s" and res[k] >= 0)
-    assert res["overlap_train_test"] >= 0 and "overlap_public_private" in res
+    overlap = rd.private_diagnostics()["split_overlap"]  # private: functions of the private split (issue 26)
+    assert overlap["train_test"] >= 0 and "public_private" in overlap and not any("overlap" in k for k in res)
     assert json.loads(rd.result_file.read_text())["test_accuracy"] == res["test_accuracy"]
 
 

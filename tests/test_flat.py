@@ -39,7 +39,7 @@ from dpflat.flat.layers import greedy_drop
 from dpflat.models import PrefixEncoder, build_model
 from dpflat.engine import make_private
 from dpflat.privacy import DP, NOT_DP_PAPER
-from dpflat.runs import load_results
+from dpflat.runs import RunDir, load_results
 from dpflat.train import TRAIN_WHO, _per_example_loss
 
 EPS = 8.0
@@ -316,6 +316,7 @@ def run(tmp_path_factory, shared_data):
         r = SimpleNamespace(
             probe=probe, stdout=stdout, row=row,
             ledger=json.loads((rd / "ledger.json").read_text()),
+            private=RunDir(rd).private_diagnostics(),  # every read's counts, the accounted ones' too
             result=json.loads((rd / "result.json").read_text()),
             table_row=table[table["run_id"] == row["run_id"]].iloc[0],
         )
@@ -351,7 +352,7 @@ def test_safe_awp_adds_no_pass_on_private_data_and_paper_awp_does(run):
 
     def extra(r):
         """Forward and backward passes beyond one per DP-SGD physical batch."""
-        chunks = sum(x["count"] for x in _reads(r.ledger, TRAIN_WHO))
+        chunks = sum(x["count"] for x in _reads(r.private, TRAIN_WHO))
         return r.probe.grad_forwards - chunks, r.probe.backwards - chunks
 
     assert extra(dp) == extra(safe) == (0, 0)

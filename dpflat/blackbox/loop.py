@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import ConfigError, RunConfig, identity_dict
+from ..config import ConfigError, RunConfig, as_run_config, identity_dict
 from ..engine import DPSetup, MechanismRNG, zeroth_order_setup
 from ..evaluate import evaluate_test
 from ..privacy import PrivateSplit
@@ -41,6 +41,7 @@ def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
     A finished run is returned as is; an unfinished one resumes from its last
     checkpoint (z, optimiser, accountant, ledger, teacher), so it ends at the same ε.
     """
+    cfg = as_run_config(cfg)
     if not cfg.blackbox.active:
         raise ConfigError("dpflat.blackbox.train needs a black-box config (variant bb-*, or --blackbox)")
     check_before_work(cfg, max_steps)  # device and max_steps, before any folder or data
@@ -169,6 +170,8 @@ def _finish(s: Session, model: PromptModel, z_last: torch.Tensor, dp: DPSetup | 
     ``known``: the validation of this same z at the last step (the black box is deterministic).
     """
     bs = s.cfg.train.eval_batch_size
+    # 2k queries per sampled example: the count is a function of the secret batch sizes (private)
+    s.diagnostics["queries"] = info.pop("queries", None)
 
     def load(best: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         model.z.data.copy_(best["z"] if best is not None else z_last)

@@ -245,7 +245,9 @@ class AblationPanel(Panel):
         return row
 
     def results(self) -> pd.DataFrame:
-        return load_results(self.base.train.output_dir)
+        """The output folder's results table (empty before the first run has made the folder)."""
+        out = Path(self.base.train.output_dir)
+        return load_results(out) if out.is_dir() else pd.DataFrame()
 
     def refresh_compare(self) -> None:
         """Bars of accuracy per (variant, target ε), mean ± std over seeds, with guarantees."""

@@ -49,7 +49,11 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def ledger_reads(ledger: Mapping[str, Any]) -> pd.DataFrame:
-    """Every recorded access to the private split: who, how, DP-accounted or not, how often."""
+    """Every recorded access to the private split: who, how, DP-accounted or not, how often.
+
+    The counts of DP-accounted reads are private (functions of the Poisson batch sizes): ledger.json
+    leaves them out (empty cells here); they are in the run's private_diagnostics.json.
+    """
     reads = ledger.get("reads", [])
     cols = ["who", "how", "accounted", "count", "examples"]
     return pd.DataFrame([{c: r.get(c) for c in cols} for r in reads], columns=cols)
