@@ -166,7 +166,7 @@ def cell_noise_seed(noise_seed: int | None, run_name: str) -> int | None:
 
 
 class MechanismRNG:
-    """The DP mechanism's secret randomness: Poisson sampling and Gaussian noise.
+    """The DP mechanism's secret randomness: Poisson sampling, Gaussian noise, per-step draws.
 
     Why a dedicated generator: the guarantee assumes the adversary cannot predict the
     batches or the noise. Everything the project writes down (config, run id, results
@@ -176,14 +176,31 @@ class MechanismRNG:
     the same stream and replays lost steps exactly. ``noise_seed`` is for tests and
     bit-reproducible research; the ledger says which source was used, never the seed.
 
-    Two generators: the sampler's lives on the CPU (Poisson masks are drawn there), the
-    noise's on the training device (Opacus draws the noise next to the gradients).
+    Three generators: the sampler's lives on the CPU (Poisson masks are drawn there), the
+    noise's on the training device (Opacus draws the noise next to the gradients), and one
+    that seeds each DP step's dropout (``step_seed``).
     ``secure``: Opacus' ``secure_mode`` (torchcsprng, /dev/urandom); it has no state to
     checkpoint, so such a run cannot be resumed mid-way (see ``train``).
     """
 
-    def __init__(self, sampler: torch.Generator | None, noise: torch.Generator | None, source: str):
-        self.sampler, self.noise, self.source = sampler, noise, source
+    def __init__(self, sampler: torch.Generator | None, noise: torch.Generator | None, source: str,
+                 dropout: torch.Generator | None = None):
+        self.sampler, self.noise, self.source, self.dropout = sampler, noise, source, dropout
+
+    def step_seed(self) -> int:
+        """The seed of one DP step's other random draws (dropout masks), from a third secret stream.
+
+        Why secret: a public per-step seed fixes the masks by *position* in the batch, so one
+        record's presence shifts the masks of the records after it, and the per-example
+        sensitivity argument (each clipped gradient a function of its own example) fails for
+        an adversary who knows the seed. Masks drawn from a secret stream are i.i.d. and
+        independent of the data, whatever the order: the mechanism is then a mixture over
+        them of Gaussian mechanisms of sensitivity C, which keeps the guarantee. (The CLI
+        defaults train without dropout; this covers runs that switch it on.)
+        """
+        if self.dropout is None:  # secure mode: no state to replay from anyway
+            return secrets.randbits(63)
+        return int(torch.randint(0, 2**62, (1,), generator=self.dropout))
 
     @classmethod
     def create(cls, noise_seed: int | None = None, secure: bool = False, device: str | torch.device = "cpu",
@@ -204,13 +221,15 @@ class MechanismRNG:
         master = secrets.randbits(63) if noise_seed is None else int(noise_seed)
         sampler = torch.Generator().manual_seed(_derive(master, 0, rank))
         noise = torch.Generator(device=torch.device(device)).manual_seed(_derive(master, 1, rank))
-        return cls(sampler, noise, OS_ENTROPY if noise_seed is None else OPERATOR_SUPPLIED)
+        dropout = torch.Generator().manual_seed(_derive(master, 2, rank))
+        return cls(sampler, noise, OS_ENTROPY if noise_seed is None else OPERATOR_SUPPLIED, dropout)
 
     def state_dict(self) -> dict[str, Any]:
         """The generators' states (private run state: the checkpoint's state.pt only)."""
         if self.source == SECURE:
             return {"source": SECURE}
-        return {"source": self.source, "sampler": self.sampler.get_state(), "noise": self.noise.get_state()}
+        return {"source": self.source, "sampler": self.sampler.get_state(), "noise": self.noise.get_state(),
+                "dropout": self.dropout.get_state()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if d.get("source") == SECURE or self.source == SECURE:
@@ -219,6 +238,8 @@ class MechanismRNG:
         self.source = d["source"]
         self.sampler.set_state(d["sampler"])
         self.noise.set_state(d["noise"].to(self.noise.get_state().device))
+        if "dropout" in d:  # checkpoints before 2026-12-07 have none: the stream goes on from its fresh seed
+            self.dropout.set_state(d["dropout"])
 
 
 @dataclass

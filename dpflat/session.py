@@ -57,10 +57,11 @@ def check_finite(loss: float, step: int) -> None:
                             f"(the run is left unfinished, no result written)")
 
 
-def reseed_step(seed: int, step: int) -> None:
-    """Per step, so a resumed run replays dropout exactly; public randomness only (the
-    mechanism's sampling and noise come from the secret ``engine.MechanismRNG``)."""
-    torch.manual_seed(seed * 1_000_003 + step)
+def reseed_step(seed: int, step: int, secret=None) -> None:
+    """Per step, so a resumed run replays dropout exactly. A DP step passes its mechanism's
+    secret generators (``engine.MechanismRNG.step_seed``: its dropout must not be public, see
+    there); a non-private step is seeded from the public seed."""
+    torch.manual_seed(secret.step_seed() if secret is not None else seed * 1_000_003 + step)
 
 
 def _seed_all(seed: int) -> None:

@@ -225,8 +225,8 @@ def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None
         # a pass begins here, or -- resumed from a checkpoint taken inside a pass -- it began earlier
         start = s.pass_start if s.pass_start is not None and s.step < s.pass_start + per_pass else s.step
         s.pass_start, done = start, s.step - start
-        # public randomness of the pass (the non-private loader's shuffle); DP batches and noise
-        # come from the secret generators, dropout is reseeded per step (reseed_step)
+        # public randomness of the pass (the non-private loader's shuffle); DP batches, noise and
+        # dropout come from the secret generators (dropout is reseeded per step: reseed_step)
         torch.manual_seed(s.cfg.train.seed * 1_000_003 + start)
         if dp and lengths is not None:
             mem = nullcontext(grouped_loader(loader, lengths, P, opt))
@@ -289,7 +289,7 @@ def _forward_backward(s: Session, ctx: TrainContext, model, levels: list[FlatLev
     its examples and loss are added to the logical step ``lg``."""
     nb = len(chunk["labels"])
     if lg.new:
-        reseed_step(s.cfg.train.seed, s.step)
+        reseed_step(s.cfg.train.seed, s.step, dp.rng if dp else None)  # DP: dropout from the secret stream
         for lv in levels:
             lv.step_begin(ctx, s.step, chunk)
         share_step_state(levels, ctx)

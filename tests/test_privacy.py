@@ -189,3 +189,53 @@ def test_replayed_reads_add_to_the_same_row():
     restored = PrivacyLedger()
     restored.resume_counts(led.to_dict())
     assert restored.reads == led.reads and restored.batch_sizes == led.batch_sizes
+
+
+# --------------------------------------------------------------------------- a DP step's dropout is secret
+def test_dropout_seeds_come_from_a_secret_replayable_stream():
+    from dpflat.engine import MechanismRNG
+
+    a, b = MechanismRNG.create(), MechanismRNG.create()  # OS entropy: two runs draw different masks
+    assert [a.step_seed() for _ in range(3)] != [b.step_seed() for _ in range(3)]
+    c, d = MechanismRNG.create(noise_seed=7), MechanismRNG.create(noise_seed=7)  # operator-supplied: reproducible
+    assert [c.step_seed() for _ in range(3)] == [d.step_seed() for _ in range(3)]
+    state = c.state_dict()  # a checkpoint continues the stream exactly (replay after a crash)
+    after = [c.step_seed() for _ in range(3)]
+    e = MechanismRNG.create()
+    e.load_state_dict(state)
+    assert [e.step_seed() for _ in range(3)] == after
+
+
+def test_a_dp_steps_dropout_masks_do_not_follow_the_public_seed(tmp_path, make_cfg):
+    """Two DP runs with the same public seed and different secret streams draw different head
+    dropout masks at step 1; the same secret stream draws the same ones; a non-private run's
+    masks follow the public seed."""
+    from dpflat.models import PrefixModel
+    from dpflat.train import train
+
+    masks: list[torch.Tensor] = []
+    orig = PrefixModel.forward
+
+    def spy(self, *a, **k):
+        if self.training and self.dropout.p > 0:
+            h = self.dropout.register_forward_hook(lambda m, i, o: masks.append((o == 0).clone()))
+            try:
+                return orig(self, *a, **k)
+            finally:
+                h.remove()
+        return orig(self, *a, **k)
+
+    def first_mask(name, noise_seed, **over):
+        masks.clear()
+        cfg = make_cfg(tmp_path / name, model={"head_dropout": 0.5}, train={"group_by_length": "off"}, **over)
+        train(cfg, max_steps=1, noise_seed=noise_seed)
+        return masks[0]
+
+    PrefixModel.forward = spy
+    try:
+        m1, m2, m1b = first_mask("a", 1), first_mask("b", 2), first_mask("c", 1)
+        n1, n2 = (first_mask(f"np{i}", i, privacy={"enabled": False}) for i in (1, 2))
+    finally:
+        PrefixModel.forward = orig
+    assert not torch.equal(m1, m2) and torch.equal(m1, m1b)
+    assert torch.equal(n1, n2)
