@@ -69,6 +69,10 @@ class SharpnessDefinition:
         if self.n_directions < 1:
             raise LandscapeError("at least one direction")
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SharpnessDefinition:
+        return cls(**d)
+
 
 @dataclass
 class Sharpness:
@@ -82,8 +86,12 @@ class Sharpness:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return d
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Sharpness:
+        return cls(**{**d, "definition": SharpnessDefinition.from_dict(d["definition"]),
+                      "per_direction": list(d.get("per_direction", []))})
 
     def __float__(self) -> float:
         return float(self.value)
