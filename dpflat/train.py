@@ -25,7 +25,7 @@ from .evaluate import autocast, evaluate, evaluate_test, model_inputs
 from .flat import build_levels, share_levels, share_step_state
 from .flat.base import FlatLevel, TrainContext
 from .models import build_model
-from .runs import check_before_work
+from .session import check_before_work
 from .session import (LOSS_KEY, NonFiniteLoss, Session, check_finite, prepare_data, reseed_step, run_in_folder,
                       start_run)
 
