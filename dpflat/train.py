@@ -263,7 +263,7 @@ def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None
 def _resume_pass(loader, dp: DPSetup | None, done: int):
     """An iterator over the pass that continues after its first ``done`` logical batches.
 
-    Why: a crashed run is accounted by replaying its lost steps bit for bit (DESIGN.md), and a
+    Why: a crashed run is accounted by replaying its lost steps bit for bit (docs/ARCHITECTURE.md), and a
     new iterator draws its base seed from the loader's generator -- for DP the secret sampler,
     whose state the checkpoint holds *after* that pass's draw. So: DP restores the sampler's
     state after the iterator is made (the next Poisson batch is the one the crashed run drew);
