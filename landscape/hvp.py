@@ -212,20 +212,29 @@ class HessianOperator(LinearOperator):
         self.method_used = "double_backward(cached)"
         self.build_seconds += time.perf_counter() - t0
 
-    def _matvec_cached(self, v: torch.Tensor) -> torch.Tensor:
+    def _through_cache(self, tangents: Sequence[torch.Tensor], batched: bool) -> tuple[torch.Tensor | None, ...] | None:
+        """One backward through every cached gradient graph, parameter ``i`` weighted by ``tangents[i]``.
+
+        Each batch's graph gets ``tangents[i] * w_b`` (its example weight), so the sum over
+        batches is the dataset Hessian times the tangents; ``batched``: a leading dimension of
+        ``k`` tangents at once (``is_grads_batched``). None when no gradient depends on the parameters.
+        """
         if self._cache is None or self._versions != self.pset.versions():
             self._build()
-        vs = self.pset.unflatten(v)
         outs, gouts = [], []
         for w, (gs, keep) in zip(self.weights, self._cache):  # type: ignore[union-attr]
             for g, i in zip(gs, keep):
                 outs.append(g)
-                gouts.append(vs[i] * w)
+                gouts.append(tangents[i] * w)
         if not outs:
-            return torch.zeros_like(v)
+            return None
         with self.pset.grad_enabled():
-            hv = torch.autograd.grad(outs, self.pset.params, grad_outputs=gouts, retain_graph=True, allow_unused=True)
-        return self.pset.flatten(hv)
+            return torch.autograd.grad(outs, self.pset.params, grad_outputs=gouts, retain_graph=True, allow_unused=True,
+                                       is_grads_batched=batched)
+
+    def _matvec_cached(self, v: torch.Tensor) -> torch.Tensor:
+        hv = self._through_cache(self.pset.unflatten(v), batched=False)
+        return torch.zeros_like(v) if hv is None else self.pset.flatten(hv)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H V^T`` for a block of vectors ``V`` of shape (k, n): one row per vector.
@@ -243,19 +252,10 @@ class HessianOperator(LinearOperator):
         if not self.cache_graph or k <= 1:
             return super().matmat(V)
         self.n_matvecs += k
-        if self._cache is None or self._versions != self.pset.versions():
-            self._build()
         cols = [V[:, a:b].reshape(k, *shape) for a, b, shape in zip(self.pset.offsets[:-1], self.pset.offsets[1:], self.pset.shapes)]
-        outs, gouts = [], []
-        for w, (gs, keep) in zip(self.weights, self._cache):  # type: ignore[union-attr]
-            for g, i in zip(gs, keep):
-                outs.append(g)
-                gouts.append(cols[i] * w)
-        if not outs:
+        hv = self._through_cache(cols, batched=True)
+        if hv is None:
             return torch.zeros_like(V)
-        with self.pset.grad_enabled():
-            hv = torch.autograd.grad(outs, self.pset.params, grad_outputs=gouts, retain_graph=True,
-                                     allow_unused=True, is_grads_batched=True)
         parts = [torch.zeros(k, m, dtype=self.dtype, device=self.device) if h is None else h.reshape(k, -1)
                  for h, m in zip(hv, self.pset.numels)]
         return torch.cat(parts, dim=1)

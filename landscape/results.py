@@ -11,16 +11,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from ._params import LandscapeError
 
+R = TypeVar("R", bound="Record")
+
+
+class Record:
+    """A dataclass of plain values (settings, definitions): ``asdict`` writes it, ``from_dict`` reads it back."""
+
+    @classmethod
+    def from_dict(cls: type[R], d: dict[str, Any]) -> R:
+        return cls(**d)
+
 
 @dataclass
-class SpectrumSettings:
+class SpectrumSettings(Record):
     """How a spectral quantity was computed (stored with every result)."""
 
     method: str
@@ -44,13 +54,9 @@ class SpectrumSettings:
         if self.criterion is not None and self.criterion not in ("change", "residual", "fixed"):
             raise LandscapeError(f"criterion must be change|residual|fixed, got {self.criterion!r}")
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SpectrumSettings:
-        return cls(**d)
-
 
 @dataclass
-class Convergence:
+class Convergence(Record):
     """Did it converge, after how much work; ``history`` is the estimate per iteration."""
 
     converged: bool
@@ -60,10 +66,6 @@ class Convergence:
     history: list[float] = field(default_factory=list)
     residuals: list[float] = field(default_factory=list)
     note: str = ""
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Convergence:
-        return cls(**d)
 
 
 @dataclass
@@ -221,4 +223,4 @@ class GroupSpectrum:
         return cls(d["group"], d["n_params"], EigenResult.from_dict(d["eigen"]), TraceResult.from_dict(d["trace"]))
 
 
-__all__ = ["Convergence", "DensityResult", "EigenResult", "GroupSpectrum", "SpectrumSettings", "TraceResult"]
+__all__ = ["Convergence", "DensityResult", "EigenResult", "GroupSpectrum", "Record", "SpectrumSettings", "TraceResult"]

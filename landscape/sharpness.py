@@ -37,13 +37,14 @@ from ._params import (
     dataset_grad,
     dataset_loss,
 )
+from .results import Record
 
 SAM_FORMULA = "max_{||u||_2 <= r} L(theta+u) - L(theta), u by {steps} projected normalised-gradient ascent step(s) from u=0"
 INDICATOR_FORMULA = "S = max_{u in {0, r*g/||g||, +-r*z_i/||z_i||}} (L(P+u) - L(P)) / (1 + L(P)), z_i ~ N(0, I)"
 
 
 @dataclass
-class SharpnessDefinition:
+class SharpnessDefinition(Record):
     """What a sharpness number means: radius, directions, data, formula."""
 
     kind: str
@@ -68,10 +69,6 @@ class SharpnessDefinition:
             raise LandscapeError(f"rho must be > 0, got {self.rho}")
         if self.n_directions < 1:
             raise LandscapeError("at least one direction")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SharpnessDefinition:
-        return cls(**d)
 
 
 @dataclass
