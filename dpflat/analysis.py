@@ -13,7 +13,6 @@ marked in the settings (such a figure is not covered by the run's guarantee).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +26,7 @@ from .config import MAX_GRID, ConfigError, RunConfig
 from .evaluate import model_inputs
 from .figures import run_label
 from .privacy import DP
-from .runs import LANDSCAPE_COLUMNS, RunDir, atomic_write_text, update_result
+from .runs import LANDSCAPE_COLUMNS, RunDir, update_result
 
 SUBDIR = "landscape"
 
@@ -179,7 +178,6 @@ def analyze_run(
         raise ConfigError(f"need top_k >= 1, grid in [3, {MAX_GRID}], span > 0, n_examples >= 1, trace_matvecs >= 3, "
                           "density_iter >= 2")
     rd = RunDir(run_dir)
-    out_dir = rd.landscape_dir
     settings = {"top_k": top_k, "grid": grid, "span": span, "n_examples": n_examples, "seed": seed,
                 "surface": surface, "density": density, "split": split, "rho": rho,
                 "trace_matvecs": trace_matvecs, "density_iter": density_iter}
@@ -191,7 +189,6 @@ def analyze_run(
     run = load_run(run_dir)
     batches = analysis_batches(run, n_examples, split, regroup=regroup)
     model, params = run.model, _trainable(run.model)
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"run_id": run.run_dir.name, "label": run.label, "guarantee": run.guarantee,
                                "epsilon": run.claimed_epsilon, "variant": run.result.get("variant"),
                                "settings": settings, "params": params,
@@ -216,22 +213,11 @@ def analyze_run(
         xs = np.linspace(-span, span, grid)
         surf = ls.loss_surface_2d(model, ce_loss, batches, d1, d2, xs=xs, params=params, progress=progress,
                                   label=run.label, keep_directions=False)
-        npz, _ = surf.save(out_dir / "surface")
-        summary["surface_path"] = str(npz)
+        summary["surface_path"] = str(rd.save_surface(surf))
         summary["surface_center_loss"] = surf.center_loss
-    atomic_write_text(rd.landscape_file, json.dumps(summary, indent=2, default=_json_default))
+    rd.write_landscape(summary)
     _upsert(run.run_dir, summary)
     return summary
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    return str(x)
 
 
 def _upsert(run_dir: Path, summary: dict[str, Any]) -> None:
@@ -252,13 +238,12 @@ def load_surface(run_dir: str | Path):
 
 def load_density(run_dir: str | Path):
     """The SLQ density of an analysed run as a ``landscape.DensityResult``."""
-    from landscape.spectrum import Convergence, DensityResult, SpectrumSettings
+    from landscape import DensityResult
 
     d = load_analysis(run_dir).get("density")
     if d is None:
         raise FileNotFoundError(f"{run_dir} was analysed without a density (density=False)")
-    return DensityResult(d["nodes"], d["weights"], d["n"], SpectrumSettings(**d["settings"]),
-                         Convergence(**d["convergence"]))
+    return DensityResult.from_dict(d)
 
 
 __all__ = ["LoadedRun", "analysis_batches", "analyze_run", "ce_loss", "example_correct", "load_analysis", "load_density",

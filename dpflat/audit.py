@@ -42,7 +42,6 @@ output root; ``canaries.json`` beside them records the canaries and the secret b
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,8 +53,6 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 
-AUDIT_FILE = "audit.json"
-CANARY_FILE = "canaries.json"
 #: fractions of m guessed (see guess_grid); Bonferroni over the whole grid
 DEFAULT_GRID = (0.05, 0.1, 0.25)
 
@@ -251,7 +248,7 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
     """
     from .mia import attack_point_metrics, example_losses, load_run_model
     from .models import load_tokenizer
-    from .runs import RunDir, atomic_write_text, run_id
+    from .runs import RunDir, run_id
     from .sweep import trainer
 
     t0 = time.time()
@@ -265,14 +262,12 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
     record = {"rows": [int(i) for i in data_mod.column(can_rows, "idx")],
               "labels": [int(x) for x in data_mod.column(can_rows, "label")],
               "true_labels": true.tolist(), "included": included.astype(int).tolist(), "seed": seed}
-    cf = rd.path / CANARY_FILE
-    if cf.is_file() and json.loads(cf.read_text()) != record:
+    if rd.canary_record() not in (None, record):
         raise FileExistsError(f"{rd.path} holds a canary run with other canaries; remove it or change the seed")
-    rd.path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cf, json.dumps(record))
+    rd.write_canaries(record)
     res = trainer(acfg)(acfg, resume=resume, noise_seed=noise_seed, secure_rng=secure_rng,
                         extra_private=can_rows.select(np.flatnonzero(included)))  # the canaries: private data
-    ledger = json.loads(rd.ledger_file.read_text())  # as written by this run (validated or not: the audit reports it)
+    ledger = rd.ledger_as_written()  # validated or not: the audit reports what the run claimed
     _, model = load_run_model(rd.path)
     tok = load_tokenizer(cfg.model)
     scored = example_losses(model, tokens_mod.tokenize(can_rows, tok, cfg.data.max_length, cfg.data.cache_dir),
@@ -294,7 +289,7 @@ def audit_config(cfg, *, canaries: int = 64, seed: int = 0, out_dir: str | Path 
         loss_out=float(scored["loss"][~included].mean()) if (~included).any() else math.nan,
         accuracy=res.get("accuracy"), seconds=time.time() - t0, run_dir=str(rd.path), notes=notes,
     )
-    atomic_write_text(rd.path / AUDIT_FILE, json.dumps(result.to_dict(), indent=2, default=str))
+    rd.write_audit(result.to_dict())
     return result
 
 
@@ -308,7 +303,6 @@ def audit_run(run_dir: str | Path, **kw) -> AuditResult:
 
 
 __all__ = [
-    "AUDIT_FILE",
     "AuditResult",
     "DEFAULT_GRID",
     "audit_config",

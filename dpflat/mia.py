@@ -41,7 +41,6 @@ non-members resampled separately):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +49,6 @@ from typing import Any
 import numpy as np
 import torch
 
-MIA_FILE = "mia.json"
 LOW_FPRS = (0.01, 0.001)
 
 
@@ -395,18 +393,13 @@ def record_result(result: MIAResult) -> dict[str, Any] | None:
 
 
 def save_result(result: MIAResult, run_dir: str | Path | None = None) -> Path:
-    """Write ``mia.json`` into the run folder (atomically)."""
-    from .runs import atomic_write_text
-
+    """Write ``mia.json`` into the run folder (atomically, through ``RunDir``)."""
     from .runs import RunDir
 
-    path = RunDir(run_dir or result.run_dir).mia_file
-    atomic_write_text(path, json.dumps(result.to_dict(), indent=2, sort_keys=True, default=str))
-    return path
+    return RunDir(run_dir or result.run_dir).write_mia(result.to_dict())
 
 
 __all__ = [
-    "MIA_FILE",
     "AttackMetrics",
     "MIAResult",
     "attack_metrics",

@@ -31,8 +31,6 @@ MECHANISM_READ = {"dp-sgd": "train/dp-sgd", "dpzero": "train/dpzero"}
 PRIVATE_READ_FIELDS = ("count", "examples")
 #: metrics.jsonl columns computed from private batches: private diagnostics, not covered
 PRIVATE_METRICS = ("train_loss_private", "examples_per_s", "clipped_fraction", "queries")
-#: the run folder's file of private statistics (batch sizes, read counts, split overlaps, query counts)
-PRIVATE_DIAGNOSTICS = "private_diagnostics.json"
 
 
 @dataclass
@@ -239,7 +237,7 @@ RELEASE = {
     ],
     "private_diagnostics_not_covered": [
         f"metrics.jsonl {', '.join(PRIVATE_METRICS)} (computed from the private batches, per step)",
-        f"{PRIVATE_DIAGNOSTICS} (logical batch sizes, each read's counts, the split-overlap duplicate counts, "
+        "private_diagnostics.json (logical batch sizes, each read's counts, the split-overlap duplicate counts, "
         "black-box query counts)",
         "checkpoints (ckpt-*/: parameters and the secret generator state in state.pt; a generator state "
         "holds its seed, so whoever reads any checkpoint, ckpt-0000000 included, can replay every noise "
@@ -267,7 +265,6 @@ __all__ = [
     "NOT_DP_NONPRIVATE",
     "NOT_DP_PAPER",
     "MECHANISM_READ",
-    "PRIVATE_DIAGNOSTICS",
     "PRIVATE_METRICS",
     "PRIVATE_READ_FIELDS",
     "RELEASE",

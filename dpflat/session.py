@@ -34,12 +34,12 @@ from . import splits as splits_mod
 from . import tokens as tokens_mod
 from . import distributed as dist_mod
 from . import engine as engine_mod
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, check_device
 from .engine import DPSetup, fill_ledger
 from .evaluate import peak_memory_mb, reset_peak_memory
-from .models import load_tokenizer
+from .models import check_layers, load_tokenizer
 from .privacy import PRIVATE_METRICS, SAMPLED_GAUSSIAN, PrivacyLedger, PrivateSplit, fill_release
-from .runs import RunDir, finish_run
+from .runs import RunDir, finish_run, finished_result
 
 #: the per-step loss of private batches: a private diagnostic, not covered by the guarantee
 LOSS_KEY = PRIVATE_METRICS[0]  # "train_loss_private"
@@ -122,6 +122,20 @@ def _with_extra_private(cfg: RunConfig, tok, splits, tokd, extra):
     return splits, tokd
 
 
+def check_before_work(cfg: RunConfig, max_steps: int | None = None) -> None:
+    """What can be refused in seconds is refused before any folder, data or weights (the loops' first call).
+
+    The device must exist here, ``max_steps`` be positive, and the layer counts fit the
+    backbone (read from its config.json alone): a bad ``--n-drop`` used to surface only
+    after a minute of loading and teacher training.
+    """
+    check_device(cfg.train.device)
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise ConfigError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
+    if not cfg.blackbox.active:
+        check_layers(cfg.model, cfg.flat.n_drop if cfg.flat.layers else None)
+
+
 def run_in_folder(cfg: RunConfig, resume: bool, body: Callable[[RunDir], dict[str, Any]]) -> dict[str, Any]:
     """Run ``body(rd)`` in the config's run folder, holding its lock.
 
@@ -130,7 +144,7 @@ def run_in_folder(cfg: RunConfig, resume: bool, body: Callable[[RunDir], dict[st
     folder left behind). Under torchrun rank 0 does the folder work, every rank learns it.
     """
     rd = RunDir.for_config(cfg)
-    res = dist_mod.on_main(lambda: rd.finished_result(cfg) if resume else None)
+    res = dist_mod.on_main(lambda: finished_result(rd, cfg) if resume else None)
     if res is not None:
         return res
     made = dist_mod.on_main(rd.create, cfg) and dist_mod.is_main()
@@ -174,7 +188,6 @@ class Session:
         # the step at which the current pass over the loader began: a run resumed in the middle of
         # a pass finishes that pass (same batches, same secret draws) instead of starting a new one
         self.pass_start: int | None = None
-        self.best_file = rd.best_file
         self.seen, self.t0, self.step0 = 0, time.time(), 0
         #: private statistics the stepper adds for private_diagnostics.json (e.g. the black box's queries)
         self.diagnostics: dict[str, Any] = {}
@@ -214,9 +227,9 @@ class Session:
             self.rd.truncate_metrics(self.step)
             # best.safetensors as of this checkpoint: one written by the discarded steps must not survive
             if self.best_params is not None:
-                self.rd.save_tensors(self.best_file, self.best_params)
+                self.rd.save_best(self.best_params)
             else:
-                self.best_file.unlink(missing_ok=True)
+                self.rd.drop_best()
 
     # --- every step
     @contextmanager
@@ -237,7 +250,7 @@ class Session:
         if r["accuracy"] > self.best["accuracy"]:
             self.best = {"accuracy": r["accuracy"], "step": self.step}
             self.best_params = {k: v.detach().cpu().clone() for k, v in self.trainable().items()}
-            self.rd.save_tensors(self.best_file, self.best_params)
+            self.rd.save_best(self.best_params)
         return r
 
     def end_step(self, row: dict[str, Any], dp: DPSetup | None,
@@ -305,22 +318,19 @@ class Session:
         return dist_mod.on_main(self._finish, dp, last, load, val, test, keep, info, cost, overlap)
 
     def _finish(self, dp, last, load, val, test, keep, info, cost, overlap) -> dict[str, Any]:
-        from safetensors.torch import load_file
-
         rd, cfg = self.rd, self.cfg
-        rd.save_tensors(rd.path / "last.safetensors", last)
-        best = load_file(str(self.best_file)) if self.best_file.exists() else None
-        rd.save_tensors(rd.model_file, load(best))
+        rd.save_last(last)
+        rd.save_model(load(rd.best_params()))
         v = val()
         final, per_example = test()  # the test split, once
         fill_ledger(self.ledger, cfg.privacy, dp, self.step)
         fill_release(self.ledger)
-        rd.write_json(rd.ledger_file, self.ledger.public_dict())
+        rd.write_ledger(self.ledger.public_dict())
         if cost is not None:
             cost = self._public_cost(dict(cost))
             cost["wall_s"] = time.time() - cost.pop("t_start")
             cost["peak_mem_mb"] = peak_memory_mb(self.device)
-        rd.write_json(rd.private_file, {
+        rd.write_private_diagnostics({
             "note": "private diagnostics: functions of the private split outside the accountant, not covered by "
                     "the run's guarantee (see ledger.json release)",
             **self.ledger.private_dict(), "split_overlap": {k: int(v) for k, v in (overlap or {}).items()},
@@ -342,5 +352,5 @@ class Session:
         return cost
 
 
-__all__ = ["LOSS_KEY", "NonFiniteLoss", "Session", "check_finite", "prepare_data", "reseed_step", "run_in_folder",
+__all__ = ["LOSS_KEY", "NonFiniteLoss", "Session", "check_before_work", "check_finite", "prepare_data", "reseed_step", "run_in_folder",
            "start_run"]

@@ -16,7 +16,8 @@ from .config import (MODES, NO_MODE_VARIANTS, NONPRIVATE_VARIANTS, VARIANTS, Con
                      as_run_config)
 from .figures import join_guarantees, mean_std
 from .privacy import DP
-from .runs import RunDir, RunLocked, check_before_work, load_results
+from .runs import RunDir, RunLocked, finished_result, load_results
+from .session import check_before_work
 
 
 def cells(base: RunConfig, variants: list[str], epsilons: list[float], seeds: list[int],
@@ -85,7 +86,7 @@ def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
     todo = []
     for c in grid:
         rd = RunDir.for_config(c)
-        if rd.finished_result(c) is None:  # a finished cell: config checked, its row made sure of
+        if finished_result(rd, c) is None:  # a finished cell: config checked, its row made sure of
             todo.append(c)
     bar = tqdm(total=len(grid), initial=len(grid) - len(todo), desc="sweep", disable=not progress)
     for c in todo:

@@ -25,7 +25,7 @@ from .evaluate import autocast, evaluate, evaluate_test, model_inputs
 from .flat import build_levels, share_levels, share_step_state
 from .flat.base import FlatLevel, TrainContext
 from .models import build_model
-from .runs import check_before_work
+from .session import check_before_work
 from .session import (LOSS_KEY, NonFiniteLoss, Session, check_finite, prepare_data, reseed_step, run_in_folder,
                       start_run)
 
@@ -263,7 +263,7 @@ def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None
 def _resume_pass(loader, dp: DPSetup | None, done: int):
     """An iterator over the pass that continues after its first ``done`` logical batches.
 
-    Why: a crashed run is accounted by replaying its lost steps bit for bit (DESIGN.md), and a
+    Why: a crashed run is accounted by replaying its lost steps bit for bit (docs/ARCHITECTURE.md), and a
     new iterator draws its base seed from the loader's generator -- for DP the secret sampler,
     whose state the checkpoint holds *after* that pass's draw. So: DP restores the sampler's
     state after the iterator is made (the next Poisson batch is the one the crashed run drew);

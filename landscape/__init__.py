@@ -5,6 +5,8 @@ Model-agnostic (never imports ``dpflat``): give it a module, a
 work), over a parameter subset (default: the parameters that require grad).
 
     >>> H = HessianOperator(model, loss_fn, batches)          # v -> H v
+    >>> H @ v, H @ X, H.matmat(V)                              # (n,), (n, k) columns, (k, n) rows
+    >>> scipy.sparse.linalg.eigsh(H.to_scipy(), k=3)           # any scipy solver
     >>> top_eigenvalues(H, k=3).eigenvalues                    # Lanczos
     >>> trace(H).trace, slq_density(H).density()               # Hutch++, SLQ
     >>> d1, d2 = random_direction(model, seed=0), random_direction(model, seed=1)
@@ -13,7 +15,8 @@ work), over a parameter subset (default: the parameters that require grad).
 
 Dataset loss = example-weighted mean over the batches, in eval mode (see ``_params``).
 The top level exports what a user calls; result and helper types live in their modules
-(``landscape.results``, ``landscape.surface.Direction``, ``landscape._params.merge_batches``...).
+(``landscape.results``, ``landscape.operators``, ``landscape.surface.Direction``,
+``landscape._params.merge_batches``...). Results have ``to_dict``/``from_dict``.
 """
 
 from . import plots, pyhessian_bridge  # noqa: F401  (lazy heavy imports inside)
@@ -24,7 +27,8 @@ from ._params import (
     dataset_loss,
     rebatch_by_length,
 )
-from .hvp import DenseOperator, GaussNewtonOperator, HessianOperator, LinearOperator, hvp
+from .hvp import GaussNewtonOperator, HessianOperator, hvp
+from .operators import DenseOperator, LinearOperator
 from .sharpness import Sharpness, group_sharpness, prefix_indicator, sam_sharpness
 from .spectrum import (
     Convergence,

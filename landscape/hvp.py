@@ -58,6 +58,7 @@ from ._params import (
     eval_mode,
     rebatch_by_length,
 )
+from .operators import LinearOperator
 
 Method = Literal["auto", "double_backward", "func"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -78,92 +79,6 @@ def autocast_loss(loss_fn: LossFn, precision: Precision, device_type: str) -> Lo
         return out.float()
 
     return wrapped
-
-
-# --------------------------------------------------------------------------- operators
-class LinearOperator:
-    """A symmetric linear map on flat vectors of length ``n`` (duck-typed base class).
-
-    Spectrum routines need only ``n``, ``dtype``, ``device``, ``matvec`` and ``info``.
-    ``n_matvecs`` counts products so results can report their cost.
-    """
-
-    n: int
-    dtype: torch.dtype
-    device: torch.device
-    n_matvecs: int = 0
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matvec(v)
-
-    def info(self) -> dict[str, Any]:
-        """Settings that results record (data size, parameter count, method)."""
-        return {"n_params": self.n}
-
-    def _check(self, v: torch.Tensor) -> torch.Tensor:
-        if v.dim() != 1 or v.shape[0] != self.n:
-            raise LandscapeError(f"vector has shape {tuple(v.shape)}, expected ({self.n},)")
-        return v.to(dtype=self.dtype, device=self.device)
-
-
-class DenseOperator(LinearOperator):
-    """A dense symmetric matrix as an operator (tests, tiny problems, sanity checks)."""
-
-    def __init__(self, matrix: torch.Tensor):
-        if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise LandscapeError(f"matrix must be square, got {tuple(matrix.shape)}")
-        self.matrix = matrix
-        self.n = matrix.shape[0]
-        self.dtype = matrix.dtype
-        self.device = matrix.device
-        self.n_matvecs = 0
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.n_matvecs += 1
-        return self.matrix @ self._check(v)
-
-    def info(self) -> dict[str, Any]:
-        return {"n_params": self.n, "operator": "dense"}
-
-
-class RestrictedOperator(LinearOperator):
-    """The diagonal block ``H[idx, idx]`` of an operator: a parameter group's Hessian.
-
-    Why a projection rather than a smaller model: a group may cut *inside* a parameter
-    (one layer's slice of a prefix table); one full product per block product is the
-    price, which is fine for per-layer summaries.
-    """
-
-    def __init__(self, op: LinearOperator, index: torch.Tensor):
-        self.op = op
-        self.index = index.to(op.device).long()
-        if self.index.numel() == 0:
-            raise LandscapeError("empty group")
-        self.n = int(self.index.numel())
-        self.dtype = op.dtype
-        self.device = op.device
-        self.n_matvecs = 0
-
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.n_matvecs += 1
-        full = torch.zeros(self.op.n, dtype=self.dtype, device=self.device)
-        full[self.index] = self._check(v)
-        return self.op.matvec(full)[self.index]
-
-    @property
-    def grad(self) -> torch.Tensor | None:
-        """The group's slice of the full operator's gradient (a Lanczos start), if any."""
-        g = getattr(self.op, "grad", None)
-        return g[self.index] if isinstance(g, torch.Tensor) else None
-
-    def info(self) -> dict[str, Any]:
-        d = dict(self.op.info())
-        d["n_params"] = self.n
-        d["n_params_total"] = self.op.n
-        return d
 
 
 # --------------------------------------------------------------------------- functional model
@@ -297,20 +212,29 @@ class HessianOperator(LinearOperator):
         self.method_used = "double_backward(cached)"
         self.build_seconds += time.perf_counter() - t0
 
-    def _matvec_cached(self, v: torch.Tensor) -> torch.Tensor:
+    def _through_cache(self, tangents: Sequence[torch.Tensor], batched: bool) -> tuple[torch.Tensor | None, ...] | None:
+        """One backward through every cached gradient graph, parameter ``i`` weighted by ``tangents[i]``.
+
+        Each batch's graph gets ``tangents[i] * w_b`` (its example weight), so the sum over
+        batches is the dataset Hessian times the tangents; ``batched``: a leading dimension of
+        ``k`` tangents at once (``is_grads_batched``). None when no gradient depends on the parameters.
+        """
         if self._cache is None or self._versions != self.pset.versions():
             self._build()
-        vs = self.pset.unflatten(v)
         outs, gouts = [], []
         for w, (gs, keep) in zip(self.weights, self._cache):  # type: ignore[union-attr]
             for g, i in zip(gs, keep):
                 outs.append(g)
-                gouts.append(vs[i] * w)
+                gouts.append(tangents[i] * w)
         if not outs:
-            return torch.zeros_like(v)
+            return None
         with self.pset.grad_enabled():
-            hv = torch.autograd.grad(outs, self.pset.params, grad_outputs=gouts, retain_graph=True, allow_unused=True)
-        return self.pset.flatten(hv)
+            return torch.autograd.grad(outs, self.pset.params, grad_outputs=gouts, retain_graph=True, allow_unused=True,
+                                       is_grads_batched=batched)
+
+    def _matvec_cached(self, v: torch.Tensor) -> torch.Tensor:
+        hv = self._through_cache(self.pset.unflatten(v), batched=False)
+        return torch.zeros_like(v) if hv is None else self.pset.flatten(hv)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """``H V^T`` for a block of vectors ``V`` of shape (k, n): one row per vector.
@@ -323,26 +247,15 @@ class HessianOperator(LinearOperator):
         benchmarks/RESULTS.md), so the spectrum routines keep single products there.
         Uncached paths fall back to one product per row. Counts k products.
         """
-        if V.dim() != 2 or V.shape[1] != self.n:
-            raise LandscapeError(f"block has shape {tuple(V.shape)}, expected (k, {self.n})")
-        V = V.to(dtype=self.dtype, device=self.device)
+        V = self._check_block(V)
         k = V.shape[0]
-        if not self.cache_graph or k == 1:
-            return torch.stack([self.matvec(v) for v in V])
+        if not self.cache_graph or k <= 1:
+            return super().matmat(V)
         self.n_matvecs += k
-        if self._cache is None or self._versions != self.pset.versions():
-            self._build()
         cols = [V[:, a:b].reshape(k, *shape) for a, b, shape in zip(self.pset.offsets[:-1], self.pset.offsets[1:], self.pset.shapes)]
-        outs, gouts = [], []
-        for w, (gs, keep) in zip(self.weights, self._cache):  # type: ignore[union-attr]
-            for g, i in zip(gs, keep):
-                outs.append(g)
-                gouts.append(cols[i] * w)
-        if not outs:
+        hv = self._through_cache(cols, batched=True)
+        if hv is None:
             return torch.zeros_like(V)
-        with self.pset.grad_enabled():
-            hv = torch.autograd.grad(outs, self.pset.params, grad_outputs=gouts, retain_graph=True,
-                                     allow_unused=True, is_grads_batched=True)
         parts = [torch.zeros(k, m, dtype=self.dtype, device=self.device) if h is None else h.reshape(k, -1)
                  for h, m in zip(hv, self.pset.numels)]
         return torch.cat(parts, dim=1)
@@ -520,11 +433,8 @@ def hvp(
 
 
 __all__ = [
-    "DenseOperator",
     "GaussNewtonOperator",
     "HessianOperator",
-    "LinearOperator",
-    "RestrictedOperator",
     "autocast_loss",
     "hvp",
 ]

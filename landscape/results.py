@@ -1,7 +1,9 @@
 """Results of the spectral routines: each carries its settings and convergence record.
 
 Kept apart from the algorithms in :mod:`landscape.spectrum` so that readers (plots, caches,
-reports) can load and draw a result without the numerics.
+reports) can load and draw a result without the numerics. Every result has ``to_dict``
+(JSON-ready) and ``from_dict``, and ``from_dict(r.to_dict())`` is ``r`` again, value for
+value: a cached summary reads back as the object that wrote it.
 """
 
 from __future__ import annotations
@@ -9,16 +11,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from ._params import LandscapeError
 
+R = TypeVar("R", bound="Record")
+
+
+class Record:
+    """A dataclass of plain values (settings, definitions): ``asdict`` writes it, ``from_dict`` reads it back."""
+
+    @classmethod
+    def from_dict(cls: type[R], d: dict[str, Any]) -> R:
+        return cls(**d)
+
 
 @dataclass
-class SpectrumSettings:
+class SpectrumSettings(Record):
     """How a spectral quantity was computed (stored with every result)."""
 
     method: str
@@ -44,7 +56,7 @@ class SpectrumSettings:
 
 
 @dataclass
-class Convergence:
+class Convergence(Record):
     """Did it converge, after how much work; ``history`` is the estimate per iteration."""
 
     converged: bool
@@ -74,12 +86,26 @@ class EigenResult:
     def top(self) -> float:
         return float(self.eigenvalues[0])
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, vectors: bool = False) -> dict[str, Any]:
+        """Eigenvalues, settings and convergence; the eigenvectors too with ``vectors`` (they are
+        ``k x n`` numbers, so summaries leave them out)."""
+        d: dict[str, Any] = {
             "eigenvalues": self.eigenvalues.tolist(),
             "settings": dataclasses.asdict(self.settings),
             "convergence": dataclasses.asdict(self.convergence),
         }
+        if vectors and self.eigenvectors is not None:
+            d["eigenvectors"] = self.eigenvectors.detach().cpu().tolist()
+            d["eigenvector_dtype"] = str(self.eigenvectors.dtype).removeprefix("torch.")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EigenResult:
+        vecs = d.get("eigenvectors")
+        dtype = getattr(torch, d.get("eigenvector_dtype", "float64"))
+        return cls(np.asarray(d["eigenvalues"], dtype=np.float64),
+                   None if vecs is None else torch.tensor(vecs, dtype=dtype).reshape(len(d["eigenvalues"]), -1),
+                   SpectrumSettings.from_dict(d["settings"]), Convergence.from_dict(d["convergence"]))
 
 
 @dataclass
@@ -100,6 +126,11 @@ class TraceResult:
             "settings": dataclasses.asdict(self.settings),
             "convergence": dataclasses.asdict(self.convergence),
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TraceResult:
+        return cls(d["trace"], d["std_error"], list(d["samples"]), SpectrumSettings.from_dict(d["settings"]),
+                   Convergence.from_dict(d["convergence"]))
 
 
 @dataclass
@@ -164,6 +195,11 @@ class DensityResult:
             "convergence": dataclasses.asdict(self.convergence),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DensityResult:
+        return cls(d["nodes"], d["weights"], d["n"], SpectrumSettings.from_dict(d["settings"]),
+                   Convergence.from_dict(d["convergence"]))
+
 
 @dataclass
 class GroupSpectrum:
@@ -178,5 +214,13 @@ class GroupSpectrum:
     def top(self) -> float:
         return self.eigen.top
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "n_params": self.n_params, "eigen": self.eigen.to_dict(),
+                "trace": self.trace.to_dict()}
 
-__all__ = ["Convergence", "DensityResult", "EigenResult", "GroupSpectrum", "SpectrumSettings", "TraceResult"]
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GroupSpectrum:
+        return cls(d["group"], d["n_params"], EigenResult.from_dict(d["eigen"]), TraceResult.from_dict(d["trace"]))
+
+
+__all__ = ["Convergence", "DensityResult", "EigenResult", "GroupSpectrum", "Record", "SpectrumSettings", "TraceResult"]

@@ -37,13 +37,14 @@ from ._params import (
     dataset_grad,
     dataset_loss,
 )
+from .results import Record
 
 SAM_FORMULA = "max_{||u||_2 <= r} L(theta+u) - L(theta), u by {steps} projected normalised-gradient ascent step(s) from u=0"
 INDICATOR_FORMULA = "S = max_{u in {0, r*g/||g||, +-r*z_i/||z_i||}} (L(P+u) - L(P)) / (1 + L(P)), z_i ~ N(0, I)"
 
 
 @dataclass
-class SharpnessDefinition:
+class SharpnessDefinition(Record):
     """What a sharpness number means: radius, directions, data, formula."""
 
     kind: str
@@ -82,8 +83,12 @@ class Sharpness:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return d
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Sharpness:
+        return cls(**{**d, "definition": SharpnessDefinition.from_dict(d["definition"]),
+                      "per_direction": list(d.get("per_direction", []))})
 
     def __float__(self) -> float:
         return float(self.value)

@@ -1,6 +1,6 @@
 """Hessian spectra from matrix-vector products: top-k eigenpairs, trace, density.
 
-Every routine takes a :class:`~landscape.hvp.LinearOperator` (usually a
+Every routine takes a :class:`~landscape.operators.LinearOperator` (usually a
 :class:`~landscape.hvp.HessianOperator`; a dense symmetric tensor also works) and
 returns a result that carries its settings (method, iterations, tolerance, seed, data
 size) and convergence info (iterations, products, history, residuals, seconds).
@@ -27,7 +27,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 
 from ._params import GroupSpec, LandscapeError
-from .hvp import DenseOperator, LinearOperator, RestrictedOperator
+from .operators import DenseOperator, LinearOperator, RestrictedOperator
 from .results import Convergence, DensityResult, EigenResult, GroupSpectrum, SpectrumSettings, TraceResult
 
 Which = Literal["LA", "LM"]

@@ -251,7 +251,16 @@ class Surface:
         return cls(coords, losses, settings, dirs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"coords": [c.tolist() for c in self.coords], "losses": self.losses.tolist(), "settings": _jsonable(self.settings)}
+        """Grid, losses and settings (and the directions when kept), JSON-ready."""
+        return {"coords": [c.tolist() for c in self.coords], "losses": self.losses.tolist(),
+                "settings": _jsonable(self.settings),
+                "directions": None if self.directions is None else self.directions.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Surface:
+        dirs = d.get("directions")
+        return cls(d["coords"], d["losses"], d.get("settings", {}),
+                   None if dirs is None else np.asarray(dirs, dtype=np.float64))
 
 
 # --------------------------------------------------------------------------- grids

@@ -13,7 +13,6 @@ import scipy.stats
 import torch
 
 from dpflat.audit import (
-    CANARY_FILE,
     epsilon_lower_bound,
     guess_grid,
     make_canaries,
@@ -21,6 +20,7 @@ from dpflat.audit import (
     one_run_p_value,
 )
 from dpflat.privacy import DP, NOT_DP_NONPRIVATE
+from dpflat.runs import RunDir
 
 
 # --------------------------------------------------------------------------- the bound
@@ -121,7 +121,7 @@ def test_nonprivate_overfit_run_has_a_clearly_positive_bound(nonprivate_audit):
     # the canaries really went through the training loop's private split
     ledger = json.loads((Path(r.run_dir) / "ledger.json").read_text())
     assert ledger["n_private"] == 64 + r.included
-    rec = json.loads((Path(r.run_dir) / CANARY_FILE).read_text())
+    rec = RunDir(r.run_dir).canary_record()
     assert sum(rec["included"]) == r.included and len(rec["rows"]) == 128
     assert json.loads((Path(r.run_dir) / "audit.json").read_text())["epsilon_lower_bound"] == r.epsilon_lower_bound
 

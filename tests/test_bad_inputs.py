@@ -112,9 +112,17 @@ def js(obj: Any) -> str:
     return json.dumps(obj)
 
 
+def _patch_run_file_writes(ctx: Ctx, write: Callable[..., None]) -> None:
+    """Every atomic write of a run file (RunDir's and the checkpoints' LATEST) goes through ``write``."""
+    from dpflat.runs import checkpoints, folder
+
+    for mod in (folder, checkpoints):
+        ctx.mp.setattr(mod, "atomic_write_text", write)
+
+
 def _readonly(ctx: Ctx) -> None:
     """A read-only filesystem: every write of the results table or a run file fails with EROFS."""
-    import dpflat.runs as runs
+    from dpflat.runs import table
 
     def refuse_table(output_dir, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system", str(Path(output_dir) / "results.parquet"))
@@ -122,37 +130,33 @@ def _readonly(ctx: Ctx) -> None:
     def refuse_file(path, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    ctx.mp.setattr(runs, "modify_results", refuse_table)
-    ctx.mp.setattr(runs, "atomic_write_text", refuse_file)
+    ctx.mp.setattr(table, "modify_results", refuse_table)
+    _patch_run_file_writes(ctx, refuse_file)
 
 
 def _enospc_config(ctx: Ctx) -> None:
-    import dpflat.runs as runs
-
     def full(path, text):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    ctx.mp.setattr(runs, "atomic_write_text", full)
+    _patch_run_file_writes(ctx, full)
 
 
 def _enospc_checkpoint(ctx: Ctx) -> None:
     """What a full disk looks like to torch.save: a RuntimeError, not an OSError."""
-    import dpflat.runs as runs
-
     def full(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
 
-    ctx.mp.setattr(runs.torch, "save", full)
-    ctx.mp.setattr(runs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    ctx.mp.setattr(torch, "save", full)
+    ctx.mp.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
 
 
 def _enospc_best(ctx: Ctx) -> None:
     """What a full disk looks like to safetensors: its own SafetensorError, not an OSError."""
     import safetensors
 
-    import dpflat.runs as runs
+    from dpflat.runs import folder
 
-    real = runs.save_file
+    real = folder.save_file
 
     def full(tensors, filename, *a, **k):
         if str(filename).endswith("best.safetensors.tmp"):
@@ -160,8 +164,8 @@ def _enospc_best(ctx: Ctx) -> None:
             raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
         return real(tensors, filename, *a, **k)
 
-    ctx.mp.setattr(runs, "save_file", full)
-    ctx.mp.setattr(runs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    ctx.mp.setattr(folder, "save_file", full)
+    ctx.mp.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
 
 
 def _enospc_latest(ctx: Ctx) -> None:

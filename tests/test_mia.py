@@ -10,7 +10,6 @@ import pytest
 
 from dpflat.config import ConfigError
 from dpflat.mia import (
-    MIA_FILE,
     attack_metrics,
     attack_point_metrics,
     attack_run,
@@ -19,6 +18,7 @@ from dpflat.mia import (
     row_ids,
 )
 from dpflat.privacy import DP, NOT_DP_NONPRIVATE
+from dpflat.runs import RunDir
 from dpflat.train import train
 
 
@@ -175,13 +175,11 @@ def test_reference_run_that_saw_the_members_is_refused(overfit_run, dp_run):
 
 
 def test_cli_audit_prints_table_and_writes_mia_json(dp_run, capsys):
-    from pathlib import Path
-
     from dpflat.cli import main
 
     assert main(["audit", dp_run["run_dir"], "--bootstrap", "50", "--max-examples", "32"]) == 0
     out = capsys.readouterr().out
     assert "AUC" in out and "opacus_rdp" in out and "dp_accounting_pld" in out
-    d = json.loads((Path(dp_run["run_dir"]) / MIA_FILE).read_text())
+    d = json.loads(RunDir(dp_run["run_dir"]).mia_file.read_text())
     assert d["n_members"] == d["n_nonmembers"] == 32 and d["guarantee"] == DP
     assert d["claimed_epsilon"] == pytest.approx(dp_run["epsilon"])

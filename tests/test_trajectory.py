@@ -14,7 +14,7 @@ import torch
 
 from dpflat.config import ConfigError, TrainConfig, apply_variant
 from dpflat.flat import build_levels
-from dpflat.flat.trajectory import FILE, LANCZOS_PRODUCTS, SharpnessTrajectory
+from dpflat.flat.trajectory import LANCZOS_PRODUCTS, SharpnessTrajectory
 from dpflat.runs import RunDir
 
 
@@ -96,10 +96,11 @@ def test_the_level_cannot_reach_the_private_split(make_cfg, tmp_path):
     ctx = TrainContext(cfg, model, Forbidden(), tokd["public"], tokd["eval"], Forbidden(), torch.device("cpu"),
                        total_steps=1, steps_per_epoch=1)
     lv = SharpnessTrajectory(cfg.train)
-    lv.path(ctx).parent.mkdir(parents=True)
+    rd = lv.run_dir(ctx)
+    rd.path.mkdir(parents=True)
     lv.setup(ctx)
     lv.step_end(ctx, 0)
-    assert len(load_trajectory(lv.path(ctx).parent)) == 1 and lv.path(ctx).name == FILE
+    assert len(load_trajectory(rd.path)) == 1 and rd.sharpness_file.is_file()
 
 
 def test_empty_public_split_is_one_clear_error(make_cfg, tmp_path):

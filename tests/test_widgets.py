@@ -346,7 +346,7 @@ def test_sweep_runner_attack_records_mia_columns_the_explorer_offers(tiny_base, 
         return SimpleNamespace(run_dir=str(run_dir), loss=loss, calibrated=None)
 
     monkeypatch.setattr(M, "attack_run", fake_attack)
-    monkeypatch.setattr(M, "save_result", lambda res, p: (p / M.MIA_FILE).write_text(json.dumps({"auc": res.loss.auc})))
+    monkeypatch.setattr(M, "save_result", lambda res, p: (p / "mia.json").write_text(json.dumps({"auc": res.loss.auc})))
     r = W.sweep_runner(tiny_base, ["nonprivate"], [1.0], [0, 1], analyze=False, attack=True,
                        attack_kwargs={"max_per_side": 8})
     table = r.run()

@@ -19,7 +19,7 @@ from ..config import ConfigError, RunConfig, as_run_config, identity_dict
 from ..engine import DPSetup, MechanismRNG, zeroth_order_setup
 from ..evaluate import evaluate_test
 from ..privacy import PrivateSplit
-from ..runs import check_before_work
+from ..session import check_before_work
 from ..session import LOSS_KEY, Session, check_finite, run_in_folder
 from .box import PromptModel, _accuracy, build_prompt_model, evaluate_prompt, readout_texts
 from .zo import ZOState, _make_opt, _poisson, distill_grad, fit_prompt, fit_prompt_cma, take_rows, zo_step

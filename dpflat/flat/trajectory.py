@@ -16,10 +16,8 @@ barely moves and a handful of Krylov vectors from it already hold the top Ritz v
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -29,12 +27,12 @@ from .base import FlatLevel, TrainContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import TrainConfig
+    from ..runs import RunDir
 
 #: Krylov dimension per point (Hessian-vector products); warm-started, see the module doc
 LANCZOS_PRODUCTS = 4
 #: SAM radius, relative to ‖θ‖ of the trainable parameters (as ``analyze_run`` uses)
 SAM_RHO = 0.05
-FILE = "sharpness.jsonl"
 
 
 def _loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -69,12 +67,12 @@ class SharpnessTrajectory(FlatLevel):
         self.seconds: list[float] = []
         self._batches: list[dict[str, torch.Tensor]] | None = None
 
-    # --- where it writes
+    # --- where it writes: the run folder's sharpness.jsonl, through RunDir
     @staticmethod
-    def path(ctx: TrainContext) -> Path:
+    def run_dir(ctx: TrainContext) -> RunDir:
         from ..runs import RunDir
 
-        return RunDir.for_config(ctx.cfg).path / FILE
+        return RunDir.for_config(ctx.cfg)
 
     def _data(self, ctx: TrainContext) -> list[dict[str, torch.Tensor]]:
         if self._batches is None:
@@ -90,7 +88,7 @@ class SharpnessTrajectory(FlatLevel):
     # --- hooks
     def setup(self, ctx: TrainContext) -> None:
         self._data(ctx)  # fails before training when the split is empty
-        self.path(ctx).unlink(missing_ok=True)  # a fresh run: a file left by a killed attempt is stale
+        self.run_dir(ctx).clear_trajectory()  # a fresh run: a file left by a killed attempt is stale
         ctx.info["sharpness_every"] = self.every
         ctx.info["sharpness_data"] = self.split
 
@@ -104,8 +102,7 @@ class SharpnessTrajectory(FlatLevel):
             return
         row = self.measure(ctx)
         row.update(step=done, epoch=done / max(ctx.steps_per_epoch, 1))
-        with open(self.path(ctx), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.run_dir(ctx).append_trajectory(row)
         self.last_step = done
         self.seconds.append(row["seconds"])
         ctx.info["sharpness_seconds_per_point"] = sum(self.seconds) / len(self.seconds)
@@ -160,13 +157,8 @@ class SharpnessTrajectory(FlatLevel):
 
     def load_state_dict(self, state: dict[str, Any], ctx: TrainContext) -> None:
         """Resume: keep the rows up to the checkpoint (later ones are measured again)."""
-        from ..runs import atomic_write_text
-
         self.last_step = int(state.get("last_step", 0))
-        p = self.path(ctx)
-        if p.is_file():
-            keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.last_step]
-            atomic_write_text(p, "".join(ln + "\n" for ln in keep))
+        self.run_dir(ctx).truncate_trajectory(self.last_step)
 
 
-__all__ = ["SharpnessTrajectory", "FILE", "LANCZOS_PRODUCTS"]
+__all__ = ["SharpnessTrajectory", "LANCZOS_PRODUCTS"]
