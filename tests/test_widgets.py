@@ -530,3 +530,151 @@ def test_widgets_package_keeps_the_notebooks_names_and_small_modules():
         used |= set(re.findall(r"\bW\.([A-Za-z_]\w*)", nb.read_text()))
     assert used and not [n for n in used if not hasattr(W, n)]
     assert set(W.__all__) <= set(dir(W))
+
+
+# --------------------------------------------------------------------------- Lessons III: colours, bars, legends
+def _trace_color(t):
+    """The colour a trace is drawn in (bars: their fill; lines and markers: their line, else marker)."""
+    if t.type == "bar":
+        return t.marker.color
+    return (t.line.color if t.line is not None and t.line.color else None) or t.marker.color
+
+
+def _run_traces(fig):
+    """(variant, colour) of every trace that names a run (its name parses to a variant some row has)."""
+    from dpflat.figures import label_variant
+
+    known = {"nonprivate", "dp", "dpflat-safe", "dpflat-paper", "dpflat"}
+    out = []
+    for t in fig.data:
+        v = label_variant(t.name or "")
+        if v in known:
+            out.append((v if v != "dpflat" else "dpflat-safe", _trace_color(t), t.name))
+    return out
+
+
+def _lesson_figures(tmp_path, tiny_base):
+    """Every figure builder the lessons call on runs, fed the same four runs (names as the lessons label them)."""
+    from types import SimpleNamespace
+
+    import landscape.plots as plots
+    from landscape import Surface
+
+    from dpflat.figures import eigenvalue_bars, sharpness_vs_epsilon
+
+    table = _rows()
+    runs = {"nonprivate": NOT_DP_NONPRIVATE, "dp": DP, "dpflat-safe": DP, "dpflat-paper": NOT_DP_PAPER}
+    rows, run_dirs, analyses = [], {}, {}
+    for i, (v, g) in enumerate(runs.items()):
+        d = tmp_path / f"run_{v}"
+        d.mkdir()
+        (d / "sharpness.jsonl").write_text("".join(
+            f'{{"step": {s}, "top_eigenvalue": {1.0 + i + s}, "sam_sharpness": {0.1 * (i + 1)}, "data": "public"}}\n'
+            for s in (0, 8)))
+        row = dict(variant=v, guarantee=g, epsilon=2.99 if g == DP else None, accuracy=0.7 + 0.01 * i,
+                   eval_loss=0.6, run_dir=str(d), run_id=d.name)
+        rows.append(row)
+        run_dirs[W.run_label(row)] = str(d)
+        analyses[W.run_label(row)] = {"top_eigenvalue": 1.0 + i, "hessian_trace": 3.0, "sam_sharpness": 0.2,
+                                      "guarantee": g, "eigenvalues": [1.0 + i, 0.5]}
+    xs = np.linspace(-1, 1, 5)
+    mia = [SimpleNamespace(variant=r["variant"], claimed_epsilon=r["epsilon"], guarantee=r["guarantee"], delta=1e-5,
+                           loss=SimpleNamespace(auc=0.55, auc_ci=(0.5, 0.6))) for r in rows]
+    rocs = {W.mia_label(m): (np.array([0.0, 0.01, 0.5, 1.0]), np.array([0.0, 0.02, 0.6, 1.0])) for m in mia}
+    panel = W.ablation_panel(tiny_base, epsilon=1.0)
+    panel.results = lambda: table  # the compare chart of the results table the panel's folder would hold
+    panel.refresh_compare()
+    return {
+        "01 accuracy bars": W.accuracy_bars(rows),
+        "01 payoff": W.payoff_figure(rows),
+        "01/03 trajectory": W.trajectory_figure(run_dirs),
+        "03 landscape bars": W.landscape_bars(analyses),
+        "03 eigenvalues": W.color_by_run(plots.plot_eigenvalues(
+            {lab: SimpleNamespace(eigenvalues=np.array(a["eigenvalues"])) for lab, a in analyses.items()})),
+        "03 loss line": W.color_by_run(plots.plot_1d(
+            {lab: Surface([xs], xs ** 2 * (1 + k), {"label": lab}) for k, lab in enumerate(analyses)})),
+        "report eigenvalue bars": eigenvalue_bars([(lab, a) for lab, a in analyses.items()]),
+        "02/04 metric vs ε": W.metric_vs_epsilon(table, "accuracy"),
+        "04 explorer": W.explorer(table).figures["epsilon"],
+        "04 explorer runs": W.explorer(table).figures["runs"],
+        "report sharpness vs ε": sharpness_vs_epsilon(table),
+        "05 compare": panel.figures["compare"],
+        "06 MIA bars": W.mia_bars(mia),
+        "06 ROC": W.mia_roc_figure(rocs, {W.mia_label(m): m for m in mia}),
+    }
+
+
+def test_one_colour_per_run_label_across_every_figure_of_every_lesson(tmp_path, tiny_base):
+    """01's payoff drew DP blue and DP-Flat green, the trajectory right below DP grey and DP-Flat blue. Now
+    every builder takes a run's colour from ``figures.run_color`` of its label: one colour per variant,
+    in every figure, and different variants differ within a figure."""
+    from dpflat.figures import run_color
+
+    seen: dict[str, set[str]] = {}
+    for name, fig in _lesson_figures(tmp_path, tiny_base).items():
+        traces = _run_traces(fig)
+        assert traces, f"{name}: no trace names a run"
+        by_variant: dict[str, set[str]] = {}
+        for v, colour, label in traces:
+            assert colour == run_color(label), f"{name}: {label!r} drawn in {colour}, its colour is {run_color(label)}"
+            by_variant.setdefault(v, set()).add(colour)
+            seen.setdefault(v, set()).add(colour)
+        firsts = {v: next(iter(c)) for v, c in by_variant.items()}
+        assert len(set(firsts.values())) == len(firsts), f"{name}: two variants share a colour: {firsts}"
+    assert all(len(c) == 1 for c in seen.values()), seen
+    assert {"nonprivate", "dp", "dpflat-safe", "dpflat-paper"} <= set(seen)
+
+
+def test_a_single_seed_draws_no_error_bar(tiny_base):
+    """The std of one value is 0: drawn, it read as an exact measurement ("error bars" of zero height)."""
+    from dpflat.figures import sharpness_vs_epsilon
+
+    t = _rows()
+    t = t[(t["seed"] == 0) | (t["variant"] == "dpflat-safe")]  # dpflat-safe has two seeds, the others one
+    traces = _by_name(W.metric_vs_epsilon(t, "accuracy"))
+    one = traces["dp · (ε, δ)-DP"].error_y
+    two = traces["dpflat-safe · (ε, δ)-DP"].error_y
+    assert one.visible is False and all(math.isnan(v) for v in one.array)
+    assert two.visible and all(v > 0 for v in two.array)
+    for tr in sharpness_vs_epsilon(t).data:
+        if tr.error_y is not None and tr.error_y.array is not None:
+            assert bool(tr.error_y.visible) == ("dpflat-safe" in tr.name), tr.name
+    panel = W.ablation_panel(tiny_base, epsilon=1.0)
+    panel.results = lambda: t
+    panel.refresh_compare()
+    for bar in panel.figures["compare"].data:
+        assert bool(bar.error_y.visible) == bar.name.startswith("dpflat-safe"), bar.name
+
+
+def test_legends_sit_below_figures_with_a_right_hand_axis(tiny_base):
+    """plotly's default legend sits just right of the plot, over a right axis's tick labels."""
+    p = W.ablation_panel(tiny_base, epsilon=1.0)
+    figs = {"05 live": p.figures["live"], "05 sharpness": p.figures["sharpness"],
+            "02 noise vs batch": W.noise_vs_batch(1000, 2.0, epsilon=3.0, delta=1e-5, batch_sizes=[16, 64, 256])}
+    for name, fig in figs.items():
+        right = [k for k in fig.layout if k.startswith("yaxis") and fig.layout[k].side == "right"]
+        assert right, f"{name} has no right-hand axis (the test would check nothing)"
+        assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0, name
+
+
+def test_the_training_loss_is_labelled_a_private_diagnostic_and_paper_mode_is_on_the_button(tiny_base):
+    p = W.ablation_panel(tiny_base, epsilon=1.0)
+    live = p.figures["live"]
+    assert "private diagnostic" in live.data[0].name and "private diagnostic" in live.layout.yaxis.title.text
+    assert live.layout.yaxis2.title.text == "val accuracy"  # the live accuracy is the val split's
+    assert p.controls["launch"].description == "Train"
+    p.controls["awp"].value = True
+    p.controls["awp_mode"].value = "paper"
+    assert "not DP" in p.controls["launch"].description
+    p.controls["awp_mode"].value = "safe"
+    assert p.controls["launch"].description == "Train" and p.config().variant == "dp+awp-safe"
+
+
+def test_flatness_table_names_the_data_its_sharpness_was_measured_on(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "sharpness.jsonl").write_text('{"step": 8, "top_eigenvalue": 4.32, "sam_sharpness": 0.3, "data": "public"}\n')
+    t = W.flatness_table([dict(variant="dp", guarantee=DP, epsilon=2.9929, accuracy=0.8, eval_loss=0.5, run_dir=str(d))])
+    assert t.loc[0, "λ1 (end of training, public split)"] == pytest.approx(4.32)
+    assert "test accuracy" in t.columns and "accuracy" not in t.columns
+    assert W.comparison_table([dict(variant="dp", guarantee=DP, epsilon=2.9929)]).loc[0, "claimed ε"] == 2.99

@@ -15,15 +15,17 @@ claim, and a run that is not DP is never shown with an ε.
 from __future__ import annotations
 
 from ..accountants import epsilon_curve
-from ..figures import GUARANTEE_COLORS, METRICS, aggregate, group_label, responsive, run_label
-from .ablations import ABLATION_LEGEND, LEVELS, AblationPanel, ablation_name, ablation_panel, n_layers
+from ..figures import (GUARANTEE_COLORS, METRICS, aggregate, color_by_run, group_label, responsive, run_color,
+                       run_label)
+from .ablations import (ABLATION_LEGEND, LEVELS, PRIVATE_LOSS_LABEL, AblationPanel, ablation_name, ablation_panel,
+                        n_layers)
 from .base import (Panel, figure_widget_available, fmt_delta, new_figure, replace_traces, snapshot,
                    variant_config)
 from .landscapes import (AXES, SurfacePanel, axis_definition, axis_surfaces, eigen_result, landscape_bars,
                          name_axes, surface_panel, trajectories, trajectory_figure)
 from .privacy_audit import (audit_bars, dp_roc_bound, mia_bars, mia_label, mia_roc, mia_roc_figure, mia_table,
                             record_mia)
-from .quickstart import (accuracy_bars, comparison_table, flatness_table, ledger_label, ledger_reads, load_ledger,
+from .quickstart import (COUNT_NOTE, accuracy_bars, comparison_table, flatness_table, ledger_label, ledger_reads, load_ledger,
                          paired_accuracy_difference, payoff_figure)
 from .setup import (SETUP_PHASES, SIZES, SetupStatus, base_config, default_out_dir, project_root, setup_notebook,
                     sized, train_run)
@@ -32,15 +34,16 @@ from .sweeps import (Explorer, SweepRunner, analysis_done, explorer, metric_colu
 from .tradeoffs import PrivacyPanel, epsilon_vs_steps, noise_vs_batch, privacy_panel, run_mechanism
 
 __all__ = [
-    "ABLATION_LEGEND", "AXES", "GUARANTEE_COLORS", "LEVELS", "METRICS", "SETUP_PHASES", "SIZES",
+    "ABLATION_LEGEND", "AXES", "COUNT_NOTE", "GUARANTEE_COLORS", "LEVELS", "METRICS", "PRIVATE_LOSS_LABEL",
+    "SETUP_PHASES", "SIZES",
     "AblationPanel", "Explorer", "Panel", "PrivacyPanel", "SetupStatus", "SurfacePanel", "SweepRunner",
     "ablation_name", "ablation_panel", "accuracy_bars", "aggregate", "analysis_done", "audit_bars",
-    "axis_definition", "axis_surfaces", "base_config", "comparison_table", "default_out_dir", "dp_roc_bound",
+    "axis_definition", "axis_surfaces", "base_config", "color_by_run", "comparison_table", "default_out_dir", "dp_roc_bound",
     "eigen_result", "epsilon_curve", "epsilon_vs_steps", "explorer", "figure_widget_available", "flatness_table",
     "fmt_delta", "group_label", "landscape_bars", "ledger_label", "ledger_reads", "load_ledger", "metric_columns",
     "metric_traces", "metric_vs_epsilon", "mia_bars", "mia_label", "mia_roc", "mia_roc_figure", "mia_table",
     "n_layers", "name_axes", "new_figure", "noise_vs_batch", "paired_accuracy_difference", "payoff_figure",
-    "privacy_panel", "project_root", "record_mia", "replace_traces", "responsive", "run_label", "run_mechanism",
+    "privacy_panel", "project_root", "record_mia", "replace_traces", "responsive", "run_color", "run_label", "run_mechanism",
     "run_points", "setup_notebook", "sized", "snapshot", "surface_panel", "sweep_runner", "train_run",
     "trajectories", "trajectory_figure", "variant_config",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..figures import GUARANTEE_COLORS, metric_label, responsive
+from ..figures import guarantee_pattern, metric_label, responsive, run_color
 from ..runs import RunDir
 from .base import Panel, new_figure, replace_traces
 
@@ -136,9 +136,8 @@ def trajectory_figure(run_dirs: Mapping[str, str | Path], colors: Mapping[str, s
     tr = trajectories(run_dirs)
     data = next(iter(tr.values()))["data"].iloc[0] if tr else "public"
     fig = make_subplots(rows=1, cols=2, subplot_titles=["top Hessian eigenvalue λ1", "SAM sharpness (ρ = 0.05 relative)"])
-    palette = ["#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#d62728"]
-    for i, (lab, t) in enumerate(tr.items()):
-        col = (colors or {}).get(lab, palette[i % len(palette)])
+    for lab, t in tr.items():
+        col = (colors or {}).get(lab, run_color(lab))
         for j, key in enumerate(("top_eigenvalue", "sam_sharpness"), start=1):
             fig.add_trace(go.Scatter(x=t["step"], y=t[key], mode="lines+markers", name=lab, legendgroup=lab,
                                      showlegend=(j == 1), line=dict(color=col)), row=1, col=j)
@@ -159,9 +158,10 @@ def landscape_bars(analyses: Mapping[str, Mapping[str, Any]],
 
     fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[metric_label(k) for k in keys])
     for j, k in enumerate(keys, start=1):
-        for i, (label, a) in enumerate(analyses.items()):
+        for label, a in analyses.items():
             fig.add_trace(go.Bar(x=[label], y=[a.get(k)], name=label, showlegend=(j == 1),
-                                 marker_color=GUARANTEE_COLORS.get(str(a.get("guarantee")), None)), row=1, col=j)
+                                 marker=dict(color=run_color(label),
+                                             pattern_shape=guarantee_pattern(str(a.get("guarantee"))))), row=1, col=j)
         fig.update_xaxes(showticklabels=False, row=1, col=j)
     fig.update_layout(title="Curvature of each model's loss at its trained parameters (lower = flatter)",
                       height=420, legend=dict(orientation="h", y=-0.15))
