@@ -402,9 +402,9 @@ def test_setup_resolves_relative_output_dirs_from_the_project_root(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DPFLAT_DATA_DIR", raising=False)
     rel = "out/test-widgets-setup"
-    out, data_dir = W.setup_notebook(rel, data_dir="/some/where")
+    out, data_dir = W.setup_notebook(rel, data_dir=str(tmp_path))
     try:
-        assert out == W.project_root() / rel and out.is_dir() and data_dir == "/some/where"
+        assert out == W.project_root() / rel and out.is_dir() and data_dir == str(tmp_path)
     finally:
         out.rmdir()
 
@@ -678,3 +678,64 @@ def test_flatness_table_names_the_data_its_sharpness_was_measured_on(tmp_path):
     assert t.loc[0, "λ1 (end of training, public split)"] == pytest.approx(4.32)
     assert "test accuracy" in t.columns and "accuracy" not in t.columns
     assert W.comparison_table([dict(variant="dp", guarantee=DP, epsilon=2.9929)]).loc[0, "claimed ε"] == 2.99
+
+
+def test_a_relative_data_dir_is_taken_from_the_project_root_or_refused_in_one_line(tmp_path, monkeypatch):
+    """The kernel runs in notebooks/ (or the lab's copy): ``../shared/data`` meant another folder there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DPFLAT_DATA_DIR", "tests")  # a folder of the project root, not of the working dir
+    out, _ = W.setup_notebook(str(tmp_path / "out"))
+    import os
+
+    assert os.environ["DPFLAT_DATA_DIR"] == str(W.project_root() / "tests")
+    monkeypatch.setenv("DPFLAT_DATA_DIR", "../no-such-data")
+    with pytest.raises(W.LessonInputError) as e:
+        W.setup_notebook(str(tmp_path / "out"))
+    tried = str((W.project_root() / "../no-such-data").resolve())
+    lines = e.value._render_traceback_()  # what IPython prints instead of a traceback
+    assert len(lines) == 1 and "\n" not in lines[0] and tried in lines[0]
+    with pytest.raises(W.LessonInputError, match="no such folder"):
+        W.setup_notebook(str(tmp_path / "out"), data_dir="nowhere/data")
+    with pytest.raises(W.LessonInputError, match="size must be"):
+        W.setup_notebook(str(tmp_path / "out"), size="huge")
+
+
+def test_analyze_runs_names_the_model_and_each_phase(tiny_base, one_thread):
+    """03's Hessian analysis of three models took 29 min with nothing on screen."""
+    from dpflat.train import train
+
+    row = train(tiny_base)
+    status = W.StatusLine(enabled=False)
+    analyses, run_dirs = W.analyze_runs([row], top_k=1, grid=3, n_examples=8, trace_matvecs=3, density_iter=2,
+                                        progress=False, status=status)
+    label = W.run_label(row)
+    assert list(analyses) == [label] and run_dirs[label] == row["run_dir"]
+    said = [t for t in status.texts if t.startswith(f"model 1/1 · {label}: ")]
+    for phase in ("spectrum", "trace", "density", "SAM", "surface"):
+        assert any(W.ANALYSIS_PHASES[phase] in t for t in said), (phase, said)
+    order = [next(i for i, t in enumerate(said) if W.ANALYSIS_PHASES[p] in t) for p in ("spectrum", "trace", "SAM")]
+    assert order == sorted(order)
+
+
+def test_surface_viewer_computes_only_the_model_it_shows_and_titles_its_colour_bar():
+    calls = []
+
+    def source(axes, label):
+        calls.append((axes, label))
+        return None if label.startswith("nonprivate") else _surface(2.0, label)
+
+    s = {"nonprivate · not DP (non-private)": _surface(1.0, "a"), "dp · ε=3 · (ε, δ)-DP": _surface(3.0, "b")}
+    p = W.surface_panel(s, surface_source=source)
+    c = p.controls
+    assert p.figure.data[0].colorbar.title.text == "loss"
+    c["model"].value = "dp · ε=3 · (ε, δ)-DP"
+    c["axes"].value = "top-2 eigenvectors"
+    assert calls == [("top-2 eigenvectors", "dp · ε=3 · (ε, δ)-DP")]
+    c["log"].value = True
+    assert p.figure.data[0].colorbar.title.text == "log10 loss" and len(calls) == 1  # cached
+    c["axes"].value = "towards non-private"
+    c["model"].value = "nonprivate · not DP (non-private)"  # it has no such surface: asked once, then known
+    c["kind"].value = "3d"
+    assert calls[1:] == [("towards non-private", "dp · ε=3 · (ε, δ)-DP"),
+                         ("towards non-private", "nonprivate · not DP (non-private)")]
+    assert "no surface" in p.figure.layout.title.text
