@@ -28,6 +28,7 @@ EXPECTED = [
     "04_sharpness_vs_epsilon",
     "05_ablations",
     "06_privacy_audit",
+    "07_neighbouring_datasets",
 ]
 NOTEBOOKS = [NB_DIR / f"{name}.ipynb" for name in EXPECTED]
 
@@ -56,6 +57,8 @@ PER_NOTEBOOK: dict[str, dict] = {
     "05_ablations": {"epsilon": 1.0, "baseline_variants": ["dp"]},
     "06_privacy_audit": {"epsilon": 1.0, "attack_variants": ["dp", "dp+awp-paper"], "max_per_side": 64,
                          "n_bootstrap": 50, "audit_variants": ["dp"], "canaries": 16},
+    # two runs per dataset: the figures need both clouds, the check needs one mechanism
+    "07_neighbouring_datasets": {"epsilon": 1.0, "runs": 2, "nonprivate_runs": 1},
 }
 
 

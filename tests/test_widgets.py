@@ -739,3 +739,85 @@ def test_surface_viewer_computes_only_the_model_it_shows_and_titles_its_colour_b
     assert calls[1:] == [("towards non-private", "dp · ε=3 · (ε, δ)-DP"),
                          ("towards non-private", "nonprivate · not DP (non-private)")]
     assert "no surface" in p.figure.layout.title.text
+
+
+# --------------------------------------------------------------------------- 07: neighbouring datasets
+def test_the_dp_band_is_the_definition_on_threshold_events():
+    """A mechanism that is exactly ε-DP (Laplace noise of scale 1/ε on a count that differs by 1) stays in the
+    band; the same mechanism with a third of the noise leaves it; at ε = 0, δ = 0 the band is the curve itself."""
+    from scipy import stats
+
+    t = np.linspace(-8, 9, 2001)
+    eps = 1.0
+    f_without = stats.laplace.cdf(t, loc=0.0, scale=1 / eps)
+    lo, hi = W.dp_cdf_band(f_without, eps, 0.0)
+    inside = stats.laplace.cdf(t, loc=1.0, scale=1 / eps)
+    assert np.all(inside >= lo - 1e-12) and np.all(inside <= hi + 1e-12)
+    too_little_noise = stats.laplace.cdf(t, loc=1.0, scale=1 / (3 * eps))
+    assert np.any(too_little_noise < lo - 1e-3) or np.any(too_little_noise > hi + 1e-3)
+    lo0, hi0 = W.dp_cdf_band(f_without, 0.0, 0.0)
+    assert np.allclose(lo0, f_without) and np.allclose(hi0, f_without)
+    lo2, hi2 = W.dp_cdf_band(f_without, 2.0, 1e-3)
+    assert np.all(lo2 <= lo + 1e-12) and np.all(hi2 >= hi - 1e-12)  # a larger ε allows more
+
+
+def test_epsilon_as_odds():
+    t = W.epsilon_odds([3.0], priors=(0.5, 0.01)).iloc[0]
+    assert t["odds change at most (e^ε)"] == "20.1x"
+    assert t["belief 50% becomes at most"] == "95.3%" and t["belief 1% becomes at most"] == "16.9%"
+
+
+def test_neighbour_config_gives_d_and_d_prime_one_mechanism(tiny_base):
+    for n, b in ((64, 32), (63, 32), (128, 32), (1000, 64), (100, 7)):
+        cfg, note = W.neighbour_config(tiny_base.replace(data={"train_size": n}, train={"batch_size": b}), delta=1e-3)
+        m = cfg.data.train_size
+        assert m <= n and -(-m // b) == -(-(m + 1) // b), (n, b, m)
+        assert (m == n) == ("lowered" not in note)
+        assert cfg.privacy.delta == 1e-3 and cfg.variant == "dp" and cfg.train.sharpness_every == 0
+        assert cfg.train.output_dir.endswith("neighbours")
+    cfg, _ = W.neighbour_config(tiny_base.replace(data={"train_size": 63}, train={"batch_size": 32}))
+    assert cfg.privacy.delta == pytest.approx(1 / 64 ** 1.1)  # below 1/N for D (64) and D′ (63)
+
+
+def _trials(eps=3.0):
+    rng = np.random.default_rng(0)
+    rows = []
+    for variant, g, e in (("dp", DP, eps), ("nonprivate", NOT_DP_NONPRIVATE, None)):
+        for key, shift in (("without", 0.0), ("attacker", 0.3)):
+            for i in range(12 if g == DP else 2):
+                loss = 1.0 + shift + (rng.normal(0, 0.5) if g == DP else 0.0)
+                rows.append(dict(dataset=key, repeat=i, variant=variant, guarantee=g, epsilon=e,
+                                 delta=1e-3 if g == DP else None, loss_attacker=loss, loss_typical=1.0))
+    return pd.DataFrame(rows)
+
+
+def test_neighbour_figure_draws_the_band_only_for_a_dp_run():
+    t = _trials()
+    fig = W.neighbour_figure(t, "attacker", variant="dp")
+    band = [tr for tr in fig.data if tr.fill == "tonexty"]
+    assert len(band) == 1 and "3.00" in band[0].name and "20.1" in band[0].name
+    dots = [tr for tr in fig.data if tr.mode == "markers"]
+    assert sorted(len(tr.x) for tr in dots) == [12, 12]
+    assert not [tr for tr in W.neighbour_figure(t, "attacker", variant="nonprivate").data if tr.fill == "tonexty"]
+    with pytest.raises(ValueError, match="no runs"):
+        W.neighbour_figure(t, "typical", variant="dp")
+    sep = W.separation(t, "attacker").set_index("variant")["the two overlap"]
+    assert sep["dp"] == "yes" and sep["nonprivate"].startswith("no")
+
+
+def test_neighbour_runs_train_one_mechanism_with_fresh_noise(tiny_base, one_thread):
+    cfg, _ = W.neighbour_config(tiny_base.replace(data={"train_size": 63}))
+    records = W.neighbour_records(cfg)
+    assert len(W.record_table(cfg, records)) == 2
+    runs = W.neighbour_runs(cfg, records, 2, nonprivate_runs=2, progress=False)
+    dp_runs = runs[runs["variant"] == "dp"]
+    assert sorted(dp_runs["dataset"].value_counts().items()) == [("attacker", 2), ("typical", 2), ("without", 2)]
+    assert dp_runs[["steps", "sample_rate", "sigma", "delta"]].nunique().max() == 1  # one mechanism on D and D′
+    assert set(dp_runs["n_private"]) == {63, 64}
+    # fresh secret noise: no two DP runs on the same dataset release the same model
+    for _, same in dp_runs.groupby("dataset"):
+        assert same["loss_attacker"].nunique() == len(same)
+    # without noise the same data gives the same model, and the added record changes it
+    np_runs = runs[runs["variant"] == "nonprivate"]
+    per = np_runs.groupby("dataset")["loss_attacker"]
+    assert (per.nunique() == 1).all() and per.first()["attacker"] != per.first()["without"]

@@ -4,7 +4,7 @@ Why a package and not notebook cells: the notebooks stay short lessons, and ever
 callback is a plain method that tests drive headlessly. ``base`` holds the shared
 plumbing (``Panel``, figures that update in place), ``setup`` the lessons' sizes and run
 config; ``quickstart`` (01), ``tradeoffs`` (02), ``landscapes`` (03), ``sweeps`` (04),
-``ablations`` (05) and ``privacy_audit`` (06) hold each notebook's panels and figures. The notebooks
+``ablations`` (05), ``privacy_audit`` (06) and ``neighbours`` (07) hold each notebook's panels and figures. The notebooks
 use the names below as ``from dpflat import widgets as W; W.xxx``.
 
 Labels: every model in a figure carries its guarantee exactly as its results row or
@@ -24,6 +24,8 @@ from .base import (Panel, figure_widget_available, fmt_delta, new_figure, replac
 from .landscapes import (ANALYSIS_PHASES, AXES, SurfacePanel, analyze_runs, axis_definition, axis_surface_source,
                          axis_surfaces, eigen_result, landscape_bars, name_axes, name_colorbar, surface_panel,
                          trajectories, trajectory_figure)
+from .neighbours import (DATASETS, dp_cdf_band, epsilon_odds, neighbour_config, neighbour_figure, neighbour_records,
+                         neighbour_runs, record_table, separation)
 from .privacy_audit import (audit_bars, dp_roc_bound, mia_bars, mia_label, mia_roc, mia_roc_figure, mia_table,
                             record_mia)
 from .quickstart import (COUNT_NOTE, accuracy_bars, comparison_table, flatness_table, ledger_label, ledger_reads, load_ledger,
@@ -35,18 +37,19 @@ from .sweeps import (Explorer, SweepRunner, analysis_done, explorer, metric_colu
 from .tradeoffs import PrivacyPanel, epsilon_vs_steps, noise_vs_batch, privacy_panel, run_mechanism
 
 __all__ = [
-    "ABLATION_LEGEND", "ANALYSIS_PHASES", "AXES", "COUNT_NOTE", "GUARANTEE_COLORS", "LEVELS", "METRICS",
+    "ABLATION_LEGEND", "ANALYSIS_PHASES", "AXES", "COUNT_NOTE", "DATASETS", "GUARANTEE_COLORS", "LEVELS", "METRICS",
     "PRIVATE_LOSS_LABEL", "SETUP_PHASES", "SIZES",
     "AblationPanel", "Explorer", "LessonInputError", "Panel", "PrivacyPanel", "SetupStatus", "StatusLine",
     "SurfacePanel", "SweepRunner",
     "ablation_name", "ablation_panel", "accuracy_bars", "aggregate", "analysis_done", "analyze_runs", "audit_bars",
     "axis_definition", "axis_surface_source", "axis_surfaces", "base_config", "color_by_run", "comparison_table",
-    "default_out_dir", "dp_roc_bound", "eigen_result", "epsilon_curve", "epsilon_vs_steps", "explorer", "figure_widget_available", "flatness_table", "fmt_delta", "group_label",
+    "default_out_dir", "dp_cdf_band", "dp_roc_bound", "eigen_result", "epsilon_curve", "epsilon_odds",
+    "epsilon_vs_steps", "explorer", "figure_widget_available", "flatness_table", "fmt_delta", "group_label",
     "landscape_bars", "ledger_label", "ledger_reads", "load_ledger", "metric_columns", "metric_traces",
     "metric_vs_epsilon", "mia_bars", "mia_label", "mia_roc", "mia_roc_figure", "mia_table", "n_layers", "name_axes",
-    "name_colorbar", "new_figure",
+    "name_colorbar", "neighbour_config", "neighbour_figure", "neighbour_records", "neighbour_runs", "new_figure",
     "noise_vs_batch", "paired_accuracy_difference", "payoff_figure", "privacy_panel", "project_root", "record_mia",
-    "replace_traces", "resolve_folder", "responsive", "run_color", "run_label", "run_mechanism",
-    "run_points", "setup_notebook", "sized", "snapshot", "surface_panel", "sweep_runner", "train_run",
+    "record_table", "replace_traces", "resolve_folder", "responsive", "run_color", "run_label", "run_mechanism",
+    "run_points", "separation", "setup_notebook", "sized", "snapshot", "surface_panel", "sweep_runner", "train_run",
     "trajectories", "trajectory_figure", "variant_config",
 ]
