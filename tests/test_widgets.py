@@ -794,11 +794,13 @@ def _trials(eps=3.0):
 def test_neighbour_figure_draws_the_band_only_for_a_dp_run():
     t = _trials()
     fig = W.neighbour_figure(t, "attacker", variant="dp")
-    band = [tr for tr in fig.data if tr.fill == "tonexty"]
+    band = [tr for tr in fig.data if tr.name and tr.name.startswith("where D's curve may lie")]
     assert len(band) == 1 and "3.00" in band[0].name and "20.1" in band[0].name
+    assert [tr for tr in fig.data if tr.name and "sampling error (95%, 12 runs)" in tr.name]  # D's own uncertainty
     dots = [tr for tr in fig.data if tr.mode == "markers"]
     assert sorted(len(tr.x) for tr in dots) == [12, 12]
-    assert not [tr for tr in W.neighbour_figure(t, "attacker", variant="nonprivate").data if tr.fill == "tonexty"]
+    assert not [tr for tr in W.neighbour_figure(t, "attacker", variant="nonprivate").data
+                if tr.name and tr.name.startswith("where D's curve may lie")]
     with pytest.raises(ValueError, match="no runs"):
         W.neighbour_figure(t, "typical", variant="dp")
     sep = W.separation(t, "attacker").set_index("variant")["the two overlap"]
@@ -821,3 +823,28 @@ def test_neighbour_runs_train_one_mechanism_with_fresh_noise(tiny_base, one_thre
     np_runs = runs[runs["variant"] == "nonprivate"]
     per = np_runs.groupby("dataset")["loss_attacker"]
     assert (per.nunique() == 1).all() and per.first()["attacker"] != per.first()["without"]
+
+
+def test_the_band_allows_for_the_sampling_error_and_still_catches_a_broken_claim():
+    """The blue band is the definition around D′'s empirical curve widened by its DKW error; D's ribbon is its
+    own. Two runs of a claim that holds stay in; runs 5 standard deviations apart at a claimed ε = 0.1 do not."""
+    assert W.dkw_halfwidth(16) == pytest.approx(math.sqrt(math.log(40) / 32))
+    rng = np.random.default_rng(1)
+
+    def trials(shift, eps, n=40):
+        rows = [dict(dataset=k, repeat=i, variant="dp", guarantee=DP, epsilon=eps, delta=1e-5,
+                     loss_attacker=rng.normal(shift if k == "attacker" else 0.0, 1.0))
+                for k in ("without", "attacker") for i in range(n)]
+        return pd.DataFrame(rows)
+
+    def leaves_band(t):
+        data = W.neighbour_figure(t, "attacker", variant="dp").data
+        # each filled area is its lower edge (named, fill="tonexty") drawn just after its upper edge
+        b = next(i for i, tr in enumerate(data) if (tr.name or "").startswith("where D's curve may lie"))
+        r = next(i for i, tr in enumerate(data) if (tr.name or "").startswith("D's curve ±"))
+        lo, hi = np.array(data[b].y), np.array(data[b - 1].y)
+        r_lo, r_hi = np.array(data[r].y), np.array(data[r - 1].y)
+        return bool(np.any((r_lo > hi + 1e-9) | (r_hi < lo - 1e-9)))
+
+    assert not leaves_band(trials(0.0, 1.0))
+    assert leaves_band(trials(5.0, 0.1))

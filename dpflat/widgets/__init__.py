@@ -24,7 +24,7 @@ from .base import (Panel, figure_widget_available, fmt_delta, new_figure, replac
 from .landscapes import (ANALYSIS_PHASES, AXES, SurfacePanel, analyze_runs, axis_definition, axis_surface_source,
                          axis_surfaces, eigen_result, landscape_bars, name_axes, name_colorbar, surface_panel,
                          trajectories, trajectory_figure)
-from .neighbours import (DATASETS, dp_cdf_band, epsilon_odds, neighbour_config, neighbour_figure, neighbour_records,
+from .neighbours import (DATASETS, dkw_halfwidth, dp_cdf_band, epsilon_odds, neighbour_config, neighbour_figure, neighbour_records,
                          neighbour_runs, record_table, separation)
 from .privacy_audit import (audit_bars, dp_roc_bound, mia_bars, mia_label, mia_roc, mia_roc_figure, mia_table,
                             record_mia)
@@ -43,7 +43,7 @@ __all__ = [
     "SurfacePanel", "SweepRunner",
     "ablation_name", "ablation_panel", "accuracy_bars", "aggregate", "analysis_done", "analyze_runs", "audit_bars",
     "axis_definition", "axis_surface_source", "axis_surfaces", "base_config", "color_by_run", "comparison_table",
-    "default_out_dir", "dp_cdf_band", "dp_roc_bound", "eigen_result", "epsilon_curve", "epsilon_odds",
+    "default_out_dir", "dkw_halfwidth", "dp_cdf_band", "dp_roc_bound", "eigen_result", "epsilon_curve", "epsilon_odds",
     "epsilon_vs_steps", "explorer", "figure_widget_available", "flatness_table", "fmt_delta", "group_label",
     "landscape_bars", "ledger_label", "ledger_reads", "load_ledger", "metric_columns", "metric_traces",
     "metric_vs_epsilon", "mia_bars", "mia_label", "mia_roc", "mia_roc_figure", "mia_table", "n_layers", "name_axes",

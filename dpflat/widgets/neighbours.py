@@ -183,6 +183,12 @@ def dp_cdf_band(cdf: np.ndarray, epsilon: float, delta: float) -> tuple[np.ndarr
     return np.clip(lo, 0.0, 1.0), np.clip(hi, 0.0, 1.0)
 
 
+def dkw_halfwidth(n: int, level: float = 0.95) -> float:
+    """Half-width of the Dvoretzky–Kiefer–Wolfowitz band: with probability ``level`` an empirical CDF of
+    ``n`` runs lies within this distance of the true one, at every threshold at once."""
+    return math.sqrt(math.log(2.0 / (1.0 - level)) / (2.0 * max(int(n), 1)))
+
+
 def _cdf(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     v = np.sort(np.asarray(values, dtype=float))
     return np.searchsorted(v, grid, side="right") / max(len(v), 1)
@@ -190,9 +196,14 @@ def _cdf(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 def neighbour_figure(runs: pd.DataFrame, record: str, *, variant: str | None = None, title: str | None = None):
     """The distribution of the released model's loss on ``record`` ("typical" or "attacker") under D′ and
-    under D = D′ + that record: the values of every run (left), and P[loss ≤ t] under both with the band
-    the run's (ε, δ) allows for D around D′ (right). A curve outside the band would break the claim
-    (beyond the sampling error of a few dozen runs); a run that is not DP has no band.
+    under D = D′ + that record: the values of every run (left), and P[loss ≤ t] under both (right).
+
+    The blue band is where D's curve may lie if the runs are (ε, δ)-DP: the definition (``dp_cdf_band``)
+    applied around D′'s curve, widened by that curve's own sampling error (``dkw_halfwidth``: a few dozen
+    runs estimate a distribution only roughly). D's curve carries its sampling error too (a ribbon in its
+    colour). Both hold with 95% each, so if the claim is true, D's ribbon meets the blue band at every
+    threshold with at least 90% probability: a ribbon entirely outside it somewhere contradicts the claim.
+    A run that is not DP has no band.
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -222,17 +233,26 @@ def neighbour_figure(runs: pd.DataFrame, record: str, *, variant: str | None = N
     eps = pd.to_numeric(t["epsilon"], errors="coerce").max()
     delta = pd.to_numeric(t["delta"], errors="coerce").max()
     fb, fa = _cdf(vb, grid), _cdf(va, grid)
+    cb, ca = dkw_halfwidth(len(vb)), dkw_halfwidth(len(va))
     if guarantee == {DP} and not math.isnan(eps):
-        lo, hi = dp_cdf_band(fb, float(eps), float(delta))
+        lo = dp_cdf_band(np.clip(fb - cb, 0, 1), float(eps), float(delta))[0]
+        hi = dp_cdf_band(np.clip(fb + cb, 0, 1), float(eps), float(delta))[1]
         fig.add_trace(go.Scatter(x=grid, y=hi, mode="lines", line=dict(width=0), showlegend=False, hoverinfo="skip"),
                       row=1, col=2)
         fig.add_trace(go.Scatter(x=grid, y=lo, mode="lines", line=dict(width=0), fill="tonexty",
                                  fillcolor="rgba(31,119,180,0.15)", hoverinfo="skip",
-                                 name=f"where D's curve may lie if the run is ({eps:.2f}, {fmt_delta(delta)})-DP "
-                                      f"(factor e^ε = {math.exp(eps):.3g})"), row=1, col=2)
+                                 name=f"where D's curve may lie if the runs are ({eps:.2f}, {fmt_delta(delta)})-DP "
+                                      f"(factor e^ε = {math.exp(eps):.3g}; widened by D′'s sampling error)"),
+                      row=1, col=2)
         band = f"ε = {eps:.2f}, δ = {fmt_delta(delta)}"
     else:
         band = "no ε: " + " / ".join(sorted(guarantee))
+    # D's sampling error: a ribbon of ± its DKW half-width around its curve
+    fig.add_trace(go.Scatter(x=grid, y=np.clip(fa + ca, 0, 1), mode="lines", line=dict(width=0, shape="hv"),
+                             showlegend=False, hoverinfo="skip"), row=1, col=2)
+    fig.add_trace(go.Scatter(x=grid, y=np.clip(fa - ca, 0, 1), mode="lines", line=dict(width=0, shape="hv"),
+                             fill="tonexty", fillcolor=_rgba(DATASET_COLORS[record], 0.12), hoverinfo="skip",
+                             name=f"D's curve ± its sampling error (95%, {len(va)} runs)"), row=1, col=2)
     for key, f in (("without", fb), (record, fa)):
         fig.add_trace(go.Scatter(x=grid, y=f, mode="lines", line=dict(color=DATASET_COLORS[key], shape="hv", width=2),
                                  name=f"P[loss ≤ t] on {DATASETS[key].split(':')[0].split(' (')[0]}",
@@ -244,6 +264,11 @@ def neighbour_figure(runs: pd.DataFrame, record: str, *, variant: str | None = N
     fig.update_layout(title=title or f"{v}: D′ vs D = D′ + {name} ({band})", height=460, legend=LEGEND_BELOW,
                       margin=dict(b=150))
     return fig
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{alpha})"
 
 
 def separation(runs: pd.DataFrame, record: str) -> pd.DataFrame:
