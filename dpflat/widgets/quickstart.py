@@ -134,7 +134,7 @@ def payoff_figure(rows: Sequence[Mapping[str, Any]], title: str | None = None):
 
     t = flatness_table(rows)
     keys = list(t.columns[1:])
-    fig = make_subplots(rows=1, cols=4, subplot_titles=[k.replace(", ", "<br>", 1) if "(" in k else k for k in keys])
+    fig = make_subplots(rows=1, cols=4, subplot_titles=[k.replace(", ", ",<br>", 1) if "(" in k else k for k in keys])
     for j, k in enumerate(keys, start=1):
         for i, r in t.iterrows():
             fig.add_trace(go.Bar(x=[r["model"]], y=[r[k]], name=r["model"], legendgroup=r["model"],
