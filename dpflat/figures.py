@@ -321,7 +321,7 @@ def responsive(fig: Any) -> Any:
     return fig
 
 
-__all__ = ["GUARANTEE_COLORS", "LEGEND_BELOW", "METRICS", "VARIANT_COLORS", "aggregate", "checked_guarantees", "color_by_run",
-           "eigenvalue_bars", "eps_column", "error_bars", "group_label", "guarantee_pattern", "is_missing", "join_guarantees",
-           "label_variant", "mean_std", "metric_label", "responsive", "run_color", "run_label", "safe_text",
-           "sharpness_vs_epsilon"]
+__all__ = ["GUARANTEE_COLORS", "LEGEND_BELOW", "METRICS", "VARIANT_COLORS", "aggregate", "checked_guarantees",
+           "color_by_run", "eigenvalue_bars", "eps_column", "error_bars", "group_label", "guarantee_pattern",
+           "is_missing", "join_guarantees", "label_variant", "mean_std", "metric_label", "responsive", "run_color",
+           "run_label", "safe_text", "sharpness_vs_epsilon"]

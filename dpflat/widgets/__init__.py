@@ -4,8 +4,8 @@ Why a package and not notebook cells: the notebooks stay short lessons, and ever
 callback is a plain method that tests drive headlessly. ``base`` holds the shared
 plumbing (``Panel``, figures that update in place), ``setup`` the lessons' sizes and run
 config; ``quickstart`` (01), ``tradeoffs`` (02), ``landscapes`` (03), ``sweeps`` (04),
-``ablations`` (05), ``privacy_audit`` (06) and ``neighbours`` (07) hold each notebook's panels and figures. The notebooks
-use the names below as ``from dpflat import widgets as W; W.xxx``.
+``ablations`` (05), ``privacy_audit`` (06) and ``neighbours`` (07) hold each notebook's panels and
+figures. The notebooks use the names below as ``from dpflat import widgets as W; W.xxx``.
 
 Labels: every model in a figure carries its guarantee exactly as its results row or
 ledger states it (``run_label``, ``ledger_label``); nothing here derives a privacy
@@ -24,12 +24,12 @@ from .base import (Panel, figure_widget_available, fmt_delta, new_figure, replac
 from .landscapes import (ANALYSIS_PHASES, AXES, SurfacePanel, analyze_runs, axis_definition, axis_surface_source,
                          axis_surfaces, eigen_result, landscape_bars, name_axes, name_colorbar, surface_panel,
                          trajectories, trajectory_figure)
-from .neighbours import (DATASETS, dkw_halfwidth, dp_cdf_band, epsilon_odds, neighbour_config, neighbour_figure, neighbour_records,
-                         neighbour_runs, record_table, separation)
+from .neighbours import (DATASETS, dkw_halfwidth, dp_cdf_band, epsilon_odds, neighbour_config, neighbour_figure,
+                         neighbour_records, neighbour_runs, record_table, separation)
 from .privacy_audit import (audit_bars, dp_roc_bound, mia_bars, mia_label, mia_roc, mia_roc_figure, mia_table,
                             record_mia)
-from .quickstart import (COUNT_NOTE, accuracy_bars, comparison_table, flatness_table, ledger_label, ledger_reads, load_ledger,
-                         paired_accuracy_difference, payoff_figure)
+from .quickstart import (COUNT_NOTE, accuracy_bars, comparison_table, flatness_table, ledger_label, ledger_reads,
+                         load_ledger, paired_accuracy_difference, payoff_figure)
 from .setup import (SETUP_PHASES, SIZES, LessonInputError, SetupStatus, StatusLine, base_config, default_out_dir,
                     project_root, resolve_folder, setup_notebook, sized, train_run)
 from .sweeps import (Explorer, SweepRunner, analysis_done, explorer, metric_columns, metric_traces,

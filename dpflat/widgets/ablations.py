@@ -14,7 +14,8 @@ from typing import Any
 import pandas as pd
 
 from ..config import PAPER_AWP_GAMMA, FlatConfig, RunConfig
-from ..figures import LEGEND_BELOW, aggregate, eps_column, error_bars, group_label, guarantee_pattern, run_color, run_label
+from ..figures import (LEGEND_BELOW, aggregate, eps_column, error_bars, group_label, guarantee_pattern, run_color,
+                       run_label)
 from ..runs import RunDir, load_results
 from .base import Panel, new_figure, replace_traces
 from .setup import SetupStatus
