@@ -10,7 +10,7 @@ endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-all lab clean
+.PHONY: demo test test-all lab lab-folder clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,10 +34,24 @@ test: $(VENV)/.installed
 test-all: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -rs $(XDIST) -m "slow or not slow"
 
-lab: $(VENV)/.installed
+# The lessons open from a working copy (LAB_DIR, git-ignored), never from notebooks/: JupyterLab saves
+# outputs into the notebook it runs, and the committed lessons must stay clean (tests/test_notebooks.py).
+# A lesson missing from the copy is copied; one already there is kept (your edits and outputs), with a
+# note when the committed lesson is newer (delete the copy to get it).
+LAB_DIR ?= lab
+
+lab-folder:
+	@mkdir -p $(LAB_DIR)
+	@for f in notebooks/*.ipynb notebooks/README.md; do \
+		t="$(LAB_DIR)/$$(basename $$f)"; \
+		if [ ! -e "$$t" ]; then cp "$$f" "$$t"; \
+		elif [ "$$f" -nt "$$t" ]; then echo "note: $$f is newer than your copy $$t (delete the copy to get it)"; fi; \
+	done
+
+lab: $(VENV)/.installed lab-folder
 	$(BIN)/pip install -q -e ".[lab]"
 	# as root (containers, cloud notebooks) Jupyter refuses to start without --allow-root
-	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(BIN)/jupyter lab $(LAB_DIR)/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

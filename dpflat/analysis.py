@@ -13,6 +13,7 @@ marked in the settings (such a figure is not covered by the run's guarantee).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -165,12 +166,16 @@ def analyze_run(
     progress: bool = True,
     force: bool = False,
     regroup: int | None = ANALYSIS_GROUP,
+    on_phase: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Spectrum (Lanczos top-k, Hutch++ trace, SLQ density), SAM sharpness and a 2D surface.
 
     Cached: a run analysed with the same settings is not recomputed (``force`` redoes it).
     ``regroup`` changes the cost, not the figures (``analysis_batches``), so it is not a setting.
+    ``on_phase``: called with each phase's name ("loading", "spectrum", "trace", "density", "SAM",
+    "surface") as it starts, so a caller can say what a long analysis is doing (a notebook status line).
     """
+    phase = on_phase or (lambda _name: None)
     import landscape as ls
 
     if (top_k < 1 or not 3 <= grid <= MAX_GRID or span <= 0 or n_examples < 1 or trace_matvecs < 3
@@ -186,6 +191,7 @@ def analyze_run(
         _upsert(rd.path, old)
         return old
 
+    phase("loading")
     run = load_run(run_dir)
     batches = analysis_batches(run, n_examples, split, regroup=regroup)
     model, params = run.model, _trainable(run.model)
@@ -197,17 +203,22 @@ def analyze_run(
                                "covered_by_guarantee": split != "private"}
 
     with ls.HessianOperator(model, ce_loss, batches, params=params) as H:
+        phase("spectrum")
         eig = ls.top_eigenvalues(H, k=top_k, seed=seed)
+        phase("trace")
         tr = ls.trace(H, seed=seed, n_matvecs=trace_matvecs)
         summary.update(top_eigenvalue=eig.top, eigenvalues=eig.eigenvalues.tolist(), hessian_trace=tr.trace,
                        spectrum=eig.to_dict(), trace=tr.to_dict(), n_params=H.n)
         if density:
+            phase("density")
             dens = ls.slq_density(H, n_iter=min(density_iter, H.n), seed=seed)
             summary["density"] = dens.to_dict()
+    phase("SAM")
     sam = ls.sam_sharpness(model, ce_loss, batches, rho=rho, params=params, relative=True, seed=seed)
     summary.update(sam_sharpness=sam.value, sam=sam.to_dict())
 
     if surface:
+        phase("surface")
         d1 = ls.random_direction(model, params=params, seed=seed)
         d2 = ls.random_direction(model, params=params, seed=seed + 1)
         xs = np.linspace(-span, span, grid)

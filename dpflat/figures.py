@@ -30,6 +30,92 @@ METRICS: dict[str, str] = {
 }
 GUARANTEE_COLORS = {DP: "#1f77b4", NOT_DP_PAPER: "#d62728", NOT_DP_NONPRIVATE: "#7f7f7f"}
 
+#: where a legend goes when the figure has a right-hand axis: below the plot, clear of both axes' ticks
+#: (plotly's default legend sits just right of the plot, over a right axis's tick labels)
+LEGEND_BELOW = dict(orientation="h", xanchor="left", x=0.0, yanchor="top", y=-0.22)
+
+# --------------------------------------------------------------------------- one colour per run
+# The lessons' variants keep one colour in every figure of every lesson (a learner follows "the green
+# model" from 01's payoff to 03's spectrum to 06's ROC); any other variant gets a colour from its name.
+VARIANT_COLORS: dict[str, str] = {
+    "nonprivate": "#7f7f7f",      # grey: no guarantee, the reference
+    "dp": "#1f77b4",              # blue: plain DP-SGD
+    "dpflat-safe": "#2ca02c",     # green: DP-Flat, safe mode (DP)
+    "dpflat-paper": "#d62728",    # red: DP-Flat, paper mode (not DP)
+    "dp+awp-safe": "#ff7f0e",
+    "dp+awp-paper": "#8c564b",
+    "dp+layers-safe": "#9467bd",
+    "dp+layers-paper": "#e377c2",
+    "dp+distill-safe": "#17becf",
+    "dp+distill-paper": "#bcbd22",
+    "bb-nonprivate": "#525252",
+    "bb-dp": "#6baed6",
+    "bb-dpflat-safe": "#74c476",
+    "bb-dpflat-paper": "#fb6a4a",
+}
+# for variants outside the table (ablation mixes such as "dp+awp+layers-safe_k1"): picked by a stable
+# checksum of the name, so the same name gets the same colour in every process
+_EXTRA_COLORS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354",
+                 "#756bb1", "#636363", "#a55194", "#ce6dbd", "#de9ed6", "#9c9ede", "#cedb9c", "#e7cb94")
+#: variants named without their mode mean the default (safe) mode, as ``apply_variant`` does
+_DEFAULT_MODE = {"dpflat": "dpflat-safe", "dp+awp": "dp+awp-safe", "dp+layers": "dp+layers-safe",
+                 "dp+distill": "dp+distill-safe", "bb-dpflat": "bb-dpflat-safe"}
+
+
+def label_variant(label: str | Mapping[str, Any]) -> str:
+    """The variant a figure label names: its first part ("dp · ε=3 · (ε, δ)-DP" -> "dp"), or a row's."""
+    if isinstance(label, Mapping):
+        return str(label.get("variant", "?"))
+    return str(label).split(" · ")[0].strip()
+
+
+def run_color(label: str | Mapping[str, Any]) -> str:
+    """The one colour of a run in every figure: a function of its variant only.
+
+    ``label`` is a figure label (``run_label``, ``group_label``, "variant · guarantee"), a
+    variant name, or a results row. The same variant keeps its colour across figures and lessons;
+    its guarantee is in the label's text, never in the colour alone.
+    """
+    import zlib
+
+    v = label_variant(label)
+    v = _DEFAULT_MODE.get(v, v)
+    if v in VARIANT_COLORS:
+        return VARIANT_COLORS[v]
+    return _EXTRA_COLORS[zlib.crc32(v.encode("utf-8")) % len(_EXTRA_COLORS)]
+
+
+def guarantee_pattern(guarantee: Any) -> str:
+    """A bar's fill pattern from its guarantee: hatched when the run is not DP because of paper mode,
+    crossed when its guarantee is unknown, plain otherwise (DP, or non-private: grey by its colour)."""
+    return {NOT_DP_PAPER: "/", UNKNOWN: "x"}.get(str(guarantee), "")
+
+
+def color_by_run(fig: Any) -> Any:
+    """Recolour the traces of a figure built elsewhere (``landscape.plots``) by ``run_color`` of their name,
+    so its models keep the colours they have in the lessons' other figures. Returns the figure."""
+    for tr in fig.data:
+        name = getattr(tr, "name", None)
+        if not name:
+            continue
+        kind = getattr(tr, "type", "")
+        if kind in ("bar", "histogram"):
+            tr.marker.color = run_color(name)
+        elif kind in ("scatter", "scattergl"):
+            tr.line.color = tr.marker.color = run_color(name)
+    return fig
+
+
+def error_bars(std: Any, n: Any) -> dict[str, Any]:
+    """``error_y`` of mean ± std bars or points: drawn only where there are several values (seeds).
+
+    Why: the std of one value is 0, and a zero-height "error bar" reads as a measured, exact value.
+    A point from one run gets no bar at all (NaN), and the trace none when no point has two.
+    """
+    std, n = np.atleast_1d(np.asarray(std, dtype=float)), np.atleast_1d(np.asarray(n, dtype=float))
+    arr = np.where(n > 1, std, np.nan)
+    return dict(type="data", array=arr.tolist(), visible=bool((n > 1).any()))
+
 
 def metric_label(metric: str) -> str:
     return METRICS.get(metric, metric)
@@ -139,7 +225,7 @@ def _claim_text(sub: pd.DataFrame) -> list[str]:
     for _eps, rows in sub.groupby("target_epsilon"):
         claimed = pd.to_numeric(rows["epsilon"], errors="coerce").dropna() if "epsilon" in rows.columns else pd.Series([], dtype=float)
         if len(claimed):
-            out.append(f"claimed ε = {claimed.max():.4g}")
+            out.append(f"claimed ε = {claimed.max():.2f}")
         else:
             part = rows.get("dpsgd_part_epsilon", rows.get("epsilon_spent"))
             part = pd.to_numeric(part, errors="coerce").dropna() if part is not None else pd.Series([], dtype=float)
@@ -154,7 +240,6 @@ def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_e
     they are a dashed horizontal band at their mean, never points on the ε axis.
     """
     import plotly.graph_objects as go
-    from plotly.colors import qualitative
     from plotly.subplots import make_subplots
 
     g = table["guarantee"] if "guarantee" in table.columns else pd.Series(UNKNOWN, index=table.index)
@@ -163,14 +248,13 @@ def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_e
     if not metrics:
         raise ValueError("the results table has none of the requested metric columns; run the landscape analysis first")
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[metric_label(m) for m in metrics])
-    colors = qualitative.Plotly
     variants = sorted(table["variant"].unique(), key=lambda v: (v != "nonprivate", v))
     eps_all = table.loc[table["guarantee"] == DP, "target_epsilon"].dropna()
     x_lo, x_hi = (float(eps_all.min()), float(eps_all.max())) if len(eps_all) else (0.0, 1.0)
-    for vi, v in enumerate(variants):
+    for v in variants:
         sub = table[table["variant"] == v]
         name = _series_name(v, _guarantees(sub))
-        color = colors[vi % len(colors)]
+        color = run_color(v)
         for mi, m in enumerate(metrics, start=1):
             if (sub["guarantee"] != DP).any() or sub["target_epsilon"].isna().all():
                 mu, sd = float(sub[m].mean()), float(sub[m].std(ddof=1)) if len(sub) > 1 else 0.0
@@ -183,7 +267,7 @@ def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_e
             g = mean_std(sub, "target_epsilon", m)
             claims = _claim_text(sub)  # groupby sorts by target ε too: the same order as g
             fig.add_trace(go.Scatter(
-                x=g["target_epsilon"], y=g["mean"], error_y=dict(type="data", array=g["std"]),
+                x=g["target_epsilon"], y=g["mean"], error_y=error_bars(g["std"], g["n"]),
                 mode="lines+markers", name=name, legendgroup=name, showlegend=mi == 1,
                 line=dict(color=color, dash="solid" if DP in name else "dot"),
                 marker=dict(symbol="circle" if DP in name else "circle-open", size=9),
@@ -193,7 +277,8 @@ def sharpness_vs_epsilon(table: pd.DataFrame, metrics: tuple[str, ...] = ("top_e
             ), row=1, col=mi)
         for mi in range(1, len(metrics) + 1):
             fig.update_xaxes(title_text="target ε", row=1, col=mi)
-    fig.update_layout(title="Sharpness and accuracy against the privacy budget ε (mean ± std over seeds)",
+    fig.update_layout(title="Sharpness and accuracy against the privacy budget ε (mean ± std over seeds; "
+                            "no bar: one seed)",
                       height=430, legend=dict(orientation="h", y=-0.25))
     return responsive(fig)
 
@@ -205,7 +290,7 @@ def eigenvalue_bars(spectra: list[tuple[str, Mapping[str, Any]]]):
     fig = go.Figure()
     for lab, a in spectra:
         ev = a["eigenvalues"]
-        fig.add_trace(go.Bar(x=[f"λ{i + 1}" for i in range(len(ev))], y=ev, name=lab))
+        fig.add_trace(go.Bar(x=[f"λ{i + 1}" for i in range(len(ev))], y=ev, name=lab, marker_color=run_color(lab)))
     fig.update_layout(title="Top Hessian eigenvalues (Lanczos)", barmode="group", yaxis_title="eigenvalue",
                       legend=dict(orientation="h", y=-0.3), height=450)
     return fig
@@ -236,6 +321,7 @@ def responsive(fig: Any) -> Any:
     return fig
 
 
-__all__ = ["GUARANTEE_COLORS", "METRICS", "aggregate", "checked_guarantees", "eigenvalue_bars", "eps_column",
-           "group_label", "is_missing", "join_guarantees", "mean_std", "metric_label", "responsive", "run_label",
-           "safe_text", "sharpness_vs_epsilon"]
+__all__ = ["GUARANTEE_COLORS", "LEGEND_BELOW", "METRICS", "VARIANT_COLORS", "aggregate", "checked_guarantees",
+           "color_by_run", "eigenvalue_bars", "eps_column", "error_bars", "group_label", "guarantee_pattern",
+           "is_missing", "join_guarantees", "label_variant", "mean_std", "metric_label", "responsive", "run_color",
+           "run_label", "safe_text", "sharpness_vs_epsilon"]

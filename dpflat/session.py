@@ -236,7 +236,8 @@ class Session:
     def progress(self) -> Iterator[None]:
         """The progress bar and the throughput clock of the steps this call runs."""
         tc = self.cfg.train
-        self.bar = tqdm(total=self.total_steps, initial=self.step, desc=self.rd.path.name,
+        # a short label (the variant): the run folder's hashed name wrapped the bar in a notebook
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.cfg.variant}",
                         disable=not (tc.progress and self.main), leave=False)
         self.t0, self.seen, self.step0 = time.time(), 0, self.step
         try:

@@ -28,6 +28,7 @@ EXPECTED = [
     "04_sharpness_vs_epsilon",
     "05_ablations",
     "06_privacy_audit",
+    "07_neighbouring_datasets",
 ]
 NOTEBOOKS = [NB_DIR / f"{name}.ipynb" for name in EXPECTED]
 
@@ -56,6 +57,8 @@ PER_NOTEBOOK: dict[str, dict] = {
     "05_ablations": {"epsilon": 1.0, "baseline_variants": ["dp"]},
     "06_privacy_audit": {"epsilon": 1.0, "attack_variants": ["dp", "dp+awp-paper"], "max_per_side": 64,
                          "n_bootstrap": 50, "audit_variants": ["dp"], "canaries": 16},
+    # two runs per dataset: the figures need both clouds, the check needs one mechanism
+    "07_neighbouring_datasets": {"epsilon": 1.0, "runs": 2, "nonprivate_runs": 1},
 }
 
 
@@ -139,9 +142,77 @@ def test_notebook_runs_end_to_end(path, python3_kernel, shared_data, tmp_path):
     ran = nbformat.read(tmp_path / path.name, as_version=4)
     errors = [o for c in _code_cells(ran) for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    assert (tmp_path / "out" / "results.parquet").is_file(), "the runs went to the out_dir parameter"
+    # 07 keeps its many tiny runs apart from the other lessons' results table (04's explorer reads that one)
+    table = tmp_path / "out" / ("neighbours" if path.stem == "07_neighbouring_datasets" else "") / "results.parquet"
+    assert table.is_file(), "the runs went to the out_dir parameter"
+    if path.stem == "07_neighbouring_datasets":  # every repeat is its own run: D′, D′ + r, D′ + r* (DP), 2 non-DP
+        import pandas as pd
+
+        p = PER_NOTEBOOK[path.stem]
+        runs = pd.read_parquet(table)
+        assert len(runs) == 3 * p["runs"] + 2 * p["nonprivate_runs"]
+        assert not (tmp_path / "out" / "results.parquet").exists()
     if path.stem == "04_sharpness_vs_epsilon":  # section 3 trained the black-box variants there too
         import pandas as pd
 
         variants = set(pd.read_parquet(tmp_path / "out" / "results.parquet")["variant"])
         assert {"bb-dp", "bb-dpflat-safe"} <= variants
+
+
+def test_make_lab_opens_a_git_ignored_working_copy_so_a_run_lesson_leaves_the_repository_clean(tmp_path):
+    """``make lab`` opens the lessons from a copy (``lab/``, git-ignored), never from ``notebooks/``.
+
+    Why: JupyterLab autosaves outputs into the notebook it runs; opened in place, one lesson run by a
+    learner failed ``test_stored_clean_with_a_parameters_cell``. Here a repository with this checkout's
+    Makefile, .gitignore and lessons gets its working copy, a lesson "run" there (outputs saved as
+    JupyterLab saves them, a checkpoint folder, runs under out/), and ``git status`` stays empty.
+    """
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None or shutil.which("git") is None:
+        pytest.skip("needs make and git")
+    root = NB_DIR.parent
+    repo = tmp_path / "repo"
+    (repo / "notebooks").mkdir(parents=True)
+    for f in ("Makefile", ".gitignore", "pyproject.toml"):
+        shutil.copy(root / f, repo / f)
+    for f in [*NOTEBOOKS, NB_DIR / "README.md"]:
+        shutil.copy(f, repo / "notebooks" / f.name)
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True, text=True).stdout  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lessons")
+    make = lambda *a: subprocess.run(["make", "-s", *a], cwd=repo, check=True, capture_output=True, text=True)  # noqa: E731
+
+    # the command `make lab` runs opens the copy, not notebooks/
+    dry = make("-n", "lab").stdout
+    opens = [ln for ln in dry.splitlines() if "jupyter lab" in ln]
+    assert opens and all(" lab/" in ln and "notebooks" not in ln for ln in opens), dry
+
+    make("lab-folder")
+    lab = repo / "lab"
+    assert sorted(p.name for p in lab.glob("*.ipynb")) == [p.name for p in NOTEBOOKS]
+    assert git("check-ignore", "lab/01_quickstart.ipynb").strip() == "lab/01_quickstart.ipynb"
+
+    # a lesson run in the lab, saved as JupyterLab saves it: outputs and execution counts in the copy
+    ran = lab / NOTEBOOKS[0].name
+    nb = nbformat.read(ran, as_version=4)
+    for i, cell in enumerate(_code_cells(nb), start=1):
+        cell.execution_count = i
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"output {i}\n")]
+    nbformat.write(nb, ran)
+    (lab / ".ipynb_checkpoints").mkdir()
+    shutil.copy(ran, lab / ".ipynb_checkpoints" / "01_quickstart-checkpoint.ipynb")
+    (repo / "out" / "notebooks" / "quick" / "some_run").mkdir(parents=True)
+    (repo / "out" / "notebooks" / "quick" / "results.parquet").write_bytes(b"rows")
+
+    assert git("status", "--porcelain", "--untracked-files=all") == ""
+    for path in (repo / "notebooks").glob("*.ipynb"):  # the committed lessons: still stored clean
+        assert all(c.get("outputs") == [] for c in _code_cells(nbformat.read(path, as_version=4))), path.name
+
+    # a second `make lab` keeps the learner's copy (their outputs and edits), and says when notebooks/ is newer
+    os.utime(repo / "notebooks" / NOTEBOOKS[0].name, None)
+    os.utime(ran, (1, 1))
+    note = make("lab-folder").stdout
+    assert nbformat.read(ran, as_version=4) == nb and "newer than your copy" in note

@@ -402,9 +402,9 @@ def test_setup_resolves_relative_output_dirs_from_the_project_root(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DPFLAT_DATA_DIR", raising=False)
     rel = "out/test-widgets-setup"
-    out, data_dir = W.setup_notebook(rel, data_dir="/some/where")
+    out, data_dir = W.setup_notebook(rel, data_dir=str(tmp_path))
     try:
-        assert out == W.project_root() / rel and out.is_dir() and data_dir == "/some/where"
+        assert out == W.project_root() / rel and out.is_dir() and data_dir == str(tmp_path)
     finally:
         out.rmdir()
 
@@ -530,3 +530,321 @@ def test_widgets_package_keeps_the_notebooks_names_and_small_modules():
         used |= set(re.findall(r"\bW\.([A-Za-z_]\w*)", nb.read_text()))
     assert used and not [n for n in used if not hasattr(W, n)]
     assert set(W.__all__) <= set(dir(W))
+
+
+# --------------------------------------------------------------------------- Lessons III: colours, bars, legends
+def _trace_color(t):
+    """The colour a trace is drawn in (bars: their fill; lines and markers: their line, else marker)."""
+    if t.type == "bar":
+        return t.marker.color
+    return (t.line.color if t.line is not None and t.line.color else None) or t.marker.color
+
+
+def _run_traces(fig):
+    """(variant, colour) of every trace that names a run (its name parses to a variant some row has)."""
+    from dpflat.figures import label_variant
+
+    known = {"nonprivate", "dp", "dpflat-safe", "dpflat-paper", "dpflat"}
+    out = []
+    for t in fig.data:
+        v = label_variant(t.name or "")
+        if v in known:
+            out.append((v if v != "dpflat" else "dpflat-safe", _trace_color(t), t.name))
+    return out
+
+
+def _lesson_figures(tmp_path, tiny_base):
+    """Every figure builder the lessons call on runs, fed the same four runs (names as the lessons label them)."""
+    from types import SimpleNamespace
+
+    import landscape.plots as plots
+    from landscape import Surface
+
+    from dpflat.figures import eigenvalue_bars, sharpness_vs_epsilon
+
+    table = _rows()
+    runs = {"nonprivate": NOT_DP_NONPRIVATE, "dp": DP, "dpflat-safe": DP, "dpflat-paper": NOT_DP_PAPER}
+    rows, run_dirs, analyses = [], {}, {}
+    for i, (v, g) in enumerate(runs.items()):
+        d = tmp_path / f"run_{v}"
+        d.mkdir()
+        (d / "sharpness.jsonl").write_text("".join(
+            f'{{"step": {s}, "top_eigenvalue": {1.0 + i + s}, "sam_sharpness": {0.1 * (i + 1)}, "data": "public"}}\n'
+            for s in (0, 8)))
+        row = dict(variant=v, guarantee=g, epsilon=2.99 if g == DP else None, accuracy=0.7 + 0.01 * i,
+                   eval_loss=0.6, run_dir=str(d), run_id=d.name)
+        rows.append(row)
+        run_dirs[W.run_label(row)] = str(d)
+        analyses[W.run_label(row)] = {"top_eigenvalue": 1.0 + i, "hessian_trace": 3.0, "sam_sharpness": 0.2,
+                                      "guarantee": g, "eigenvalues": [1.0 + i, 0.5]}
+    xs = np.linspace(-1, 1, 5)
+    mia = [SimpleNamespace(variant=r["variant"], claimed_epsilon=r["epsilon"], guarantee=r["guarantee"], delta=1e-5,
+                           loss=SimpleNamespace(auc=0.55, auc_ci=(0.5, 0.6))) for r in rows]
+    rocs = {W.mia_label(m): (np.array([0.0, 0.01, 0.5, 1.0]), np.array([0.0, 0.02, 0.6, 1.0])) for m in mia}
+    panel = W.ablation_panel(tiny_base, epsilon=1.0)
+    panel.results = lambda: table  # the compare chart of the results table the panel's folder would hold
+    panel.refresh_compare()
+    return {
+        "01 accuracy bars": W.accuracy_bars(rows),
+        "01 payoff": W.payoff_figure(rows),
+        "01/03 trajectory": W.trajectory_figure(run_dirs),
+        "03 landscape bars": W.landscape_bars(analyses),
+        "03 eigenvalues": W.color_by_run(plots.plot_eigenvalues(
+            {lab: SimpleNamespace(eigenvalues=np.array(a["eigenvalues"])) for lab, a in analyses.items()})),
+        "03 loss line": W.color_by_run(plots.plot_1d(
+            {lab: Surface([xs], xs ** 2 * (1 + k), {"label": lab}) for k, lab in enumerate(analyses)})),
+        "report eigenvalue bars": eigenvalue_bars([(lab, a) for lab, a in analyses.items()]),
+        "02/04 metric vs ε": W.metric_vs_epsilon(table, "accuracy"),
+        "04 explorer": W.explorer(table).figures["epsilon"],
+        "04 explorer runs": W.explorer(table).figures["runs"],
+        "report sharpness vs ε": sharpness_vs_epsilon(table),
+        "05 compare": panel.figures["compare"],
+        "06 MIA bars": W.mia_bars(mia),
+        "06 ROC": W.mia_roc_figure(rocs, {W.mia_label(m): m for m in mia}),
+    }
+
+
+def test_one_colour_per_run_label_across_every_figure_of_every_lesson(tmp_path, tiny_base):
+    """01's payoff drew DP blue and DP-Flat green, the trajectory right below DP grey and DP-Flat blue. Now
+    every builder takes a run's colour from ``figures.run_color`` of its label: one colour per variant,
+    in every figure, and different variants differ within a figure."""
+    from dpflat.figures import run_color
+
+    seen: dict[str, set[str]] = {}
+    for name, fig in _lesson_figures(tmp_path, tiny_base).items():
+        traces = _run_traces(fig)
+        assert traces, f"{name}: no trace names a run"
+        by_variant: dict[str, set[str]] = {}
+        for v, colour, label in traces:
+            assert colour == run_color(label), f"{name}: {label!r} drawn in {colour}, its colour is {run_color(label)}"
+            by_variant.setdefault(v, set()).add(colour)
+            seen.setdefault(v, set()).add(colour)
+        firsts = {v: next(iter(c)) for v, c in by_variant.items()}
+        assert len(set(firsts.values())) == len(firsts), f"{name}: two variants share a colour: {firsts}"
+    assert all(len(c) == 1 for c in seen.values()), seen
+    assert {"nonprivate", "dp", "dpflat-safe", "dpflat-paper"} <= set(seen)
+
+
+def test_a_single_seed_draws_no_error_bar(tiny_base):
+    """The std of one value is 0: drawn, it read as an exact measurement ("error bars" of zero height)."""
+    from dpflat.figures import sharpness_vs_epsilon
+
+    t = _rows()
+    t = t[(t["seed"] == 0) | (t["variant"] == "dpflat-safe")]  # dpflat-safe has two seeds, the others one
+    traces = _by_name(W.metric_vs_epsilon(t, "accuracy"))
+    one = traces["dp · (ε, δ)-DP"].error_y
+    two = traces["dpflat-safe · (ε, δ)-DP"].error_y
+    assert one.visible is False and all(math.isnan(v) for v in one.array)
+    assert two.visible and all(v > 0 for v in two.array)
+    for tr in sharpness_vs_epsilon(t).data:
+        if tr.error_y is not None and tr.error_y.array is not None:
+            assert bool(tr.error_y.visible) == ("dpflat-safe" in tr.name), tr.name
+    panel = W.ablation_panel(tiny_base, epsilon=1.0)
+    panel.results = lambda: t
+    panel.refresh_compare()
+    for bar in panel.figures["compare"].data:
+        assert bool(bar.error_y.visible) == bar.name.startswith("dpflat-safe"), bar.name
+
+
+def test_legends_sit_below_figures_with_a_right_hand_axis(tiny_base):
+    """plotly's default legend sits just right of the plot, over a right axis's tick labels."""
+    p = W.ablation_panel(tiny_base, epsilon=1.0)
+    figs = {"05 live": p.figures["live"], "05 sharpness": p.figures["sharpness"],
+            "02 noise vs batch": W.noise_vs_batch(1000, 2.0, epsilon=3.0, delta=1e-5, batch_sizes=[16, 64, 256])}
+    for name, fig in figs.items():
+        right = [k for k in fig.layout if k.startswith("yaxis") and fig.layout[k].side == "right"]
+        assert right, f"{name} has no right-hand axis (the test would check nothing)"
+        assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0, name
+
+
+def test_the_training_loss_is_labelled_a_private_diagnostic_and_paper_mode_is_on_the_button(tiny_base):
+    p = W.ablation_panel(tiny_base, epsilon=1.0)
+    live = p.figures["live"]
+    assert "private diagnostic" in live.data[0].name and "private diagnostic" in live.layout.yaxis.title.text
+    assert live.layout.yaxis2.title.text == "val accuracy"  # the live accuracy is the val split's
+    assert p.controls["launch"].description == "Train"
+    p.controls["awp"].value = True
+    p.controls["awp_mode"].value = "paper"
+    assert "not DP" in p.controls["launch"].description
+    p.controls["awp_mode"].value = "safe"
+    assert p.controls["launch"].description == "Train" and p.config().variant == "dp+awp-safe"
+
+
+def test_flatness_table_names_the_data_its_sharpness_was_measured_on(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "sharpness.jsonl").write_text('{"step": 8, "top_eigenvalue": 4.32, "sam_sharpness": 0.3, "data": "public"}\n')
+    t = W.flatness_table([dict(variant="dp", guarantee=DP, epsilon=2.9929, accuracy=0.8, eval_loss=0.5, run_dir=str(d))])
+    assert t.loc[0, "λ1 (end of training, public split)"] == pytest.approx(4.32)
+    assert "test accuracy" in t.columns and "accuracy" not in t.columns
+    assert W.comparison_table([dict(variant="dp", guarantee=DP, epsilon=2.9929)]).loc[0, "claimed ε"] == 2.99
+
+
+def test_a_relative_data_dir_is_taken_from_the_project_root_or_refused_in_one_line(tmp_path, monkeypatch):
+    """The kernel runs in notebooks/ (or the lab's copy): ``../shared/data`` meant another folder there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DPFLAT_DATA_DIR", "tests")  # a folder of the project root, not of the working dir
+    out, _ = W.setup_notebook(str(tmp_path / "out"))
+    import os
+
+    assert os.environ["DPFLAT_DATA_DIR"] == str(W.project_root() / "tests")
+    monkeypatch.setenv("DPFLAT_DATA_DIR", "../no-such-data")
+    with pytest.raises(W.LessonInputError) as e:
+        W.setup_notebook(str(tmp_path / "out"))
+    tried = str((W.project_root() / "../no-such-data").resolve())
+    lines = e.value._render_traceback_()  # what IPython prints instead of a traceback
+    assert len(lines) == 1 and "\n" not in lines[0] and tried in lines[0]
+    with pytest.raises(W.LessonInputError, match="no such folder"):
+        W.setup_notebook(str(tmp_path / "out"), data_dir="nowhere/data")
+    with pytest.raises(W.LessonInputError, match="size must be"):
+        W.setup_notebook(str(tmp_path / "out"), size="huge")
+
+
+def test_analyze_runs_names_the_model_and_each_phase(tiny_base, one_thread):
+    """03's Hessian analysis of three models took 29 min with nothing on screen."""
+    from dpflat.train import train
+
+    row = train(tiny_base)
+    status = W.StatusLine(enabled=False)
+    analyses, run_dirs = W.analyze_runs([row], top_k=1, grid=3, n_examples=8, trace_matvecs=3, density_iter=2,
+                                        progress=False, status=status)
+    label = W.run_label(row)
+    assert list(analyses) == [label] and run_dirs[label] == row["run_dir"]
+    said = [t for t in status.texts if t.startswith(f"model 1/1 · {label}: ")]
+    for phase in ("spectrum", "trace", "density", "SAM", "surface"):
+        assert any(W.ANALYSIS_PHASES[phase] in t for t in said), (phase, said)
+    order = [next(i for i, t in enumerate(said) if W.ANALYSIS_PHASES[p] in t) for p in ("spectrum", "trace", "SAM")]
+    assert order == sorted(order)
+
+
+def test_surface_viewer_computes_only_the_model_it_shows_and_titles_its_colour_bar():
+    calls = []
+
+    def source(axes, label):
+        calls.append((axes, label))
+        return None if label.startswith("nonprivate") else _surface(2.0, label)
+
+    s = {"nonprivate · not DP (non-private)": _surface(1.0, "a"), "dp · ε=3 · (ε, δ)-DP": _surface(3.0, "b")}
+    p = W.surface_panel(s, surface_source=source)
+    c = p.controls
+    assert p.figure.data[0].colorbar.title.text == "loss"
+    c["model"].value = "dp · ε=3 · (ε, δ)-DP"
+    c["axes"].value = "top-2 eigenvectors"
+    assert calls == [("top-2 eigenvectors", "dp · ε=3 · (ε, δ)-DP")]
+    c["log"].value = True
+    assert p.figure.data[0].colorbar.title.text == "log10 loss" and len(calls) == 1  # cached
+    c["axes"].value = "towards non-private"
+    c["model"].value = "nonprivate · not DP (non-private)"  # it has no such surface: asked once, then known
+    c["kind"].value = "3d"
+    assert calls[1:] == [("towards non-private", "dp · ε=3 · (ε, δ)-DP"),
+                         ("towards non-private", "nonprivate · not DP (non-private)")]
+    assert "no surface" in p.figure.layout.title.text
+
+
+# --------------------------------------------------------------------------- 07: neighbouring datasets
+def test_the_dp_band_is_the_definition_on_threshold_events():
+    """A mechanism that is exactly ε-DP (Laplace noise of scale 1/ε on a count that differs by 1) stays in the
+    band; the same mechanism with a third of the noise leaves it; at ε = 0, δ = 0 the band is the curve itself."""
+    from scipy import stats
+
+    t = np.linspace(-8, 9, 2001)
+    eps = 1.0
+    f_without = stats.laplace.cdf(t, loc=0.0, scale=1 / eps)
+    lo, hi = W.dp_cdf_band(f_without, eps, 0.0)
+    inside = stats.laplace.cdf(t, loc=1.0, scale=1 / eps)
+    assert np.all(inside >= lo - 1e-12) and np.all(inside <= hi + 1e-12)
+    too_little_noise = stats.laplace.cdf(t, loc=1.0, scale=1 / (3 * eps))
+    assert np.any(too_little_noise < lo - 1e-3) or np.any(too_little_noise > hi + 1e-3)
+    lo0, hi0 = W.dp_cdf_band(f_without, 0.0, 0.0)
+    assert np.allclose(lo0, f_without) and np.allclose(hi0, f_without)
+    lo2, hi2 = W.dp_cdf_band(f_without, 2.0, 1e-3)
+    assert np.all(lo2 <= lo + 1e-12) and np.all(hi2 >= hi - 1e-12)  # a larger ε allows more
+
+
+def test_epsilon_as_odds():
+    t = W.epsilon_odds([3.0], priors=(0.5, 0.01)).iloc[0]
+    assert t["odds change at most (e^ε)"] == "20.1x"
+    assert t["belief 50% becomes at most"] == "95.3%" and t["belief 1% becomes at most"] == "16.9%"
+
+
+def test_neighbour_config_gives_d_and_d_prime_one_mechanism(tiny_base):
+    for n, b in ((64, 32), (63, 32), (128, 32), (1000, 64), (100, 7)):
+        cfg, note = W.neighbour_config(tiny_base.replace(data={"train_size": n}, train={"batch_size": b}), delta=1e-3)
+        m = cfg.data.train_size
+        assert m <= n and -(-m // b) == -(-(m + 1) // b), (n, b, m)
+        assert (m == n) == ("lowered" not in note)
+        assert cfg.privacy.delta == 1e-3 and cfg.variant == "dp" and cfg.train.sharpness_every == 0
+        assert cfg.train.output_dir.endswith("neighbours")
+    cfg, _ = W.neighbour_config(tiny_base.replace(data={"train_size": 63}, train={"batch_size": 32}))
+    assert cfg.privacy.delta == pytest.approx(1 / 64 ** 1.1)  # below 1/N for D (64) and D′ (63)
+
+
+def _trials(eps=3.0):
+    rng = np.random.default_rng(0)
+    rows = []
+    for variant, g, e in (("dp", DP, eps), ("nonprivate", NOT_DP_NONPRIVATE, None)):
+        for key, shift in (("without", 0.0), ("attacker", 0.3)):
+            for i in range(12 if g == DP else 2):
+                loss = 1.0 + shift + (rng.normal(0, 0.5) if g == DP else 0.0)
+                rows.append(dict(dataset=key, repeat=i, variant=variant, guarantee=g, epsilon=e,
+                                 delta=1e-3 if g == DP else None, loss_attacker=loss, loss_typical=1.0))
+    return pd.DataFrame(rows)
+
+
+def test_neighbour_figure_draws_the_band_only_for_a_dp_run():
+    t = _trials()
+    fig = W.neighbour_figure(t, "attacker", variant="dp")
+    band = [tr for tr in fig.data if tr.name and tr.name.startswith("where D's curve may lie")]
+    assert len(band) == 1 and "3.00" in band[0].name and "20.1" in band[0].name
+    assert [tr for tr in fig.data if tr.name and "sampling error (95%, 12 runs)" in tr.name]  # D's own uncertainty
+    dots = [tr for tr in fig.data if tr.mode == "markers"]
+    assert sorted(len(tr.x) for tr in dots) == [12, 12]
+    assert not [tr for tr in W.neighbour_figure(t, "attacker", variant="nonprivate").data
+                if tr.name and tr.name.startswith("where D's curve may lie")]
+    with pytest.raises(ValueError, match="no runs"):
+        W.neighbour_figure(t, "typical", variant="dp")
+    sep = W.separation(t, "attacker").set_index("variant")["the two overlap"]
+    assert sep["dp"] == "yes" and sep["nonprivate"].startswith("no")
+
+
+def test_neighbour_runs_train_one_mechanism_with_fresh_noise(tiny_base, one_thread):
+    cfg, _ = W.neighbour_config(tiny_base.replace(data={"train_size": 63}))
+    records = W.neighbour_records(cfg)
+    assert len(W.record_table(cfg, records)) == 2
+    runs = W.neighbour_runs(cfg, records, 2, nonprivate_runs=2, progress=False)
+    dp_runs = runs[runs["variant"] == "dp"]
+    assert sorted(dp_runs["dataset"].value_counts().items()) == [("attacker", 2), ("typical", 2), ("without", 2)]
+    assert dp_runs[["steps", "sample_rate", "sigma", "delta"]].nunique().max() == 1  # one mechanism on D and D′
+    assert set(dp_runs["n_private"]) == {63, 64}
+    # fresh secret noise: no two DP runs on the same dataset release the same model
+    for _, same in dp_runs.groupby("dataset"):
+        assert same["loss_attacker"].nunique() == len(same)
+    # without noise the same data gives the same model, and the added record changes it
+    np_runs = runs[runs["variant"] == "nonprivate"]
+    per = np_runs.groupby("dataset")["loss_attacker"]
+    assert (per.nunique() == 1).all() and per.first()["attacker"] != per.first()["without"]
+
+
+def test_the_band_allows_for_the_sampling_error_and_still_catches_a_broken_claim():
+    """The blue band is the definition around D′'s empirical curve widened by its DKW error; D's ribbon is its
+    own. Two runs of a claim that holds stay in; runs 5 standard deviations apart at a claimed ε = 0.1 do not."""
+    assert W.dkw_halfwidth(16) == pytest.approx(math.sqrt(math.log(40) / 32))
+    rng = np.random.default_rng(1)
+
+    def trials(shift, eps, n=40):
+        rows = [dict(dataset=k, repeat=i, variant="dp", guarantee=DP, epsilon=eps, delta=1e-5,
+                     loss_attacker=rng.normal(shift if k == "attacker" else 0.0, 1.0))
+                for k in ("without", "attacker") for i in range(n)]
+        return pd.DataFrame(rows)
+
+    def leaves_band(t):
+        data = W.neighbour_figure(t, "attacker", variant="dp").data
+        # each filled area is its lower edge (named, fill="tonexty") drawn just after its upper edge
+        b = next(i for i, tr in enumerate(data) if (tr.name or "").startswith("where D's curve may lie"))
+        r = next(i for i, tr in enumerate(data) if (tr.name or "").startswith("D's curve ±"))
+        lo, hi = np.array(data[b].y), np.array(data[b - 1].y)
+        r_lo, r_hi = np.array(data[r].y), np.array(data[r - 1].y)
+        return bool(np.any((r_lo > hi + 1e-9) | (r_hi < lo - 1e-9)))
+
+    assert not leaves_band(trials(0.0, 1.0))
+    assert leaves_band(trials(5.0, 0.1))

@@ -14,7 +14,8 @@ from typing import Any
 import pandas as pd
 
 from ..config import PAPER_AWP_GAMMA, FlatConfig, RunConfig
-from ..figures import GUARANTEE_COLORS, aggregate, eps_column, group_label, run_label
+from ..figures import (LEGEND_BELOW, aggregate, eps_column, error_bars, group_label, guarantee_pattern, run_color,
+                       run_label)
 from ..runs import RunDir, load_results
 from .base import Panel, new_figure, replace_traces
 from .setup import SetupStatus
@@ -36,6 +37,9 @@ def n_layers(backbone: str) -> int:
     except Exception:  # noqa: BLE001 - only bounds a slider
         return 12
 
+
+#: the training loss is computed on private batches and is not released: every place that shows it says so
+PRIVATE_LOSS_LABEL = "training loss (private diagnostic, outside the release)"
 
 # A right-hand axis over another: plotly.js defaults it to tickmode "sync" (ticks placed at the left
 # axis's grid lines), which labelled accuracy 0.174, 0.432, 0.689 and clipped the top one. Own ticks,
@@ -111,17 +115,18 @@ class AblationPanel(Panel):
                   "distill_mode", "distill_lambda"):
             c[k].observe(lambda _ch: self._sync(), names="value")
         c["launch"].on_click(lambda _b: self.launch())
-        live = new_figure(title="live: training loss and eval accuracy", xaxis_title="step", yaxis_title="train loss",
-                          yaxis2=dict(title="eval accuracy", overlaying="y", side="right", range=[0, 1],
-                                      **Y2_TICKS, tickvals=[0, 0.25, 0.5, 0.75, 1]), height=350)
-        live.add_scatter(x=[], y=[], mode="lines", name="train loss")
-        live.add_scatter(x=[], y=[], mode="lines+markers", name="eval accuracy", yaxis="y2")
+        live = new_figure(title="live: training loss (a private diagnostic) and val accuracy", xaxis_title="step",
+                          yaxis_title=PRIVATE_LOSS_LABEL,
+                          yaxis2=dict(title="val accuracy", overlaying="y", side="right", range=[0, 1],
+                                      **Y2_TICKS, tickvals=[0, 0.25, 0.5, 0.75, 1]), height=380, legend=LEGEND_BELOW)
+        live.add_scatter(x=[], y=[], mode="lines", name=PRIVATE_LOSS_LABEL)
+        live.add_scatter(x=[], y=[], mode="lines+markers", name="val accuracy (selects the checkpoint)", yaxis="y2")
         v_live = self._add_figure("live", live)
         sharp = new_figure(title="live: sharpness (public data, a diagnostic) beside the ε spent so far",
                            xaxis_title="step", yaxis_title="top Hessian eigenvalue λ1",
                            yaxis2=dict(title="ε spent so far", overlaying="y", side="right", rangemode="tozero",
                                        **{**Y2_TICKS, "tickmode": "auto"}),
-                           height=330)
+                           height=360, legend=LEGEND_BELOW)
         sharp.add_scatter(x=[], y=[], mode="lines+markers", name="λ1 (sharpness trajectory)")
         sharp.add_scatter(x=[], y=[], mode="lines+markers", name="ε spent (accountant)", yaxis="y2",
                           line=dict(dash="dot"))
@@ -167,6 +172,9 @@ class AblationPanel(Panel):
         note = (f" · <span style='color:#d62728'>paper mode ({', '.join(paper)}) reads private data outside "
                 "the accountant: the run will be labelled not DP</span>") if paper else ""
         c["name"].value = f"variant <code>{self.config().variant}</code>{note}"
+        # the button says it too: the next Train of a panel left in paper mode trains a run that is not DP
+        c["launch"].description = "Train (paper mode: not DP)" if paper else "Train"
+        c["launch"].button_style = "danger" if paper else "primary"
 
     def on_step(self, row: Mapping[str, Any]) -> None:
         """``train(on_step=...)`` callback: extend the live curves and the progress bar."""
@@ -182,9 +190,9 @@ class AblationPanel(Panel):
         if "eval_accuracy" in row:
             acc_t.x, acc_t.y = tuple(acc_t.x or ()) + (step,), tuple(acc_t.y or ()) + (float(row["eval_accuracy"]),)
         if "epsilon" in row:  # only rows of a run that is DP as a whole carry it
-            eps = f", ε spent so far {row['epsilon']:.3g}"
+            eps = f", ε spent so far {row['epsilon']:.2f}"
         elif "dpsgd_part_epsilon" in row:
-            eps = f", not DP (DP-SGD part alone {row['dpsgd_part_epsilon']:.3g})"
+            eps = f", not DP (DP-SGD part alone {row['dpsgd_part_epsilon']:.2f})"
         else:
             eps = ""
         c["status"].value = f"step {step}{eps}"
@@ -237,10 +245,10 @@ class AblationPanel(Panel):
         self._draw_trajectory()
         c["progress"].value = c["progress"].max
         self.last = row
-        live.update_layout(title=f"training loss and eval accuracy: {run_label(row)}")
+        live.update_layout(title=f"training loss (private diagnostic) and val accuracy: {run_label(row)}")
         done = ("already trained, read back from its folder (change a control to train another configuration)"
                 if loaded else "done")
-        c["status"].value = f"{done}: <b>{run_label(row)}</b>, accuracy {row['accuracy']:.3f} (run {row['run_id']})"
+        c["status"].value = f"{done}: <b>{run_label(row)}</b>, test accuracy {row['accuracy']:.3f}"
         self.refresh_compare()
         return row
 
@@ -266,13 +274,14 @@ class AblationPanel(Panel):
                 label = group_label(rows, r.claimed_epsilon)
                 is_last = last_id is not None and last_id in set(rows["run_id"])
                 traces.append(go.Bar(
-                    x=[label], y=[r["mean"]], error_y=dict(type="data", array=[r["std"]], visible=True), name=label,
-                    marker=dict(color=GUARANTEE_COLORS.get(r.guarantee, "#2ca02c"),
+                    x=[label], y=[r["mean"]], error_y=error_bars([r["std"]], [r["n"]]), name=label,
+                    marker=dict(color=run_color(label), pattern_shape=guarantee_pattern(r.guarantee),
                                 line=dict(width=4 if is_last else 0, color="black")),
                 ))
         replace_traces(self.figures["compare"], traces,
-                       title="eval accuracy of every run in this results table (outlined: the last one trained)",
-                       yaxis_title="eval accuracy", yaxis_range=[0, 1], showlegend=False)
+                       title="test accuracy of every run in this results table (outlined: the last one trained; "
+                             "error bar: std over seeds, none for one seed; hatched: not DP)",
+                       yaxis_title="test accuracy", yaxis_range=[0, 1], showlegend=False)
         self._refresh()
 
 

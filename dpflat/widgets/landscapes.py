@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..figures import GUARANTEE_COLORS, metric_label, responsive
+from ..figures import guarantee_pattern, metric_label, responsive, run_color
 from ..runs import RunDir
 from .base import Panel, new_figure, replace_traces
 
@@ -114,6 +114,45 @@ def axis_surfaces(run_dirs: Mapping[str, str | Path], axes: str, *, grid: int = 
     return out
 
 
+#: what each phase of ``dpflat.analysis.analyze_run`` computes, as the status line says it
+ANALYSIS_PHASES = {
+    "loading": "loading the model and its eval batches",
+    "spectrum": "spectrum: top Hessian eigenvalues (Lanczos)",
+    "trace": "trace: Hutch++ Hessian trace",
+    "density": "density: eigenvalue density (SLQ)",
+    "SAM": "SAM: sharpness in a ρ-ball",
+    "surface": "surface: 2D loss surface along random directions",
+}
+
+
+def analyze_runs(rows: Sequence[Mapping[str, Any]], *, progress: bool = True, status: Any = None,
+                 **kw: Any) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``dpflat.analysis.analyze_run`` on each run, with a status line naming the model and the phase.
+
+    Returns ``({label: analysis}, {label: run_dir})``. Why a status line: the analysis of three
+    models takes minutes, most of it in phases without a progress bar of their own (spectrum,
+    trace, density, SAM); the line says "model 2/3 · dp · ε=3 · (ε, δ)-DP: trace ... · 0:41".
+    A cached analysis (same settings) is read back and says so. ``status``: the ``StatusLine`` to write
+    to (default: a new one, shown when ``progress``).
+    """
+    from .. import analysis as A
+    from ..figures import run_label
+    from .setup import StatusLine
+
+    analyses: dict[str, dict[str, Any]] = {}
+    run_dirs: dict[str, str] = {}
+    rows = [dict(r) for r in rows]
+    with (status if status is not None else StatusLine(enabled=progress)) as status:
+        for i, r in enumerate(rows, start=1):
+            head = f"model {i}/{len(rows)} · {run_label(r)}"
+            status.set(f"{head}: reading its analysis (cached when the settings match)")
+            a = A.analyze_run(r["run_dir"], progress=progress,
+                              on_phase=lambda ph, head=head: status.set(f"{head}: {ANALYSIS_PHASES.get(ph, ph)}"), **kw)
+            analyses[a["label"]] = a
+            run_dirs[a["label"]] = str(r["run_dir"])
+    return analyses, run_dirs
+
+
 def trajectories(run_dirs: Mapping[str, str | Path]) -> dict[str, pd.DataFrame]:
     """Each run's ``sharpness.jsonl`` (``--sharpness-every``) as a table; runs without one are left out."""
     out = {}
@@ -136,9 +175,8 @@ def trajectory_figure(run_dirs: Mapping[str, str | Path], colors: Mapping[str, s
     tr = trajectories(run_dirs)
     data = next(iter(tr.values()))["data"].iloc[0] if tr else "public"
     fig = make_subplots(rows=1, cols=2, subplot_titles=["top Hessian eigenvalue λ1", "SAM sharpness (ρ = 0.05 relative)"])
-    palette = ["#7f7f7f", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#d62728"]
-    for i, (lab, t) in enumerate(tr.items()):
-        col = (colors or {}).get(lab, palette[i % len(palette)])
+    for lab, t in tr.items():
+        col = (colors or {}).get(lab, run_color(lab))
         for j, key in enumerate(("top_eigenvalue", "sam_sharpness"), start=1):
             fig.add_trace(go.Scatter(x=t["step"], y=t[key], mode="lines+markers", name=lab, legendgroup=lab,
                                      showlegend=(j == 1), line=dict(color=col)), row=1, col=j)
@@ -159,9 +197,10 @@ def landscape_bars(analyses: Mapping[str, Mapping[str, Any]],
 
     fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[metric_label(k) for k in keys])
     for j, k in enumerate(keys, start=1):
-        for i, (label, a) in enumerate(analyses.items()):
+        for label, a in analyses.items():
             fig.add_trace(go.Bar(x=[label], y=[a.get(k)], name=label, showlegend=(j == 1),
-                                 marker_color=GUARANTEE_COLORS.get(str(a.get("guarantee")), None)), row=1, col=j)
+                                 marker=dict(color=run_color(label),
+                                             pattern_shape=guarantee_pattern(str(a.get("guarantee"))))), row=1, col=j)
         fig.update_xaxes(showticklabels=False, row=1, col=j)
     fig.update_layout(title="Curvature of each model's loss at its trained parameters (lower = flatter)",
                       height=420, legend=dict(orientation="h", y=-0.15))
@@ -177,11 +216,35 @@ def eigen_result(analysis: Mapping[str, Any]):
                        Convergence(**s["convergence"]))
 
 
+def axis_surface_source(run_dirs: Mapping[str, str | Path], **kw: Any) -> Callable[[str, str], Any]:
+    """``(axes, label) -> Surface or None`` for :class:`SurfacePanel`: one model's surface along ``axes``,
+    computed when the viewer first shows it (``axis_surfaces`` on that model alone, cached in its folder).
+
+    Why one model at a time: a surface along the eigenvectors costs a Lanczos run and a grid of
+    forward passes (about a minute per model on a CPU core); the viewer shows one model at a time.
+    """
+    def source(axes: str, label: str) -> Any:
+        if label not in run_dirs:
+            return None
+        return axis_surfaces({label: run_dirs[label]}, axes, **kw).get(label)
+
+    return source
+
+
+def name_colorbar(fig, text: str):
+    """Title the colour bar of every contour, heatmap or surface trace (what the colours measure)."""
+    for tr in fig.data:
+        if getattr(tr, "type", "") in ("contour", "heatmap", "surface"):
+            tr.colorbar.title = dict(text=text, side="right")
+    return fig
+
+
 class SurfacePanel(Panel):
     """Pick a model and a view (contour or 3D, linear or log loss) of its 2D loss surface."""
 
     def __init__(self, surfaces: Mapping[str, Any], kind: str = "contour",
-                 axes_source: Callable[[str], Mapping[str, Any]] | None = None):
+                 axes_source: Callable[[str], Mapping[str, Any]] | None = None,
+                 surface_source: Callable[[str, str], Any] | None = None):
         super().__init__()
         import ipywidgets as w
 
@@ -189,14 +252,18 @@ class SurfacePanel(Panel):
             raise ValueError("no surfaces to show")
         self.surfaces = dict(surfaces)
         c = self.controls
-        self.axes_source = axes_source  # axes -> {label: Surface}, computed on first use (see axis_surfaces)
+        self.axes_source = axes_source  # axes -> {label: Surface}, every model at once (see axis_surfaces)
+        # (axes, label) -> Surface or None: the shown model only, when first shown (see axis_surface_source)
+        self.surface_source = surface_source
         self._by_axes: dict[str, dict[str, Any]] = {"random": self.surfaces}
+        self._tried: set[tuple[str, str]] = set()
         c["model"] = w.Dropdown(options=list(self.surfaces), description="model", layout=w.Layout(width="auto"))
         # buttons in one row: ToggleButtons stack vertically in narrow boxes unless their width is fixed
         row_btn = {"button_width": "72px"}
         c["kind"] = w.ToggleButtons(options=["contour", "3d"], value=kind, style=row_btn)
         c["axes"] = w.ToggleButtons(options=list(AXES), value="random", style={"button_width": "150px"},
-                                    tooltips=[AXES[a] for a in AXES], disabled=axes_source is None)
+                                    tooltips=[AXES[a] for a in AXES],
+                                    disabled=axes_source is None and surface_source is None)
         c["log"] = w.Checkbox(value=False, description="log10 loss", layout=w.Layout(width="auto"))
         c["axes_note"] = w.HTML()
         for k in ("model", "kind", "log", "axes"):
@@ -208,12 +275,23 @@ class SurfacePanel(Panel):
         self.update()
 
     def current(self) -> dict[str, Any]:
-        """The surfaces along the chosen axes (computed once per axes kind)."""
-        ax = self.controls["axes"].value
-        if ax not in self._by_axes:
-            self.controls["axes_note"].value = f"<i>computing the surfaces along {AXES[ax]} ...</i>"
-            self._by_axes[ax] = dict(self.axes_source(ax))
-        return self._by_axes[ax]
+        """The surfaces along the chosen axes computed so far (the shown model's first, when missing)."""
+        c = self.controls
+        ax, label = c["axes"].value, c["model"].value
+        got = self._by_axes.setdefault(ax, {})
+        if ax == "random" or label in got or (ax, label) in self._tried:
+            return got
+        if self.surface_source is not None:
+            c["axes_note"].value = f"<i>computing the surface of {label} along {AXES[ax]} (about a minute) ...</i>"
+            self._tried.add((ax, label))
+            s = self.surface_source(ax, label)
+            if s is not None:
+                got[label] = s
+        elif self.axes_source is not None:
+            c["axes_note"].value = f"<i>computing the surfaces along {AXES[ax]} ...</i>"
+            got.update(self.axes_source(ax))
+            self._tried.update((ax, lab) for lab in self.surfaces)
+        return got
 
     def update(self) -> None:
         from landscape import plots
@@ -231,6 +309,7 @@ class SurfacePanel(Panel):
         src = (plots.plot_contour if c["kind"].value == "contour" else plots.plot_surface_3d)(s, labels=label, log=c["log"].value)
         responsive(src)
         name_axes(src, s)
+        name_colorbar(src, "log10 loss" if c["log"].value else "loss")
         replace_traces(fig, src.data)
         fig.layout = src.layout
         c["axes_note"].value = f"<small>{axis_definition(s)}</small>"

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..figures import GUARANTEE_COLORS, is_missing, run_label
+from ..figures import guarantee_pattern, is_missing, run_color, run_label
 from ..mia import record_result as record_mia  # noqa: F401 - the notebooks' name
 from ..mia import roc_curve as mia_roc  # noqa: F401 - the notebooks' name
 from ..privacy import DP
@@ -49,9 +49,9 @@ def mia_table(results: Sequence[Any]) -> pd.DataFrame:
         row = {
             "model": mia_label(r),
             "guarantee": r.guarantee,
-            "claimed ε": "none" if is_missing(r.claimed_epsilon) else round(float(r.claimed_epsilon), 3),
+            "claimed ε": "none" if is_missing(r.claimed_epsilon) else round(float(r.claimed_epsilon), 2),
             "δ": r.delta,
-            "DP-SGD part ε (run not DP)": "—" if is_missing(r.dpsgd_part_epsilon) else round(float(r.dpsgd_part_epsilon), 3),
+            "DP-SGD part ε (run not DP)": "—" if is_missing(r.dpsgd_part_epsilon) else round(float(r.dpsgd_part_epsilon), 2),
             "AUC": fmt(a.auc, a.auc_ci),
             "TPR@1%FPR": fmt(a.tpr_at_1_fpr, a.tpr_at_1_fpr_ci),
             "TPR@0.1%FPR": fmt(a.tpr_at_0_1_fpr, a.tpr_at_0_1_fpr_ci),
@@ -75,14 +75,13 @@ def mia_roc_figure(rocs: Mapping[str, tuple[np.ndarray, np.ndarray]], results: M
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
     # Resolution: with n non-members the smallest non-zero FPR is 1/n; below it an empirical
     # ROC says nothing (a step at FPR 0 would sit above any claim's limit by construction),
     # so each curve and the axis start at 1/n (the largest over the models).
     steps = [float(np.min(np.asarray(f)[np.asarray(f) > 0])) for f, _ in rocs.values() if np.any(np.asarray(f) > 0)]
     lo = max(steps) if steps else 1e-3
-    for i, (label, (fpr, tpr)) in enumerate(rocs.items()):
-        color = palette[i % len(palette)]
+    for label, (fpr, tpr) in rocs.items():
+        color = run_color(label)
         fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
         keep = fpr >= lo - 1e-12 if log else np.ones_like(fpr, dtype=bool)
         fig.add_trace(go.Scatter(x=fpr[keep], y=np.maximum(tpr[keep], lo) if log else tpr, mode="lines", name=label,
@@ -117,7 +116,7 @@ def mia_bars(results: Sequence[Any]):
         fig.add_trace(go.Bar(x=[mia_label(r)], y=[a.auc], name=mia_label(r),
                              error_y=dict(type="data", symmetric=False, array=[a.auc_ci[1] - a.auc],
                                           arrayminus=[a.auc - a.auc_ci[0]]),
-                             marker_color=GUARANTEE_COLORS.get(r.guarantee, "#2ca02c")))
+                             marker=dict(color=run_color(mia_label(r)), pattern_shape=guarantee_pattern(r.guarantee))))
     fig.add_hline(y=0.5, line_dash="dash", line_color="gray", annotation_text="chance")
     fig.update_layout(title="Attack AUC with 95% bootstrap interval", yaxis_title="AUC", showlegend=False, height=420)
     return fig

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..figures import GUARANTEE_COLORS, is_missing, metric_label, run_label
+from ..figures import guarantee_pattern, is_missing, metric_label, run_color, run_label
 from ..privacy import PrivacyLedger
 from ..runs import RunDir
 from .base import as_row
@@ -38,7 +38,9 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             "model": run_label(r),
             "guarantee": r.get("guarantee"),
             "accuracy": r.get("accuracy"),
-            "claimed ε": math.nan if is_missing(claim) else float(claim),  # NaN (not "inf"/"none"): no claim
+            # two decimals: the accountant's 2.9929 is "2.99" (four digits suggest a precision no claim has);
+            # NaN (not "inf"/"none"): no claim
+            "claimed ε": math.nan if is_missing(claim) else round(float(claim), 2),
             "δ": r.get("delta"),
             "σ (noise multiplier)": r.get("sigma"),
             "q (sampling rate)": r.get("sample_rate"),
@@ -48,15 +50,26 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+#: what the ``count`` column of the ledger's reads counts (it is not the number of steps)
+COUNT_NOTE = ("count: how many times this reader drew private batches, which is not the number of training "
+              "steps. AWP's paper-mode ascent reads one raw micro-batch per step while it is active (its warm-up, "
+              "awp_epochs), so its count is at most the steps of that window; the paper-mode layer scorer and teacher "
+              "read many batches before training starts. Empty for DP-accounted reads: their counts follow the "
+              "secret sampling and stay in private_diagnostics.json.")
+
+
 def ledger_reads(ledger: Mapping[str, Any]) -> pd.DataFrame:
     """Every recorded access to the private split: who, how, DP-accounted or not, how often.
 
     The counts of DP-accounted reads are private (functions of the Poisson batch sizes): ledger.json
-    leaves them out (empty cells here); they are in the run's private_diagnostics.json.
+    leaves them out (empty cells here); they are in the run's private_diagnostics.json. The table's
+    ``attrs["note"]`` (and its caption where pandas styles it) says what ``count`` counts.
     """
     reads = ledger.get("reads", [])
     cols = ["who", "how", "accounted", "count", "examples"]
-    return pd.DataFrame([{c: r.get(c) for c in cols} for r in reads], columns=cols)
+    out = pd.DataFrame([{c: r.get(c) for c in cols} for r in reads], columns=cols)
+    out.attrs["note"] = COUNT_NOTE
+    return out
 
 
 def load_ledger(run_dir: str | Path) -> dict[str, Any]:
@@ -76,7 +89,7 @@ def accuracy_bars(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy", t
     for r in rows:
         g = str(r.get("guarantee"))
         fig.add_trace(go.Bar(x=[run_label(r)], y=[r.get(metric)], name=run_label(r),
-                             marker_color=GUARANTEE_COLORS.get(g, "#2ca02c"),
+                             marker=dict(color=run_color(r), pattern_shape=guarantee_pattern(g)),
                              text=[f"{r.get(metric):.3f}" if not is_missing(r.get(metric)) else ""],
                              textposition="outside"))
     fig.update_layout(title=title or f"{metric_label(metric)} per model (label = variant · ε · guarantee)",
@@ -84,16 +97,33 @@ def accuracy_bars(rows: Sequence[Mapping[str, Any]], metric: str = "accuracy", t
     return fig
 
 
+#: the columns of ``flatness_table`` that come from the sharpness trajectory: measured on the data its
+#: rows name (the public split in the lessons), so not comparable with 03's λ1 on the eval split
+TRAJECTORY_END = {"top_eigenvalue": "λ1 (end of training)", "sam_sharpness": "SAM sharpness (end)"}
+
+
 def flatness_table(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Accuracy, eval loss and the last trajectory point (λ1, SAM) per run, side by side."""
-    out = []
+    """Test accuracy and loss, and the last trajectory point (λ1, SAM) per run, side by side.
+
+    The sharpness columns say the data they were measured on ("λ1 (end of training, public split)"):
+    λ1 depends on the examples it is computed on, so 01's value (public split) and 03's (eval split)
+    of the same model differ and are not comparable.
+    """
+    out, data = [], set()
     for r in map(as_row, rows):
         tr = trajectories({"x": r["run_dir"]}).get("x")
         last = tr.iloc[-1] if tr is not None else {}
-        out.append({"model": run_label(r), "accuracy": r.get("accuracy"), "eval loss": r.get("eval_loss"),
-                    "λ1 (end of training)": last.get("top_eigenvalue", math.nan) if len(last) else math.nan,
-                    "SAM sharpness (end)": last.get("sam_sharpness", math.nan) if len(last) else math.nan})
-    return pd.DataFrame(out)
+        if tr is not None and "data" in tr:
+            data.add(str(tr["data"].iloc[-1]))
+        row = {"model": run_label(r), "test accuracy": r.get("accuracy"), "test loss": r.get("eval_loss")}
+        for k, name in TRAJECTORY_END.items():
+            row[name] = last.get(k, math.nan) if len(last) else math.nan
+        out.append(row)
+    where = " / ".join(sorted(data)) or "no trajectory"
+    t = pd.DataFrame(out).rename(columns={n: f"{n[:-1]}, {where} split)" if n.endswith(")") else n
+                                          for n in TRAJECTORY_END.values()})
+    t.attrs["data"] = where
+    return t
 
 
 def payoff_figure(rows: Sequence[Mapping[str, Any]], title: str | None = None):
@@ -103,19 +133,19 @@ def payoff_figure(rows: Sequence[Mapping[str, Any]], title: str | None = None):
     from plotly.subplots import make_subplots
 
     t = flatness_table(rows)
-    keys = ["accuracy", "eval loss", "λ1 (end of training)", "SAM sharpness (end)"]
-    fig = make_subplots(rows=1, cols=4, subplot_titles=keys)
-    palette = ["#1f77b4", "#2ca02c", "#7f7f7f", "#ff7f0e", "#9467bd"]
+    keys = list(t.columns[1:])
+    fig = make_subplots(rows=1, cols=4, subplot_titles=[k.replace(", ", ",<br>", 1) if "(" in k else k for k in keys])
     for j, k in enumerate(keys, start=1):
         for i, r in t.iterrows():
             fig.add_trace(go.Bar(x=[r["model"]], y=[r[k]], name=r["model"], legendgroup=r["model"],
-                                 showlegend=(j == 1), marker_color=palette[i % len(palette)],
+                                 showlegend=(j == 1), marker_color=run_color(r["model"]),
                                  text=[f"{r[k]:.3g}" if not is_missing(r[k]) else "n/a"], textposition="outside"),
                           row=1, col=j)
         fig.update_xaxes(showticklabels=False, row=1, col=j)
     fig.update_yaxes(range=[0, 1.08], row=1, col=1)
-    fig.update_layout(title=title or "Accurate and flat? (sharpness on public data at the end of training; lower = flatter)",
-                      height=420, legend=dict(orientation="h", y=-0.12))
+    fig.update_layout(title=title or f"Accurate and flat? (sharpness on the {t.attrs['data']} split at the end of "
+                                     "training; lower = flatter)",
+                      height=440, legend=dict(orientation="h", y=-0.12), margin=dict(t=110))
     return fig
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 
 
 def project_root() -> Path:
@@ -43,10 +43,8 @@ def sized(size: str, **given: Any) -> dict[str, Any]:
     Why None means "from the preset": the lessons share one run cache, so a run is reused
     only when its config is identical; one preset name keeps the six notebooks in step.
     """
-    from ..config import ConfigError
-
     if size not in SIZES:
-        raise ConfigError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+        raise LessonInputError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     out = dict(SIZES[size])
     for k, v in given.items():
         if v is None:
@@ -60,16 +58,50 @@ def default_out_dir(size: str) -> str:
     return f"out/notebooks/{size}"
 
 
+#: the data folder's environment variable (``dpflat.data`` searches it after an explicit data_dir)
+DATA_ENV = "DPFLAT_DATA_DIR"
+
+
+class LessonInputError(ConfigError):
+    """A lesson parameter that cannot work (a missing data folder, an unknown size).
+
+    Shown in a notebook as its one line, without a traceback (IPython prints what
+    ``_render_traceback_`` returns): the line says what was tried and what to change.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+def resolve_folder(path: str | Path, what: str) -> Path:
+    """``path`` as an absolute folder: a relative one is taken from the project root; one that is not a
+    folder is refused in one line that names the absolute path tried."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = project_root() / p
+    p = Path(os.path.normpath(p))
+    if not p.is_dir():
+        raise LessonInputError(f"{what}: no such folder {p} (a relative path is taken from the project root "
+                               f"{project_root()}); give an absolute path or fix the name")
+    return p
+
+
 def setup_notebook(out_dir: str | Path | None, data_dir: str | Path | None = None, threads: int | None = None,
                    size: str = "quick") -> tuple[Path, str | None]:
     """Quiet library logs, set torch's threads, resolve the output and data folders.
 
     A relative ``out_dir`` is taken from the project root, so runs land in
-    ``out/notebooks/NN`` whether Jupyter was started in the repo or in ``notebooks/``.
-    With no ``data_dir`` and no ``$DPFLAT_DATA_DIR``, the offline data beside the
+    ``out/notebooks/NN`` whether Jupyter was started in the repo, in ``notebooks/`` or in
+    the lab's working copy (``make lab``). So is a relative ``data_dir`` or ``$DPFLAT_DATA_DIR``
+    (the kernel's working folder is the notebook's, where ``../shared/data`` means something
+    else): a folder that is not there stops the lesson with one line naming the absolute path
+    tried. With no ``data_dir`` and no ``$DPFLAT_DATA_DIR``, the offline data beside the
     checkout (``../shared/data``, as the Makefile uses) is picked when it exists.
     """
     from ..cli import quiet_libraries
+
+    if size not in SIZES:
+        raise LessonInputError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_libraries()
@@ -83,7 +115,12 @@ def setup_notebook(out_dir: str | Path | None, data_dir: str | Path | None = Non
     if not out.is_absolute():
         out = project_root() / out
     out.mkdir(parents=True, exist_ok=True)
-    if data_dir is None and not os.environ.get("DPFLAT_DATA_DIR"):
+    if data_dir is not None:
+        data_dir = resolve_folder(data_dir, "data_dir")
+    env = os.environ.get(DATA_ENV)
+    if env:
+        os.environ[DATA_ENV] = str(resolve_folder(env, f"${DATA_ENV}={env}"))
+    if data_dir is None and not os.environ.get(DATA_ENV):
         beside = project_root().parent / "shared" / "data"
         if (beside / "MANIFEST.txt").is_file():
             data_dir = beside
@@ -114,16 +151,21 @@ def base_config(*, out_dir: str | Path, backbone: str = "minilm", task: str = "s
         flat = p.pop("flat")
         train_extra = p
 
-    cfg = RunConfig(
-        data=DataConfig(task=task, data_dir=data_dir, max_length=max_length, train_size=train_size,
-                        eval_size=eval_size, public_size=public_size),
-        model=ModelConfig(backbone=backbone, prefix_len=prefix_len),
-        privacy=PrivacyConfig(epsilon=epsilon),
-        train=TrainConfig(epochs=epochs, batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr,
-                          seed=seed, device=device, output_dir=str(out_dir), progress=progress, **train_extra),
-        variant="dp",
-    )
-    return cfg.replace(flat=dict(flat)) if flat else cfg
+    try:
+        cfg = RunConfig(
+            data=DataConfig(task=task, data_dir=data_dir, max_length=max_length, train_size=train_size,
+                            eval_size=eval_size, public_size=public_size),
+            model=ModelConfig(backbone=backbone, prefix_len=prefix_len),
+            privacy=PrivacyConfig(epsilon=epsilon),
+            train=TrainConfig(epochs=epochs, batch_size=batch_size, physical_batch_size=physical_batch_size, lr=lr,
+                              seed=seed, device=device, output_dir=str(out_dir), progress=progress, **train_extra),
+            variant="dp",
+        )
+        return cfg.replace(flat=dict(flat)) if flat else cfg
+    except LessonInputError:
+        raise
+    except ConfigError as e:  # a parameter of the lesson's first cell: its one line, no traceback
+        raise LessonInputError(str(e)) from None
 
 
 # What each slow step before a run's first training step is doing (the training loop's own
@@ -135,7 +177,60 @@ SETUP_PHASES = {
 }
 
 
-class SetupStatus:
+class StatusLine:
+    """One live line (tqdm: text and elapsed time) that says what a long cell is doing now.
+
+    ``set(text)`` changes the text and restarts the clock; a small thread refreshes the
+    elapsed time every second, so a phase of several minutes never looks hung. Disabled
+    (``enabled=False``: tests, ``progress=False``) it only records the texts it was given.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.phase = ""
+        self.phases: list[tuple[str, float]] = []  # (phase, seconds), for tests and summaries
+        self.texts: list[str] = []  # every text set, in order
+        self._bar = None
+        self._stop = None
+
+    def set(self, phase: str) -> None:
+        """Show ``phase`` from now on (its clock starts at 0)."""
+        import time
+
+        self.phase = phase
+        self.texts.append(phase)
+        self._t0 = time.monotonic()
+        if self._bar is not None:
+            self._bar.reset()
+            self._bar.set_description_str(phase, refresh=True)
+
+    _set = set
+
+    def __enter__(self):
+        import threading
+
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=None, bar_format="{desc} · {elapsed}", leave=False)
+            self._stop = threading.Event()
+
+            def tick() -> None:
+                while not self._stop.wait(1.0):
+                    self._bar.refresh()
+
+            threading.Thread(target=tick, daemon=True).start()
+        self.set("starting")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if self._bar is not None:
+            self._bar.close()
+
+
+class SetupStatus(StatusLine):
     """A live status line (tqdm, elapsed seconds) for the set-up phases of ``train``/``sweep``.
 
     Why here and not in the levels: the levels' code stays free of display concerns. The
@@ -144,21 +239,8 @@ class SetupStatus:
     """
 
     def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.phase = ""
-        self.phases: list[tuple[str, float]] = []  # (phase, seconds), for tests and summaries
+        super().__init__(enabled)
         self._patched: list[tuple[Any, str, Any]] = []
-        self._bar = None
-        self._stop = None
-
-    def _set(self, phase: str) -> None:
-        import time
-
-        self.phase = phase
-        self._t0 = time.monotonic()
-        if self._bar is not None:
-            self._bar.reset()
-            self._bar.set_description_str(phase, refresh=True)
 
     def _wrap(self, owner: Any, attr: str, phase: str) -> None:
         import functools
@@ -182,7 +264,6 @@ class SetupStatus:
 
     def __enter__(self) -> "SetupStatus":
         import importlib
-        import threading
 
         from .. import session as session_mod
 
@@ -190,28 +271,13 @@ class SetupStatus:
         for mod, cls in (("layers", "LayerSelection"), ("distill", "Distillation"),
                          ("trajectory", "SharpnessTrajectory")):
             self._wrap(getattr(importlib.import_module(f"dpflat.flat.{mod}"), cls), "setup", SETUP_PHASES[cls])
-        if self.enabled:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=None, bar_format="{desc} · {elapsed}", leave=False)
-            self._stop = threading.Event()
-
-            def tick() -> None:
-                while not self._stop.wait(1.0):
-                    self._bar.refresh()
-
-            threading.Thread(target=tick, daemon=True).start()
-        self._set("starting")
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         for owner, attr, orig in reversed(self._patched):
             setattr(owner, attr, orig)
         self._patched.clear()
-        if self._stop is not None:
-            self._stop.set()
-        if self._bar is not None:
-            self._bar.close()
+        super().__exit__(*exc)
 
 
 def train_run(cfg: RunConfig, **kw: Any) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from ..config import RunConfig
-from ..figures import METRICS, aggregate, eps_column, group_label, is_missing, metric_label, run_label
+from ..figures import (METRICS, aggregate, eps_column, error_bars, group_label, is_missing, metric_label, run_color,
+                       run_label)
 from ..runs import RunDir, load_results
 from .base import Panel, new_figure, replace_traces
 from .setup import SetupStatus
@@ -60,21 +61,21 @@ def metric_traces(table: pd.DataFrame, metric: str, variants: Sequence[str] | No
     for v, pts in dp_pts.groupby("variant", sort=True):
         pts = pts.sort_values("target_epsilon")
         rows = table[table["variant"] == v]
-        claims = [f"claimed ε = {c:.3g}" if not is_missing(c) else "no ε claim: " + g
+        claims = [f"claimed ε = {c:.2f}" if not is_missing(c) else "no ε claim: " + g
                   for c, g in zip(pts["claimed_epsilon"], pts["guarantee"])]
         traces.append(go.Scatter(
             x=pts["target_epsilon"].tolist(), y=pts["mean"].tolist(), mode="lines+markers",
-            error_y=dict(type="data", array=pts["std"].tolist(), visible=True),
+            error_y=error_bars(pts["std"], pts["n"]), line=dict(color=run_color(v)), marker=dict(color=run_color(v)),
             name=group_label(rows), customdata=np.stack([pts["n"].to_numpy(), np.array(claims, dtype=object)], axis=1),
-            hovertemplate="target ε=%{x}<br>" + metric_label(metric) + "=%{y:.4g} ± %{error_y.array:.2g}"
+            hovertemplate="target ε=%{x}<br>" + metric_label(metric) + "=%{y:.4g}"
                           "<br>%{customdata[0]} seed(s)<br>%{customdata[1]}<extra>%{fullData.name}</extra>",
         ))
     for v, pts in agg[agg["target_epsilon"].isna()].groupby("variant", sort=True):
         m, s, n = float(pts["mean"].iloc[0]), float(pts["std"].iloc[0]), int(pts["n"].iloc[0])
         traces.append(go.Scatter(
-            x=[xlo, xhi], y=[m, m], mode="lines", line=dict(dash="dash", color="gray"),
+            x=[xlo, xhi], y=[m, m], mode="lines", line=dict(dash="dash", color=run_color(v)),
             name=group_label(table[table["variant"] == v]),
-            hovertemplate=f"{metric_label(metric)}={m:.4g} ± {s:.2g} ({n} seed(s)), no ε<extra>%{{fullData.name}}</extra>",
+            hovertemplate=f"{metric_label(metric)}={m:.4g}" + (f" ± {s:.2g}" if n > 1 else "") + f" ({n} seed(s)), no ε<extra>%{{fullData.name}}</extra>",
         ))
     return traces
 
@@ -100,6 +101,7 @@ def run_points(table: pd.DataFrame, x: str, y: str, variants: Sequence[str] | No
         rows = rows[ok]
         text = [run_label(r) + f" · seed {r.get('seed')}" for r in rows.to_dict("records")]
         traces.append(go.Scatter(x=xs[ok].tolist(), y=ys[ok].tolist(), mode="markers", name=group_label(rows),
+                                 marker=dict(color=run_color(v)),
                                  text=text, hovertemplate="%{text}<br>%{x:.4g}, %{y:.4g}<extra></extra>"))
     return traces
 

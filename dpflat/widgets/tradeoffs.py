@@ -12,6 +12,7 @@ from typing import Any
 
 from ..accountants import epsilon_curve
 from ..config import RunConfig
+from ..figures import LEGEND_BELOW
 from .base import Panel, fmt_delta, log_ticks, new_figure, replace_traces
 
 
@@ -57,7 +58,7 @@ def noise_vs_batch(n: int, epochs: float, epsilon: float, delta: float, batch_si
     fig.add_trace(go.Scatter(x=list(batch_sizes), y=per, mode="lines+markers", name="noise std on the mean gradient σ·C/B"),
                   secondary_y=True)
     fig.update_layout(title=f"Target ε = {epsilon:g}, δ = {fmt_delta(delta)}, N = {n}, {epochs:g} epochs, C = {clip:g}",
-                      xaxis_title="batch size B", height=420)
+                      xaxis_title="batch size B", height=440, legend=LEGEND_BELOW)
     fig.update_xaxes(type="log", tickvals=list(batch_sizes), ticktext=[str(b) for b in batch_sizes])
     fig.update_yaxes(title_text="σ", secondary_y=False)
     fig.update_yaxes(title_text="σ·C/B (log)", secondary_y=True)
