@@ -204,9 +204,12 @@ class DataConfig:
     data_dir: str | None = _opt(None, "folder holding <task>/ files; else $DPFLAT_DATA_DIR, ./data, then the HF hub")
     max_length: int = _opt(64, "tokens per example (padding and truncation)")
     # CPU-sized defaults (minutes on 2 cores); the README gives the GPU-scale values
-    train_size: int | None = _opt(2000, "subsample the private training split to this many examples (0: all)")
+    # the study regime (issue 27, chosen on val: benchmarks/bench_regime.py): ~10 min a run on 2 cores
+    train_size: int | None = _opt(8000, "subsample the private training split to at most this many examples (a task with "
+                                 "fewer uses all, with a note; 0: all)")
     eval_size: int | None = _opt(None, "subsample the test split (the task's eval file; 0: all)")
-    public_size: float = _opt(500, "public split carved from train (fraction <1 or count); DP-safe flattening reads only it")
+    # where the safe teacher's val accuracy stops rising with more public data (benchmarks/bench_teacher.py)
+    public_size: float = _opt(2000, "public split carved from train (fraction <1 or count); DP-safe flattening reads only it")
     cache_dir: str | None = _opt(None, "tokenisation cache folder (default: in-process only)")
     val_size: int = _opt(500, "rows of the train file held out as the validation split (checkpoint selection reads "
                               "only it; the eval file is the test split, read once at the end)")
@@ -235,13 +238,14 @@ class ModelConfig:
     prefix_init: Literal["random", "tokens"] = _opt(
         "tokens", "random, or tokens: start from the backbone's keys/values of real tokens")
     pooling: Literal["mean", "cls"] = _opt("mean", "sentence representation fed to the head")
-    head_dropout: float = _opt(0.1, "dropout before the classifier head, in [0, 1)")
-    backbone_dropout: bool = _opt(True, "the frozen backbone's own dropout (hidden, attention) while training; off: "
+    head_dropout: float = _opt(0.0, "dropout before the linear head, in [0, 1)")
+    backbone_dropout: bool = _opt(False, "the frozen backbone's own dropout (hidden, attention) while training; off: "
                                         "its layers run as in evaluation (faster, and a batch's examples share no draw)")
     attn: Literal["sdpa", "eager"] = _opt("sdpa", "attention kernel; eager supports double backward (Hessians) on CPU")
     keep_layers: str | None = _opt(None, "comma-separated layers that keep a prefix, e.g. 0,2,5 (default: all)")
-    head: Literal["linear", "prompt", "readout"] = _opt(
-        "linear", "linear: pooled hidden state -> linear layer; prompt: LM-BFF style, the masked-LM head's logits "
+    head: Literal["auto", "linear", "prompt", "readout"] = _opt(
+        "auto", "auto: readout for a task with label descriptions (dpflat.tokens.READOUTS), else linear; "
+                "linear: pooled hidden state -> linear layer; prompt: LM-BFF style, the masked-LM head's logits "
                   "of the label words at the template's mask (BERT/RoBERTa with an MLM head); readout: the frozen "
                   "zero-shot readout of a sentence embedder, cosine to each label's description, plus a per-class "
                   "bias (only the prefix and K numbers train)")
@@ -255,7 +259,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "backbone must be given")
-        _check(self.head in ("linear", "prompt", "readout"), f"head must be linear|prompt|readout, got {self.head}")
+        _check(self.head in ("auto", "linear", "prompt", "readout"),
+               f"head must be auto|linear|prompt|readout, got {self.head}")
         _check(self.cosine_scale > 0, f"cosine_scale must be > 0, got {self.cosine_scale}")
         if self.label_description is not None:
             _check("{}" in self.label_description,
@@ -354,7 +359,7 @@ class FlatConfig:
     distill_mode: Mode = _opt("safe", "safe: teacher on public data; paper: teacher on private data (not DP)")
     distill_lambda: float = _opt(0.01, "weight λ of ||P - P_teacher||")
     distill_squared: bool = _opt(False, "use λ||P - P_teacher||² instead of the norm")
-    teacher_epochs: float = _opt(1.0, "step budget of the teacher's (and the plateau scorer's) fit, in epochs of its data")
+    teacher_epochs: float = _opt(10.0, "step budget of the teacher's (and the plateau scorer's) fit, in epochs of its data")
     teacher_batch_size: int = _opt(64, "batch size of the teacher's (and the plateau scorer's) fit")
     teacher_lr: float | None = _opt(None, "learning rate of the teacher's fit (default: the run's --lr)")
     teacher_patience: int = _opt(3, "stop the teacher's fit after this many val evaluations without a gain (0: use the "
@@ -400,8 +405,8 @@ MAX_LR = 100.0
 class TrainConfig:
     """Optimisation, evaluation, checkpoints and where the run goes."""
 
-    epochs: float = _opt(2.0, "passes over the private training split")
-    batch_size: int = _opt(128, "logical (expected) batch size; the sampling rate q is 1/len(loader) ≈ batch_size/N")
+    epochs: float = _opt(8.0, "passes over the private training split")
+    batch_size: int = _opt(256, "logical (expected) batch size; the sampling rate q is 1/len(loader) ≈ batch_size/N")
     physical_batch_size: int = _opt(64, "largest batch held in memory at once (BatchMemoryManager)")
     # how a logical batch is cut into physical ones (dpflat/batching.py): the same examples, clipping and
     # noise either way; grouped by length, each physical batch computes ~3x fewer padded positions

@@ -477,6 +477,20 @@ def init_prefix_from_tokens(model: PrefixModel, seed: int = 0) -> None:
     model.prefix.embedding.weight.copy_(torch.stack(rows, dim=1).reshape(m, -1))
 
 
+def resolve_head(cfg: ModelConfig, task: str | None) -> ModelConfig:
+    """``head="auto"`` made concrete: the readout head where the task has label descriptions (or
+    ``label_description`` is given), else the linear head. Why readout first: under the readout
+    the prefix does the learning, so the flattening levels act on the part that learns."""
+    if cfg.head != "auto":
+        return cfg
+    from dataclasses import replace
+
+    from . import tokens as tokens_mod
+
+    described = cfg.label_description is not None or (task is not None and tokens_mod.has_readout(task))
+    return replace(cfg, head="readout" if described else "linear")
+
+
 def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0, task: str | None = None,
                 tokenizer=None) -> PrefixModel:
     """Backbone (frozen) + prefix + head, deterministic given ``seed``.
@@ -486,6 +500,7 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0, task: str | No
     """
     if num_labels < 2:
         raise ConfigError(f"num_labels must be >= 2, got {num_labels}")
+    cfg = resolve_head(cfg, task)
     if cfg.head == "prompt":
         from . import tokens as tokens_mod
 
@@ -565,6 +580,7 @@ __all__ = [
     "PrefixEncoder",
     "ReadoutHead",
     "label_prototypes",
+    "resolve_head",
     "load_mlm_backbone",
     "PrefixModel",
     "build_model",

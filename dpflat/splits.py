@@ -97,6 +97,11 @@ def _count(name: str, value: int | float, available: int, context: str = "", min
     return n
 
 
+def _whole(value: Any) -> bool:
+    return (not isinstance(value, bool) and isinstance(value, (int, float, np.number))
+            and float(value).is_integer())
+
+
 def _public_count(public_size: int | float, n_train: int) -> int:
     """``public_size`` < 1 is a fraction of train; >= 1 a row count (config convention)."""
     if isinstance(public_size, bool) or not isinstance(public_size, (int, float, np.number)):
@@ -177,8 +182,16 @@ def make_splits(
                         f"{without}")
     if train_size is not None:
         dropped = overlap["train_test"] + overlap["public_private"] + overlap["val_private"]
-        k = _count("train_size", train_size, len(pool),
-                   f" ({n} train rows minus {n_public} public, {val_size} val and {dropped} duplicates)", minimum=1)
+        # train_size is a cap: the study default (8,000) is more than some tasks have (MPQA), and a
+        # run there should train on all of them, not stop; it says so in one line
+        context = f" ({n} train rows minus {n_public} public, {val_size} val and {dropped} duplicates)"
+        k = _count("train_size", train_size, max(len(pool), int(train_size) if _whole(train_size) else 0),
+                   context, minimum=1)
+        if k > len(pool):
+            from .config import warn
+
+            warn(f"train_size={k} is more than the {len(pool)} private rows available{context}: all of them are used")
+            k = len(pool)
         pool = pool[:k]
     if eval_size is not None:
         k = _count("eval_size", eval_size, len(eval_), " in the eval split", minimum=1)

@@ -50,6 +50,11 @@ READOUTS: dict[str, str | tuple[str, ...]] = {
 }
 
 
+def has_readout(task: str | TaskCard) -> bool:
+    """Whether the task has default label descriptions (the readout head's ``auto`` choice)."""
+    return _as_card(task).name in READOUTS
+
+
 def readout_texts(task: str | TaskCard, template: str | None = None, fallback: str | None = None) -> list[str]:
     """One description per class, in class order: the given template, else the task's, else
     ``fallback`` (a template); none of them is an error naming the way out."""

@@ -30,8 +30,9 @@ def _check_agreement(c) -> None:
         assert rdp2 >= rdp * (1 - 2e-3)
     else:  # below ε = 0.5 the best order sits at the edge of one grid or the other (ours is
         # wide, RDP_ALPHAS; dp_accounting's has other fractional orders): either may be tighter
-        # (seen: dp_accounting 14% above at q=0.0148, σ=3.76, 71 steps; up to ~2x below)
-        assert rdp / 2.2 <= rdp2 <= rdp * 1.3
+        # (seen: dp_accounting 14% above at q=0.0148, σ=3.76, 71 steps, and 57% above at ε 0.04:
+        # q=0.002, σ=4.03, 25 steps, where Opacus matched the PLD bound; up to ~2x below)
+        assert rdp / 2.2 <= rdp2 <= rdp * 2.2
     # PLD and PRV are (near-)exact upper bounds: never above the lossy RDP conversion, up to
     # PRV's absolute error (eps_error): at ε ~ 0.01 (q=0.002, σ=4.77, 81 steps) that error is
     # larger than ε itself and PRV's upper estimate sits above RDP (found by hypothesis)...

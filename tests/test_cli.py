@@ -120,16 +120,19 @@ def test_every_config_field_has_help_metadata_and_literal_flags_have_choices():
 
 
 def test_defaults_are_unchanged():
-    """The help text moved into field metadata; every default stays what it was."""
+    """The help text moved into field metadata; every default stays what it was (the study regime's
+    since issue 27: 8,000 examples, 8 epochs, batch 256, public 2,000, the auto head, no dropout)."""
     from dpflat.config import RunConfig
 
     d = RunConfig().to_dict()
-    assert d["train"]["batch_size"] == 128 and d["train"]["lr"] == 2e-2 and d["train"]["checkpoint_every"] == 20
+    assert d["train"]["batch_size"] == 256 and d["train"]["epochs"] == 8.0 and d["train"]["lr"] == 2e-2 and d["train"]["checkpoint_every"] == 20
     assert {k: d["privacy"][k] for k in ("enabled", "epsilon", "delta", "max_grad_norm", "accountant",
                                          "grad_sample_mode", "poisson")} == {
         "enabled": True, "epsilon": 8.0, "delta": None, "max_grad_norm": 1.0, "accountant": "rdp",
         "grad_sample_mode": "hooks", "poisson": True}
-    assert d["data"]["public_size"] == 500 and d["data"]["train_size"] == 2000 and d["model"]["prefix_len"] == 16
+    assert d["data"]["public_size"] == 2000 and d["data"]["train_size"] == 8000 and d["model"]["prefix_len"] == 16
+    assert d["model"]["head"] == "auto" and d["model"]["head_dropout"] == 0.0 and d["model"]["backbone_dropout"] is False
+    assert d["flat"]["teacher_epochs"] == 10.0
     assert d["flat"]["awp_gamma"] == 0.01 and d["flat"]["n_drop"] == 2 and d["model"]["prefix_init"] == "tokens"
 
 

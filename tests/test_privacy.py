@@ -227,7 +227,8 @@ def test_a_dp_steps_dropout_masks_do_not_follow_the_public_seed(tmp_path, make_c
 
     def first_mask(name, noise_seed, **over):
         masks.clear()
-        cfg = make_cfg(tmp_path / name, model={"head_dropout": 0.5}, train={"group_by_length": "off"}, **over)
+        cfg = make_cfg(tmp_path / name, model={"head": "linear", "head_dropout": 0.5},
+                       train={"group_by_length": "off"}, **over)
         train(cfg, max_steps=1, noise_seed=noise_seed)
         return masks[0]
 
