@@ -26,7 +26,7 @@ from .flat import build_levels, share_levels, share_step_state
 from .flat.base import FlatLevel, TrainContext
 from .models import build_model
 from .session import check_before_work
-from .session import (LOSS_KEY, NonFiniteLoss, Session, check_finite, prepare_data, reseed_step, run_in_folder,
+from .session import (LOSS_KEY, NonFiniteLoss, PhaseCallback, Session, check_finite, prepare_data, reseed_step, run_in_folder,
                       start_run)
 
 TRAIN_WHO = "train/dp-sgd"
@@ -35,7 +35,7 @@ NONPRIVATE_WHO = "train/non-private"
 
 def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None, noise_seed: int | None = None,
-          secure_rng: bool = False, extra_private=None) -> dict[str, Any]:
+          secure_rng: bool = False, extra_private=None, on_phase: PhaseCallback | None = None) -> dict[str, Any]:
     """Train one run into its folder and return its result row.
 
     A finished run is returned as is; an unfinished one resumes from its last
@@ -50,6 +50,7 @@ def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
     entropy, or from ``noise_seed`` (tests, reproducible research; not part of the config
     or the run id, never written to the run folder). ``secure_rng``: Opacus' secure_mode.
     ``extra_private``: raw rows appended to the private split (an audit's canaries).
+    ``on_phase``: told each set-up phase as it begins (``session.PhaseCallback``: a status line).
     """
     cfg = as_run_config(cfg)  # a dict is read (and validated) as RunConfig.from_dict; anything else is one line
     if cfg.blackbox.active:
@@ -59,7 +60,8 @@ def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
     with dist_mod.process_group(cfg.train.device):
         cfg = dist_mod.rank_config(cfg)  # under torchrun: this rank's GPU
         return run_in_folder(cfg, resume, lambda rd: _train(
-            Session(cfg, rd, resume=resume, max_steps=max_steps, on_step=on_step, extra_private=extra_private),
+            Session(cfg, rd, resume=resume, max_steps=max_steps, on_step=on_step, extra_private=extra_private,
+                    on_phase=on_phase),
             noise_seed, secure_rng))
 
 
@@ -76,6 +78,7 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
     if s.ckpt is None:
         if s.main:
             for lv in levels:
+                s.phase(lv.name)
                 lv.setup(ctx)  # may set the keep-mask, train a teacher (reads go through the ledger)
         share_levels(levels, ctx)  # torchrun: the other ranks load rank 0's outcome
     setup_s = time.time() - t_setup

@@ -92,10 +92,17 @@ def test_a_resumed_dpflat_run_reports_what_its_setup_found(tmp_path, make_cfg):
     flat = {"layers_warmup_steps": 2, "layers_examples": 16, "n_drop": 1, "teacher_epochs": 0.5}
     cut = apply_variant(make_cfg(tmp_path / "cut"), "dpflat", "safe").replace(flat=flat)
     whole = apply_variant(make_cfg(tmp_path / "whole"), "dpflat", "safe").replace(flat=flat)
-    part = train(cut, max_steps=2)
+    seen: dict[str, list[str]] = {"cut": [], "resumed": [], "whole": []}
+    part = train(cut, max_steps=2, on_phase=seen["cut"].append)
     assert not part.get("finished") and not RunDir(part["run_dir"]).done
-    res = train(cut)  # a new call: the setup is not run again, its outcome comes from the checkpoint
-    ref = train(whole)
+    # a new call: the setup is not run again, its outcome comes from the checkpoint
+    res = train(cut, on_phase=seen["resumed"].append)
+    ref = train(whole, on_phase=seen["whole"].append)
+    # the set-up phases the library names to its callback (a notebook's status line), in registry order
+    assert seen["cut"] == seen["whole"] == ["data", "layers", "distill", "awp", "training"]
+    assert seen["resumed"] == ["data", "training"]
+    train(whole, on_phase=seen["whole"].append)  # finished: returned, no phase at all
+    assert len(seen["whole"]) == 5
     keys = ("info_layers_keep", "info_layers_data", "info_teacher_accuracy", "info_teacher_steps")
     assert all(ref.get(k) is not None for k in keys), ref
     assert {k: res.get(k) for k in keys} == {k: ref.get(k) for k in keys}
