@@ -28,7 +28,7 @@ ALLOWED: dict[str, str] = {}
 PATH_ATTRS = frozenset(k for k, v in vars(RunDir).items() if isinstance(v, property) and k.endswith(("_file", "_dir")))
 SAFE_USES = frozenset({"is_file", "exists"})
 #: a string that is a run file's name but names another file there
-NOT_RUN_FILES = {("dpflat/models.py", "config.json"): "a Hugging Face model folder's config"}
+NOT_RUN_FILES = {("dpflat/backbone.py", "config.json"): "a Hugging Face model folder's config"}
 
 
 def _docstrings(tree: ast.AST) -> set[int]:
