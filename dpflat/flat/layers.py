@@ -40,7 +40,7 @@ from landscape.sharpness import prefix_indicator
 from ..config import ConfigError, FlatConfig
 from ..evaluate import model_inputs
 from . import _cache
-from ._fit import fit_to_plateau, level_fit
+from ._fit import fit_to_plateau, level_data, level_fit
 from .base import FlatLevel, TrainContext
 
 PAPER_WHO = "layers/paper-sharpness"
@@ -118,14 +118,8 @@ class LayerSelection(FlatLevel):
 
     def setup(self, ctx: TrainContext) -> None:
         c, tc = self.cfg, ctx.cfg.train
-        if c.layers_mode == "safe":
-            data = ctx.public
-            if data is None or len(data) == 0:
-                raise ConfigError("layer selection in safe mode scores sharpness on the public split: set --public-size > 0")
-            count = None
-        else:
-            data = ctx.private.read(PAPER_WHO, PAPER_HOW, accounted=False)
-            count = lambda nb: ctx.private.count(PAPER_WHO, PAPER_HOW, False, nb)  # noqa: E731
+        data, count = level_data(ctx, c.layers_mode, PAPER_WHO, PAPER_HOW,
+                                 "layer selection in safe mode scores sharpness on the public split")
         safe = c.layers_mode == "safe"
         if c.layers_scorer == "plateau":  # a model that has learned the task (shared with the teacher)
             scorer, report, fit_cached = level_fit(ctx, data, kind="scorer", seed=tc.seed + 29, on_batch=count,
