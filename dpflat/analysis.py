@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import MAX_GRID, ConfigError, RunConfig
-from .evaluate import model_inputs
+from .evaluate import BATCH_KEYS, ce_loss, fixed_batches, model_inputs
 from .figures import run_label
 from .privacy import DP
 from .runs import LANDSCAPE_COLUMNS, RunDir, update_result
@@ -96,12 +95,6 @@ def load_run(run_dir: str | Path, attn: str = "eager", device: str = "cpu") -> L
     return LoadedRun(rd.path, cfg, model, card, tokd)
 
 
-def ce_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of a tokenised batch (the ``landscape`` loss_fn contract)."""
-    dev = next(p for p in model.parameters() if p.requires_grad).device
-    return F.cross_entropy(model(**model_inputs(batch, dev)).float(), batch["labels"].to(dev))
-
-
 #: examples per length group of the analysis batches (cost only: see ``analysis_batches``)
 ANALYSIS_GROUP = 32
 
@@ -122,16 +115,7 @@ def analysis_batches(run: LoadedRun, n_examples: int = 256, split: str = "eval",
     ds = run.data[split]
     if len(ds) == 0:
         raise ConfigError(f"the {split} split of {run.run_dir.name} is empty")
-    sub = ds.select(range(min(n_examples, len(ds))))
-    keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
-    out = []
-    for b in torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False):
-        out.append({k: v for k, v in b.items() if k in keys})
-    if regroup:
-        from landscape import rebatch_by_length
-
-        out = rebatch_by_length(out, int(regroup))
-    return out
+    return fixed_batches(ds, n_examples, batch_size, keys=BATCH_KEYS, group=regroup or None)
 
 
 def example_correct(run_dir: str | Path, split: str = "eval", batch_size: int = 128) -> np.ndarray:

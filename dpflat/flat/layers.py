@@ -32,13 +32,11 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from landscape._params import rebatch_by_length
 from landscape.sharpness import prefix_indicator
 
 from ..config import ConfigError, FlatConfig
-from ..evaluate import model_inputs
+from ..evaluate import ce_loss, fixed_batches
 from . import _cache
 from ._fit import fit_to_plateau, level_data, level_fit
 from .base import FlatLevel, TrainContext
@@ -47,25 +45,13 @@ PAPER_WHO = "layers/paper-sharpness"
 PAPER_HOW = "non-private warm-up and sharpness indicator on the private split"
 
 
-def ce_loss(model, batch) -> torch.Tensor:
-    """Mean cross-entropy of a tokenised batch (the landscape tools' loss_fn contract)."""
-    return F.cross_entropy(model(**model_inputs(batch, model.head.weight.device)),
-                           batch["labels"].to(model.head.weight.device))
-
-
 SCORE_GROUP = 32  # examples per length group when scoring S (cost only: S is the same)
-
-
-def fixed_batches(dataset, n: int, batch_size: int = 128) -> list[dict[str, torch.Tensor]]:
-    """The first ``n`` rows as a fixed list of batches (the data is already shuffled by the split)."""
-    sub = dataset.select(range(min(n, len(dataset))))
-    return list(torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False))
 
 
 def scoring_batches(dataset, n: int, group: int = SCORE_GROUP) -> list[dict[str, torch.Tensor]]:
     """``fixed_batches`` regrouped by length with the padding cut: the same example-weighted
     loss (so the same S) at about 60% of the padded positions on SST-2."""
-    return rebatch_by_length(fixed_batches(dataset, n), group)
+    return fixed_batches(dataset, n, group=group)
 
 
 def indicator(model, batches, keep: list[bool], rho: float, n_random: int, seed: int) -> float:

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
+from ..evaluate import BATCH_KEYS, ce_loss, fixed_batches
 from .base import FlatLevel, TrainContext
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,22 +35,10 @@ LANCZOS_PRODUCTS = 4
 SAM_RHO = 0.05
 
 
-def _loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    from ..evaluate import model_inputs
-
-    dev = next(p for p in model.parameters() if p.requires_grad).device
-    return F.cross_entropy(model(**model_inputs(batch, dev)).float(), batch["labels"].to(dev))
-
-
 def _batches(ds: Any, n: int, batch_size: int = 64, group: int = 32) -> list[dict[str, torch.Tensor]]:
     """The first ``n`` rows, regrouped by length with the padding cut: the same example-weighted
     figures as the padded batches, at a fraction of the cost (``dpflat.analysis.analysis_batches``)."""
-    from landscape import rebatch_by_length
-
-    keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
-    sub = ds.select(range(min(n, len(ds))))
-    return rebatch_by_length([{k: v for k, v in b.items() if k in keys}
-                              for b in torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False)], group)
+    return fixed_batches(ds, n, batch_size, keys=BATCH_KEYS, group=group)
 
 
 class SharpnessTrajectory(FlatLevel):
@@ -140,13 +128,13 @@ class SharpnessTrajectory(FlatLevel):
         batches = self._data(ctx)
         t0, c0 = time.perf_counter(), time.process_time()
         with self._untouched(ctx):
-            with ls.HessianOperator(ctx.model, _loss, batches) as H:
+            with ls.HessianOperator(ctx.model, ce_loss, batches) as H:
                 start = self.vec if self.vec is not None and self.vec.shape == (H.n,) else "gradient"
                 eig = ls.lanczos(H, k=1, max_iter=LANCZOS_PRODUCTS, tol=0.0, seed=self.last_step, start=start)
                 loss = H.loss
                 products = H.n_matvecs
             self.vec = eig.eigenvectors[0].detach().clone()
-            sam = ls.sam_sharpness(ctx.model, _loss, batches, rho=SAM_RHO, steps=1, relative=True, seed=0)
+            sam = ls.sam_sharpness(ctx.model, ce_loss, batches, rho=SAM_RHO, steps=1, relative=True, seed=0)
         return {"top_eigenvalue": float(eig.eigenvalues[0]), "sam_sharpness": float(sam.value), "loss": loss,
                 "data": self.split, "n_examples": sum(len(b["labels"]) for b in batches),
                 "hvp_products": int(products), "seconds": time.perf_counter() - t0,
