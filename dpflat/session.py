@@ -46,8 +46,9 @@ from .runs import RunDir, finish_run, finished_result
 LOSS_KEY = PRIVATE_METRICS[0]  # "train_loss_private"
 Tensors = dict[str, torch.Tensor]
 #: called with the name of each slow set-up phase as it begins: ``"data"`` (tokeniser, loading,
-#: splitting, tokenising), a flattening level's name while its ``setup`` runs (``"layers"``,
-#: ``"distill"``, ...; the black box's teacher prompt is ``"distill"`` too), then ``"training"``
+#: splitting, tokenising), a flattening level's or step callback's name while its ``setup`` runs
+#: (``"layers"``, ``"distill"``, ``"awp"``, ``"trajectory"``; the black box's teacher prompt is
+#: ``"distill"`` too), then ``"training"``
 #: when the steps start. Display only: nothing of the run depends on it.
 PhaseCallback = Callable[[str], None]
 

@@ -1,12 +1,12 @@
-"""Sharpness over time: a diagnostic that rides the level hooks (``--sharpness-every N``).
+"""Sharpness over time: a diagnostic step callback (``--sharpness-every N``).
 
 Every N optimiser steps (and after the last one) it measures, on a fixed subset of the
 *public* or *eval* split (never the private one: these numbers are released with the
 run and are not covered by the accountant), the top Hessian eigenvalue of the loss over
 the trainable parameters and the SAM sharpness, and appends one row to the run folder's
-``sharpness.jsonl``. It is a level only because ``step_end`` is where the trained weights
-are known; it changes nothing in training: weights, gradients, the Opacus per-example
-hooks and the global RNG are left exactly as they were.
+``sharpness.jsonl``. A step callback, not a flattening level (``base.StepCallback``): it
+measures at ``step_end``, where the trained weights are known, and changes nothing in training:
+weights, gradients, the Opacus per-example hooks and the global RNG are left exactly as they were.
 
 Why cheap: a few Lanczos products per point, warm-started from the previous point's
 eigenvector. Successive points are a few optimiser steps apart, so the top eigenvector
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ..evaluate import BATCH_KEYS, ce_loss, fixed_batches
-from .base import FlatLevel, TrainContext
+from .base import StepCallback, TrainContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import TrainConfig
@@ -41,7 +41,7 @@ def _batches(ds: Any, n: int, batch_size: int = 64, group: int = 32) -> list[dic
     return fixed_batches(ds, n, batch_size, keys=BATCH_KEYS, group=group)
 
 
-class SharpnessTrajectory(FlatLevel):
+class SharpnessTrajectory(StepCallback):
     """Top Hessian eigenvalue and SAM sharpness every ``sharpness_every`` steps (a diagnostic)."""
 
     name = "trajectory"
