@@ -51,8 +51,10 @@ def spy_backbone(monkeypatch):
 # --------------------------------------------------------------------------- forward only
 def test_the_model_is_only_called_forward_without_grad(tmp_path, make_cfg, spy_backbone):
     cfg = bb_cfg(make_cfg, tmp_path / "runs", "bb-dpflat", "safe")
-    res = bbm.train(cfg)
+    phases: list[str] = []
+    res = bbm.train(cfg, on_phase=phases.append)
     assert res["finished"] and res["steps"] == 8
+    assert phases == ["data", "distill", "training"]  # the set-up phases a status line shows (the teacher prompt)
     # the landscape tools differentiate w.r.t. z under enable_grad: the box still sees no grad
     out = bbm.prompt_sharpness(res["run_dir"], n_examples=32, rho=0.5, grid=3, grad_directions=4)
     assert spy_backbone["calls"] > 20
@@ -255,7 +257,9 @@ def test_cli_train_and_sweep(tmp_path, shared_data, capsys):
 def test_cma_baseline_runs_non_private(tmp_path, make_cfg):
     pytest.importorskip("cma")
     cfg = bb_cfg(make_cfg, tmp_path / "runs", "bb-nonprivate", blackbox={"zo_optimizer": "cma"})
-    res = bbm.train(cfg)
+    phases: list[str] = []
+    res = bbm.train(cfg, on_phase=phases.append)
+    assert phases == ["data", "training"]
     assert res["guarantee"] == NOT_DP_NONPRIVATE and res["info_cma_generations"] >= 1
     assert 0.0 <= res["accuracy"] <= 1.0
 

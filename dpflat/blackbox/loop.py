@@ -155,6 +155,7 @@ def _steps(s: Session, model: PromptModel, state: ZOState, train_ds, dp: DPSetup
 def _train_cma(s: Session, model: PromptModel, train_ds, info: dict, read: tuple[str, str]) -> dict[str, Any]:
     """Non-private CMA-ES baseline with the same query budget as SPSA (2 k B per step)."""
     bb, tc = s.cfg.blackbox, s.cfg.train
+    s.phase("training")  # no progress bar of its own: the generations are logged as steps
     budget = 2 * bb.zo_directions * tc.batch_size * s.total_steps
     z, gens = fit_prompt_cma(model, train_ds, evaluations=budget, batch_size=tc.batch_size, sigma0=bb.zo_mu,
                              seed=tc.seed, on_batch=lambda nb: s.private.count(*read, False, nb),
