@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import MAX_GRID, ConfigError, RunConfig
-from .evaluate import model_inputs
+from .evaluate import BATCH_KEYS, ce_loss, fixed_batches, model_inputs
 from .figures import run_label
 from .privacy import DP
 from .runs import LANDSCAPE_COLUMNS, RunDir, update_result
@@ -96,12 +95,6 @@ def load_run(run_dir: str | Path, attn: str = "eager", device: str = "cpu") -> L
     return LoadedRun(rd.path, cfg, model, card, tokd)
 
 
-def ce_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of a tokenised batch (the ``landscape`` loss_fn contract)."""
-    dev = next(p for p in model.parameters() if p.requires_grad).device
-    return F.cross_entropy(model(**model_inputs(batch, dev)).float(), batch["labels"].to(dev))
-
-
 #: examples per length group of the analysis batches (cost only: see ``analysis_batches``)
 ANALYSIS_GROUP = 32
 
@@ -122,16 +115,7 @@ def analysis_batches(run: LoadedRun, n_examples: int = 256, split: str = "eval",
     ds = run.data[split]
     if len(ds) == 0:
         raise ConfigError(f"the {split} split of {run.run_dir.name} is empty")
-    sub = ds.select(range(min(n_examples, len(ds))))
-    keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
-    out = []
-    for b in torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False):
-        out.append({k: v for k, v in b.items() if k in keys})
-    if regroup:
-        from landscape import rebatch_by_length
-
-        out = rebatch_by_length(out, int(regroup))
-    return out
+    return fixed_batches(ds, n_examples, batch_size, keys=BATCH_KEYS, group=regroup or None)
 
 
 def example_correct(run_dir: str | Path, split: str = "eval", batch_size: int = 128) -> np.ndarray:
@@ -231,6 +215,62 @@ def analyze_run(
     return summary
 
 
+#: the axes of :func:`axis_surface`, each with what its two directions are
+SURFACE_AXES = {
+    "random": "two random filter-normalised directions (Li et al. 2018): the surface analyze_run stored",
+    "eigen": "the top two Hessian eigenvectors v1, v2 (Lanczos), each scaled to the norm of a filter-normalised "
+             "random direction, so the units match the random view",
+    "interp": "x along the straight line to a reference model (0 = this model, 1 = the reference), y a random "
+              "filter-normalised direction",
+}
+
+
+def axis_surface(run_dir: str | Path, axes: str, *, grid: int = 7, span: float = 1.0, n_examples: int = 64,
+                 seed: int = 0, reference: str | Path | None = None, label: str | None = None):
+    """A run's 2D loss surface along ``axes`` (a key of :data:`SURFACE_AXES`), cached in its folder.
+
+    ``random``: the surface ``analyze_run`` stored. ``eigen``: Lanczos on the model's own Hessian
+    (``landscape.eigen_directions``), each unit eigenvector scaled to the norm of the random
+    filter-normalised direction; x and y in [-span, span]. ``interp``: x along
+    ``landscape.interpolation_direction`` to the ``reference`` run (e.g. the non-private model)
+    over [-0.5, 1.5], y a random direction; None for the reference itself or without one. On
+    the eval subset ``analyze_run`` uses (no private data). The cache (``RunDir.axis_surface_name``)
+    is keyed by axes, grid, n_examples and seed (not span or reference). ``label``: the surface's
+    label (default: the run's).
+    """
+    import landscape as ls
+
+    if axes not in SURFACE_AXES:
+        raise ConfigError(f"axes must be one of {', '.join(SURFACE_AXES)}, got {axes!r}")
+    if axes == "random":
+        return load_surface(run_dir)
+    if axes == "interp" and (reference is None or Path(run_dir) == Path(reference)):
+        return None
+    rd = RunDir(run_dir)
+    name = rd.axis_surface_name(axes, grid, n_examples, seed)
+    cached = rd.cached_surface(name)
+    if cached is not None:
+        return cached
+    run = load_run(run_dir)
+    batches = analysis_batches(run, n_examples)
+    rnd = ls.random_direction(run.model, seed=seed)
+    if axes == "eigen":
+        with ls.HessianOperator(run.model, ce_loss, batches) as H:
+            eig = ls.top_eigenvalues(H, k=2, max_iter=30, tol=1e-3, seed=seed)
+        d1, d2 = ls.eigen_directions(eig, 2)
+        scale = float(rnd.vector.norm())
+        d1.vector, d2.vector = d1.vector * scale, d2.vector * scale
+        xs = np.linspace(-span, span, grid)
+    else:
+        d1 = ls.interpolation_direction(run.model, load_run(reference).model)
+        d2 = rnd
+        xs = np.linspace(-0.5, 1.5, grid)
+    surf = ls.loss_surface_2d(run.model, ce_loss, batches, d1, d2, xs=xs, ys=np.linspace(-span, span, grid),
+                              label=run.label if label is None else label, progress=False, keep_directions=False)
+    rd.save_surface(surf, name)
+    return surf
+
+
 def _upsert(run_dir: Path, summary: dict[str, Any]) -> None:
     """Add the landscape columns to the run's row of its output root's results table (the one writer)."""
     update_result(run_dir.parent, run_dir.name, {k: summary.get(k) for k in LANDSCAPE_COLUMNS})
@@ -257,5 +297,5 @@ def load_density(run_dir: str | Path):
     return DensityResult.from_dict(d)
 
 
-__all__ = ["LoadedRun", "analysis_batches", "analyze_run", "ce_loss", "example_correct", "load_analysis", "load_density",
+__all__ = ["SURFACE_AXES", "LoadedRun", "analysis_batches", "analyze_run", "axis_surface", "ce_loss", "example_correct", "load_analysis", "load_density",
            "load_run", "load_surface", "run_label"]

@@ -1,4 +1,6 @@
-"""Accuracy and per-example losses, with the model in eval mode and no autograd."""
+"""Accuracy and per-example losses, with the model in eval mode and no autograd; the one
+cross-entropy loss function (``ce_loss``) and fixed-batch builder (``fixed_batches``) that the
+landscape figures, the layer scorer and the sharpness trajectory share."""
 
 from __future__ import annotations
 
@@ -34,6 +36,38 @@ def batches(dataset, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
     """Fixed-order batches of a torch-formatted dataset (large: evaluation has no per-example state)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     yield from loader
+
+
+def ce_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of a tokenised batch, in fp32 (the ``landscape`` tools' loss_fn contract).
+
+    On the device of the model's trainable parameters (every parameter when none trains).
+    """
+    p = next((p for p in model.parameters() if p.requires_grad), None)
+    dev = (p if p is not None else next(model.parameters())).device
+    return F.cross_entropy(model(**model_inputs(batch, dev)).float(), batch["labels"].to(dev))
+
+
+#: the columns a fixed batch keeps with ``keys=BATCH_KEYS`` (the model's inputs and the labels)
+BATCH_KEYS = (*MODEL_KEYS, "labels")
+
+
+def fixed_batches(dataset, n: int, batch_size: int = 128, *, keys: tuple[str, ...] | None = None,
+                  group: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The first ``n`` rows as a fixed list of batches (the splits are already shuffled by the splitter).
+
+    ``keys``: keep only these columns (None: all). ``group``: regroup the rows by length into groups
+    of that many and cut each group's padding (``landscape.rebatch_by_length``): every
+    example-weighted figure is the same up to float summation order, at a fraction of the cost.
+    """
+    sub = dataset.select(range(min(n, len(dataset))))
+    out = [b if keys is None else {k: v for k, v in b.items() if k in keys}
+           for b in torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False)]
+    if group:
+        from landscape import rebatch_by_length
+
+        out = rebatch_by_length(out, int(group))
+    return out
 
 
 def length_order(dataset) -> np.ndarray | None:
@@ -98,7 +132,8 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 256, device: str | tor
     return {"loss": float(r["loss"].mean()), "accuracy": float((r["pred"] == r["label"]).mean()), "n": n}
 
 
-__all__ = ["MODEL_KEYS", "autocast", "batches", "evaluate", "model_inputs", "per_example_losses"]
+__all__ = ["BATCH_KEYS", "MODEL_KEYS", "autocast", "batches", "ce_loss", "evaluate", "fixed_batches", "model_inputs",
+           "per_example_losses"]
 
 
 # --------------------------------------------------------------------------- test split and run cost

@@ -6,7 +6,8 @@ update. Everything around that lives here, once:
 
 - ``run_in_folder``: the run folder's crash-safe dance (a finished run is returned,
   a failed fresh one leaves no folder, the lock keeps two processes apart);
-- ``Session``: seeds and threads, the data (private split behind the ledger), the
+- ``Session``: seeds and threads, the set-up phases it names to an ``on_phase`` callback
+  (``"data"``, each level's name, ``"training"``: how a notebook shows a status line), the data (private split behind the ledger), the
   latest checkpoint, resume of the shared state (step, best-on-val, ledger counts),
   evaluate-and-select on the validation split, the per-step log row, checkpoints
   (the start of a run is one too: step 0, before the first secret draw), and the
@@ -44,6 +45,12 @@ from .runs import RunDir, finish_run, finished_result
 #: the per-step loss of private batches: a private diagnostic, not covered by the guarantee
 LOSS_KEY = PRIVATE_METRICS[0]  # "train_loss_private"
 Tensors = dict[str, torch.Tensor]
+#: called with the name of each slow set-up phase as it begins: ``"data"`` (tokeniser, loading,
+#: splitting, tokenising), a flattening level's or step callback's name while its ``setup`` runs
+#: (``"layers"``, ``"distill"``, ``"awp"``, ``"trajectory"``; the black box's teacher prompt is
+#: ``"distill"`` too), then ``"training"``
+#: when the steps start. Display only: nothing of the run depends on it.
+PhaseCallback = Callable[[str], None]
 
 
 class NonFiniteLoss(ConfigError):
@@ -161,11 +168,14 @@ class Session:
     """
 
     def __init__(self, cfg: RunConfig, rd: RunDir, *, resume: bool = True, max_steps: int | None = None,
-                 on_step: Callable[[dict[str, Any]], None] | None = None, extra_private=None):
+                 on_step: Callable[[dict[str, Any]], None] | None = None, extra_private=None,
+                 on_phase: PhaseCallback | None = None):
         self.cfg, self.rd, self.max_steps, self.on_step = cfg, rd, max_steps, on_step
+        self.on_phase = on_phase
         self.device = start_run(cfg)
         self.t_start = time.time()
         reset_peak_memory(self.device)
+        self.phase("data")
         self.tokenizer = load_tokenizer(cfg.model)
         self.card, self.splits, self.tokd = prepare_data(cfg, self.tokenizer, extra_private)
         self.n = len(self.tokd["private"])
@@ -191,6 +201,11 @@ class Session:
         self.seen, self.t0, self.step0 = 0, time.time(), 0
         #: private statistics the stepper adds for private_diagnostics.json (e.g. the black box's queries)
         self.diagnostics: dict[str, Any] = {}
+
+    def phase(self, name: str) -> None:
+        """Say which set-up phase begins (``on_phase``; see :data:`PhaseCallback`)."""
+        if self.on_phase is not None:
+            self.on_phase(name)
 
     # --- plan and resume
     def plan(self, steps_per_epoch: int) -> None:
@@ -240,6 +255,7 @@ class Session:
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.cfg.variant}",
                         disable=not (tc.progress and self.main), leave=False)
         self.t0, self.seen, self.step0 = time.time(), 0, self.step
+        self.phase("training")
         try:
             yield
         finally:
@@ -353,5 +369,5 @@ class Session:
         return cost
 
 
-__all__ = ["LOSS_KEY", "NonFiniteLoss", "Session", "check_before_work", "check_finite", "prepare_data", "reseed_step", "run_in_folder",
+__all__ = ["LOSS_KEY", "NonFiniteLoss", "PhaseCallback", "Session", "check_before_work", "check_finite", "prepare_data", "reseed_step", "run_in_folder",
            "start_run"]

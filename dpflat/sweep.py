@@ -54,7 +54,7 @@ def trainer(cfg: RunConfig) -> Callable[..., dict[str, Any]]:
 
     The one place that chooses between the two loops (``dpflat.train.train`` refuses a
     bb-* config). Both take ``(cfg, resume=, max_steps=, on_step=, noise_seed=,
-    secure_rng=, extra_private=)`` and return the run's results row.
+    secure_rng=, extra_private=, on_phase=)`` and return the run's results row.
     """
     if as_run_config(cfg).blackbox.active:
         from .blackbox import train as bb_train
@@ -67,11 +67,13 @@ def trainer(cfg: RunConfig) -> Callable[..., dict[str, Any]]:
 
 def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: list[int],
           modes: list[str] = ("safe",), on_cell: Callable[[dict[str, Any]], None] | None = None,
-          progress: bool = True, noise_seed: int | None = None, secure_rng: bool = False) -> pd.DataFrame:
+          progress: bool = True, noise_seed: int | None = None, secure_rng: bool = False,
+          on_phase: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Train every missing cell; return the rows of this grid from the results table.
 
     ``noise_seed`` / ``secure_rng``: the mechanism's randomness (see ``dpflat.train.train``);
-    one operator seed gives each cell its own stream.
+    one operator seed gives each cell its own stream. ``on_phase``: each cell's set-up phases
+    (``session.PhaseCallback``).
     """
     from .engine import cell_noise_seed
 
@@ -92,7 +94,8 @@ def sweep(base: RunConfig, variants: list[str], epsilons: list[float], seeds: li
     for c in todo:
         try:
             res = trainer(c)(c.replace(train={"progress": progress and c.train.progress}),
-                             noise_seed=cell_noise_seed(noise_seed, RunDir.for_config(c).path.name), secure_rng=secure_rng)
+                             noise_seed=cell_noise_seed(noise_seed, RunDir.for_config(c).path.name), secure_rng=secure_rng,
+                             on_phase=on_phase)
         except RunLocked as e:  # another process trains it; its row appears when it finishes
             warnings.warn(f"skipped: {e}")
             bar.update(1)

@@ -22,11 +22,11 @@ from .batching import dataset_lengths, grouped_loader, split_batch
 from .config import ConfigError, RunConfig, as_run_config
 from .engine import DPSetup, MechanismRNG, backward_private, make_private
 from .evaluate import autocast, evaluate, evaluate_test, model_inputs
-from .flat import build_levels, share_levels, share_step_state
-from .flat.base import FlatLevel, TrainContext
+from .flat import build_callbacks, build_levels, share_levels, share_step_state
+from .flat.base import FlatLevel, StepCallback, TrainContext
 from .models import build_model
 from .session import check_before_work
-from .session import (LOSS_KEY, NonFiniteLoss, Session, check_finite, prepare_data, reseed_step, run_in_folder,
+from .session import (LOSS_KEY, NonFiniteLoss, PhaseCallback, Session, check_finite, prepare_data, reseed_step, run_in_folder,
                       start_run)
 
 TRAIN_WHO = "train/dp-sgd"
@@ -35,7 +35,7 @@ NONPRIVATE_WHO = "train/non-private"
 
 def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None, noise_seed: int | None = None,
-          secure_rng: bool = False, extra_private=None) -> dict[str, Any]:
+          secure_rng: bool = False, extra_private=None, on_phase: PhaseCallback | None = None) -> dict[str, Any]:
     """Train one run into its folder and return its result row.
 
     A finished run is returned as is; an unfinished one resumes from its last
@@ -50,6 +50,7 @@ def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
     entropy, or from ``noise_seed`` (tests, reproducible research; not part of the config
     or the run id, never written to the run folder). ``secure_rng``: Opacus' secure_mode.
     ``extra_private``: raw rows appended to the private split (an audit's canaries).
+    ``on_phase``: told each set-up phase as it begins (``session.PhaseCallback``: a status line).
     """
     cfg = as_run_config(cfg)  # a dict is read (and validated) as RunConfig.from_dict; anything else is one line
     if cfg.blackbox.active:
@@ -59,7 +60,8 @@ def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
     with dist_mod.process_group(cfg.train.device):
         cfg = dist_mod.rank_config(cfg)  # under torchrun: this rank's GPU
         return run_in_folder(cfg, resume, lambda rd: _train(
-            Session(cfg, rd, resume=resume, max_steps=max_steps, on_step=on_step, extra_private=extra_private),
+            Session(cfg, rd, resume=resume, max_steps=max_steps, on_step=on_step, extra_private=extra_private,
+                    on_phase=on_phase),
             noise_seed, secure_rng))
 
 
@@ -71,13 +73,17 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
     # ctx.eval is the validation split: nothing during training (selection, teacher checks) sees test
     ctx = TrainContext(cfg, model, s.private, s.tokd["public"], s.tokd["val"], s.ledger, device)
     levels = build_levels(cfg)
+    # the levels, then the step callbacks (the sharpness trajectory: it observes the step, changes nothing):
+    # both are set up, told of each step's end and checkpointed, in this order
+    hooks: list[StepCallback] = [*levels, *build_callbacks(cfg)]
     ctx.info["precision"] = cfg.train.resolved_precision()  # bf16 autocast or fp32 matmuls
     t_setup = time.time()
     if s.ckpt is None:
         if s.main:
-            for lv in levels:
+            for lv in hooks:
+                s.phase(lv.name)
                 lv.setup(ctx)  # may set the keep-mask, train a teacher (reads go through the ledger)
-        share_levels(levels, ctx)  # torchrun: the other ranks load rank 0's outcome
+        share_levels(hooks, ctx)  # torchrun: the other ranks load rank 0's outcome
     setup_s = time.time() - t_setup
 
     # the prefix the run starts from (the levels' setup leaves it alone; a resumed run loads its
@@ -107,14 +113,14 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
     ctx.dp = dp
     base_opt = opt.original_optimizer if dp else opt
     if s.ckpt is not None:
-        _resume(s, model, base_opt, dp, levels, ctx)
+        _resume(s, model, base_opt, dp, hooks, ctx)
         setup_s = float(s.ckpt[1].get("setup_s", setup_s))  # the first process's setup, not this one's 0 s
     prec = cfg.train.resolved_precision()
     s.bind(evaluate=lambda: evaluate(model, ctx.eval, cfg.train.eval_batch_size, device, prec),  # val only
            trainable=model.trainable_state,
            private_state=lambda: {
                "optimizer": base_opt.state_dict(), "accountant": dp.accountant.state_dict() if dp else None,
-               "levels": {lv.name: lv.state_dict() for lv in levels},
+               "levels": {lv.name: lv.state_dict() for lv in hooks},
                # what the setup found (kept layers, teacher accuracy...): a resumed run reports it too
                "info": dict(ctx.info), "setup_s": setup_s,
                # secret: the generator states, per rank (never the seed)
@@ -122,7 +128,7 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
 
     lengths = dataset_lengths(train_ds) if cfg.grouped else None  # how to cut, not what
     with s.progress():
-        _steps(s, ctx, train_model, opt, loader, dp, levels, params, (who, how, accounted), lengths)
+        _steps(s, ctx, train_model, opt, loader, dp, levels, hooks, params, (who, how, accounted), lengths)
     if not s.done:
         return s.unfinished(dp)
     return s.finish(dp, last=model.trainable_state(), load=lambda best: _load(model, best, device),
@@ -159,8 +165,8 @@ def _optimizer(cfg: RunConfig, params: list[torch.Tensor]) -> torch.optim.Optimi
     return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, weight_decay=cfg.train.weight_decay)
 
 
-def _resume(s: Session, model, opt, dp: DPSetup | None, levels: list[FlatLevel], ctx: TrainContext) -> None:
-    """Continue from the checkpoint: parameters, optimizer, accountant, secret generators, levels."""
+def _resume(s: Session, model, opt, dp: DPSetup | None, levels: list[StepCallback], ctx: TrainContext) -> None:
+    """Continue from the checkpoint: parameters, optimizer, accountant, secret generators, levels and callbacks."""
     trainable, state = s.ckpt
     model.load_trainable_state({k: v.to(s.device) for k, v in trainable.items()})
     opt.load_state_dict(state["optimizer"])
@@ -213,8 +219,10 @@ class _Logical:
 
 
 def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None, levels: list[FlatLevel],
-           params: list[torch.Tensor], read: tuple[str, str, bool], lengths: torch.Tensor | None) -> None:
+           hooks: list[StepCallback], params: list[torch.Tensor], read: tuple[str, str, bool],
+           lengths: torch.Tensor | None) -> None:
     """The logical steps of this call: a (Poisson) batch in physical chunks, one optimizer step each.
+    ``levels`` act on each chunk; ``hooks`` (the levels, then the step callbacks) hear each step's end.
 
     ``lengths`` (the private rows' real lengths): cut each logical batch by length, padding
     trimmed (``batching.py``); None: Opacus' split in arrival order (``--group-by-length off``).
@@ -248,7 +256,7 @@ def _steps(s: Session, ctx: TrainContext, model, opt, loader, dp: DPSetup | None
                     chunks = list(_chunks(dist_mod.shard(batch), P))
                 for i, chunk in enumerate(chunks):
                     _forward_backward(s, ctx, model, levels, dp, chunk, len(batch["labels"]), lg, read)
-                    if _optimizer_step(opt, dp, params, levels, ctx, s.step, last=i == len(chunks) - 1):
+                    if _optimizer_step(opt, dp, params, hooks, ctx, s.step, last=i == len(chunks) - 1):
                         _close_step(s, dp, lg)
                         lg = _Logical()
                         if s.step >= s.stop_at:
@@ -311,7 +319,7 @@ def _forward_backward(s: Session, ctx: TrainContext, model, levels: list[FlatLev
     lg.finite = lg.finite and math.isfinite(float(loss.detach()))
 
 
-def _optimizer_step(opt, dp: DPSetup | None, params: list[torch.Tensor], levels: list[FlatLevel],
+def _optimizer_step(opt, dp: DPSetup | None, params: list[torch.Tensor], hooks: list[StepCallback],
                     ctx: TrainContext, step: int, last: bool) -> bool:
     """Opacus steps on every physical chunk (it skips all but a logical batch's last); plain SGD on the last."""
     if dp:
@@ -323,7 +331,7 @@ def _optimizer_step(opt, dp: DPSetup | None, params: list[torch.Tensor], levels:
             dist_mod.sum_gradients(params)  # torchrun: the ranks' shares of the batch
             opt.step()
     if stepped:
-        for lv in levels:
+        for lv in hooks:
             lv.step_end(ctx, step)  # p.grad is still the (noisy) gradient used
     if dp or stepped:
         opt.zero_grad(set_to_none=True)  # Opacus: after every physical step

@@ -54,3 +54,36 @@ def tiny_cfg(tmp_path, shared_data):
 def make_cfg(shared_data):
     """Factory: ``make_cfg(out_dir, **section_overrides)`` -> a tiny run config."""
     return lambda out, **over: tiny_run_config(out, shared_data, **over)
+
+
+def kill_training_at(cfg_file: Path, run_dir: Path, step: int, *args: str, timeout: float = 240.0,
+                     poll: float = 0.02, env: dict[str, str] | None = None) -> int:
+    """Train ``cfg_file`` with ``python -m dpflat train --config`` in a child process (``args``: more
+    flags) and SIGKILL it once its latest checkpoint is at ``step`` or later; returns that step.
+
+    What the crash-resume tests share: the child must still be running when it is killed (a run
+    that finished first fails the test), and it is never left behind.
+    """
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "dpflat", "train", "--config", str(cfg_file), *args],
+                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = Path(run_dir) / "LATEST"
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if latest.exists() and int(latest.read_text().strip().split("-")[1]) >= step:
+                break
+            assert proc.poll() is None, "training finished before it could be killed"
+            time.sleep(poll)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return int(latest.read_text().strip().split("-")[1])

@@ -133,3 +133,39 @@ def test_regrouped_analysis_gives_the_padded_figures(finished_runs, tmp_path):
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), k
     assert np.allclose(analysis.load_surface(tmp_path / "r8").losses, analysis.load_surface(tmp_path / "rNone").losses,
                        rtol=1e-5, atol=1e-7)
+
+
+def test_surfaces_along_eigenvectors_and_towards_a_reference_are_computed_and_cached_by_the_library(
+        finished_runs, monkeypatch):
+    """``axis_surface`` (what the notebook's surface viewer shows): the top-2 eigenvector axes and the
+    line to the non-private model, on the eval subset, cached in the run folder through RunDir."""
+    import landscape as ls
+    from dpflat.runs import RunDir
+
+    _, dp, nonpriv = finished_runs
+    kw = dict(grid=3, n_examples=16, seed=0)
+    eig = analysis.axis_surface(dp["run_dir"], "eigen", **kw)
+    assert eig.losses.shape == (3, 3) and np.isfinite(eig.losses).all()
+    assert [d["kind"] for d in eig.settings["directions"]] == ["eigen", "eigen"]
+    # the centre is the model's own loss on the analysis subset (the eval split: no private read)
+    run = analysis.load_run(dp["run_dir"])
+    centre = ls.dataset_loss(run.model, analysis.ce_loss, analysis.analysis_batches(run, 16))
+    assert eig.center_loss == pytest.approx(centre, rel=1e-5)
+    # eigen-directions scaled to the random direction's norm: the loss grows away from θ along them
+    assert eig.losses.max() >= eig.center_loss - 1e-6
+
+    inter = analysis.axis_surface(dp["run_dir"], "interp", reference=nonpriv["run_dir"], **kw)
+    assert [d["kind"] for d in inter.settings["directions"]][0] == "interpolation"
+    assert inter.coords[0][0] == pytest.approx(-0.5) and inter.coords[0][-1] == pytest.approx(1.5)
+    assert analysis.axis_surface(nonpriv["run_dir"], "interp", reference=nonpriv["run_dir"], **kw) is None
+    assert analysis.axis_surface(dp["run_dir"], "interp", **kw) is None  # no reference, no line
+
+    # cached through RunDir: read back without loading the model again
+    rd = RunDir(dp["run_dir"])
+    assert rd.cached_surface(rd.axis_surface_name("eigen", 3, 16, 0)) is not None
+    assert rd.cached_surface(rd.axis_surface_name("eigen", 5, 16, 0)) is None
+    monkeypatch.setattr(analysis, "load_run", lambda *a, **k: pytest.fail("recomputed a cached surface"))
+    again = analysis.axis_surface(dp["run_dir"], "eigen", **kw)
+    assert np.array_equal(again.losses, eig.losses)
+    with pytest.raises(ValueError, match="axes must be one of"):
+        analysis.axis_surface(dp["run_dir"], "sideways")

@@ -51,8 +51,10 @@ def spy_backbone(monkeypatch):
 # --------------------------------------------------------------------------- forward only
 def test_the_model_is_only_called_forward_without_grad(tmp_path, make_cfg, spy_backbone):
     cfg = bb_cfg(make_cfg, tmp_path / "runs", "bb-dpflat", "safe")
-    res = bbm.train(cfg)
+    phases: list[str] = []
+    res = bbm.train(cfg, on_phase=phases.append)
     assert res["finished"] and res["steps"] == 8
+    assert phases == ["data", "distill", "training"]  # the set-up phases a status line shows (the teacher prompt)
     # the landscape tools differentiate w.r.t. z under enable_grad: the box still sees no grad
     out = bbm.prompt_sharpness(res["run_dir"], n_examples=32, rho=0.5, grid=3, grad_directions=4)
     assert spy_backbone["calls"] > 20
@@ -255,41 +257,23 @@ def test_cli_train_and_sweep(tmp_path, shared_data, capsys):
 def test_cma_baseline_runs_non_private(tmp_path, make_cfg):
     pytest.importorskip("cma")
     cfg = bb_cfg(make_cfg, tmp_path / "runs", "bb-nonprivate", blackbox={"zo_optimizer": "cma"})
-    res = bbm.train(cfg)
+    phases: list[str] = []
+    res = bbm.train(cfg, on_phase=phases.append)
+    assert phases == ["data", "training"]
     assert res["guarantee"] == NOT_DP_NONPRIVATE and res["info_cma_generations"] >= 1
     assert 0.0 <= res["accuracy"] <= 1.0
 
 
 def test_sigkill_mid_run_resumes_to_the_uninterrupted_result(tmp_path, make_cfg):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
+    from tests.conftest import kill_training_at
 
     over = {"train": {"epochs": 4, "checkpoint_every": 1}}
     cfg = bb_cfg(make_cfg, tmp_path / "killed", "bb-dp", **over)
     ref_cfg = bb_cfg(make_cfg, tmp_path / "clean", "bb-dp", **over)
     cfg.save(tmp_path / "cfg.json")
     rd = RunDir.for_config(cfg)
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dpflat", "train", "--config", str(tmp_path / "cfg.json"),
-                             "--noise-seed", "11"],
-                            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            latest = rd.path / "LATEST"
-            if latest.exists() and int(latest.read_text().strip().split("-")[1]) >= 3:
-                break
-            assert proc.poll() is None, "training finished before it could be killed"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_training_at(tmp_path / "cfg.json", rd.path, 3, "--noise-seed", "11", timeout=120, poll=0.01,
+                     env={"OMP_NUM_THREADS": "1"})
     assert not rd.done
     res, ref = bbm.train(cfg), bbm.train(ref_cfg, noise_seed=11)
     assert res["steps"] == ref["steps"] == 16 and res["epsilon"] == pytest.approx(ref["epsilon"], rel=1e-12)

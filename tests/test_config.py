@@ -166,3 +166,43 @@ def test_unknown_names_say_which_for_a_newer_config():
     with pytest.raises(UnknownName) as e:
         RunConfig.from_dict({"train": {"future_knob": 1}})
     assert e.value.name == "train.future_knob"
+
+
+# Run ids of today's defaults, as the benchmarks' committed records know them: a refactor of the
+# config (issue 28 made it a package) must leave every id as it was.
+PINNED_RUN_IDS = {
+    ("custom", None, "sst2"): "custom_sst2_eps8_s0_7858cb6d",
+    ("dpflat", "safe", "sst2"): "dpflat-safe_sst2_eps8_s0_3b996f98",
+    ("dpflat", "paper", "sst2"): "dpflat-paper_sst2_eps8_s0_d5dc7427",
+    ("bb-dpflat", "safe", "sst2"): "bb-dpflat-safe_sst2_eps8_s0_acf86b6e",
+    ("nonprivate", "safe", "sst2"): "nonprivate_sst2_nonpriv_s0_2bd4c91a",
+    ("dp+layers", "paper", "mpqa"): "dp+layers-paper_mpqa_eps8_s0_8afb2055",
+    ("preset paper", None, "sst2"): "dpflat-paper_sst2_eps8_s0_522ac8ba",
+}
+
+
+@pytest.mark.parametrize("key", list(PINNED_RUN_IDS), ids=lambda k: "-".join(str(x) for x in k))
+def test_run_ids_of_the_defaults_are_pinned(key):
+    from dpflat.config import apply_preset
+    from dpflat.runs.folder import run_id
+
+    variant, mode, task = key
+    cfg = RunConfig().replace(data={"task": task})
+    if variant == "preset paper":
+        cfg = apply_preset(cfg, "paper")
+    elif variant != "custom":
+        cfg = apply_variant(cfg, variant, mode)
+    assert run_id(cfg) == PINNED_RUN_IDS[key]
+
+
+def test_the_config_package_exports_every_name_the_module_had():
+    import dpflat.config as C
+
+    names = ("ConfigError warn UnknownName FrozenConfigError MAX_GRID field_types split_optional check_types section "
+             "check_run_name check_device DataConfig ModelConfig PrivacyConfig Mode FlatConfig MAX_LR TrainConfig "
+             "ZOOptimizer BlackBoxConfig RunConfig as_run_config SECTIONS non_identity_fields identity_dict VARIANTS "
+             "NO_MODE_VARIANTS NONPRIVATE_VARIANTS MODES PAPER_AWP_GAMMA variant_name levels_names check_variant "
+             "apply_variant PRESETS PAPER_DROPPED_LAYERS PAPER_DROPPED_OTHER PAPER_N_LAYERS PAPER_PRESET "
+             "paper_keep_layers apply_preset").split()
+    assert [n for n in names if not hasattr(C, n)] == []
+    assert set(C.__all__) <= set(names)

@@ -685,9 +685,12 @@ def test_distill_term_is_clipped_together_with_cross_entropy(dp_distill):
 def test_level_registry_builds_the_switched_on_levels_in_loop_order():
     """The registry is the one list of levels; its order is the order the loop calls them."""
     from dpflat.config import RunConfig, apply_variant
-    from dpflat.flat import REGISTRY, build_levels
+    from dpflat.flat import CALLBACKS, REGISTRY, build_callbacks, build_levels
 
-    assert [e.name for e in REGISTRY] == ["layers", "distill", "awp", "trajectory"]
+    assert [e.name for e in REGISTRY] == ["layers", "distill", "awp"]
+    assert [e.name for e in CALLBACKS] == ["trajectory"]  # a step callback, not a level
     cfg = apply_variant(RunConfig(), "dpflat", "safe").replace(train={"sharpness_every": 3})
-    assert [lv.name for lv in build_levels(cfg)] == ["layers", "distill", "awp", "trajectory"]
+    assert [lv.name for lv in build_levels(cfg)] == ["layers", "distill", "awp"]
+    assert [cb.name for cb in build_callbacks(cfg)] == ["trajectory"]
     assert build_levels(apply_variant(RunConfig(), "dp", "safe")) == []
+    assert build_callbacks(apply_variant(RunConfig(), "dp", "safe")) == []

@@ -23,15 +23,12 @@ from dpflat.runs import RunDir, names
 REPO = Path(__file__).resolve().parents[1]
 RUNS = Path("dpflat/runs")
 #: modules that still touch run files themselves, each with the reason; keep it short
-ALLOWED = {
-    "dpflat/widgets/landscapes.py": "surface caches of axis_surfaces: issue 28's widget part moves them "
-                                    "into the library (analysis), then this line goes",
-}
+ALLOWED: dict[str, str] = {}
 #: RunDir's path properties (config_file, ..., landscape_dir)
 PATH_ATTRS = frozenset(k for k, v in vars(RunDir).items() if isinstance(v, property) and k.endswith(("_file", "_dir")))
 SAFE_USES = frozenset({"is_file", "exists"})
 #: a string that is a run file's name but names another file there
-NOT_RUN_FILES = {("dpflat/models.py", "config.json"): "a Hugging Face model folder's config"}
+NOT_RUN_FILES = {("dpflat/backbone.py", "config.json"): "a Hugging Face model folder's config"}
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ import pytest
 from dpflat.privacy import DP, NOT_DP_NONPRIVATE
 from dpflat.runs import RunDir, load_results
 from dpflat.train import train
+from tests.conftest import kill_training_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,24 +55,8 @@ def test_resume_after_sigkill_gives_same_epsilon_and_one_row(tmp_path, make_cfg)
     cfg_file = tmp_path / "cfg.json"
     cfg.save(cfg_file)
     rd = RunDir.for_config(cfg)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "dpflat", "train", "--config", str(cfg_file)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            latest = rd.path / "LATEST"
-            if latest.exists() and int(latest.read_text().strip().split("-")[1]) >= 3:
-                break
-            assert proc.poll() is None, "training finished before it could be killed"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    killed_at = kill_training_at(cfg_file, rd.path, 3)
     assert not rd.done, "the run must be unfinished after SIGKILL"
-    killed_at = int((rd.path / "LATEST").read_text().strip().split("-")[1])
     assert 3 <= killed_at < 32
     res = train(cfg)  # resumes from the checkpoint
     ref = train(ref_cfg)  # never interrupted
@@ -92,10 +75,17 @@ def test_a_resumed_dpflat_run_reports_what_its_setup_found(tmp_path, make_cfg):
     flat = {"layers_warmup_steps": 2, "layers_examples": 16, "n_drop": 1, "teacher_epochs": 0.5}
     cut = apply_variant(make_cfg(tmp_path / "cut"), "dpflat", "safe").replace(flat=flat)
     whole = apply_variant(make_cfg(tmp_path / "whole"), "dpflat", "safe").replace(flat=flat)
-    part = train(cut, max_steps=2)
+    seen: dict[str, list[str]] = {"cut": [], "resumed": [], "whole": []}
+    part = train(cut, max_steps=2, on_phase=seen["cut"].append)
     assert not part.get("finished") and not RunDir(part["run_dir"]).done
-    res = train(cut)  # a new call: the setup is not run again, its outcome comes from the checkpoint
-    ref = train(whole)
+    # a new call: the setup is not run again, its outcome comes from the checkpoint
+    res = train(cut, on_phase=seen["resumed"].append)
+    ref = train(whole, on_phase=seen["whole"].append)
+    # the set-up phases the library names to its callback (a notebook's status line), in registry order
+    assert seen["cut"] == seen["whole"] == ["data", "layers", "distill", "awp", "training"]
+    assert seen["resumed"] == ["data", "training"]
+    train(whole, on_phase=seen["whole"].append)  # finished: returned, no phase at all
+    assert len(seen["whole"]) == 5
     keys = ("info_layers_keep", "info_layers_data", "info_teacher_accuracy", "info_teacher_steps")
     assert all(ref.get(k) is not None for k in keys), ref
     assert {k: res.get(k) for k in keys} == {k: ref.get(k) for k in keys}

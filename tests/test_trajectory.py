@@ -42,11 +42,16 @@ def test_config_rejects_bad_values():
         TrainConfig(sharpness_every=-1)
 
 
-def test_off_by_default_and_registered_last(make_cfg, tmp_path):
+def test_off_by_default_and_a_step_callback_not_a_level(make_cfg, tmp_path):
+    from dpflat.flat import build_callbacks
+    from dpflat.flat.base import FlatLevel
+
     cfg = apply_variant(make_cfg(tmp_path), "dpflat")
-    assert not any(isinstance(lv, SharpnessTrajectory) for lv in build_levels(cfg))
-    levels = build_levels(cfg.replace(train={"sharpness_every": 3}))
-    assert isinstance(levels[-1], SharpnessTrajectory) and len(levels) == 4
+    assert build_callbacks(cfg) == []
+    on = cfg.replace(train={"sharpness_every": 3})
+    (cb,) = build_callbacks(on)
+    assert isinstance(cb, SharpnessTrajectory) and not isinstance(cb, FlatLevel)
+    assert not any(isinstance(lv, SharpnessTrajectory) for lv in build_levels(on)) and len(build_levels(on)) == 3
 
 
 @pytest.mark.parametrize("variant", ["dp", "dpflat", "nonprivate"])

@@ -20,7 +20,7 @@ from ..engine import DPSetup, MechanismRNG, zeroth_order_setup
 from ..evaluate import evaluate_test
 from ..privacy import PrivateSplit
 from ..session import check_before_work
-from ..session import LOSS_KEY, Session, check_finite, run_in_folder
+from ..session import LOSS_KEY, PhaseCallback, Session, check_finite, run_in_folder
 from .box import PromptModel, _accuracy, build_prompt_model, evaluate_prompt, readout_texts
 from .zo import ZOState, _make_opt, _poisson, distill_grad, fit_prompt, fit_prompt_cma, take_rows, zo_step
 
@@ -35,7 +35,7 @@ PAPER_HOW = "non-private teacher prompt tuned on the private split"
 
 def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None, noise_seed: int | None = None,
-          secure_rng: bool = False, extra_private=None) -> dict[str, Any]:
+          secure_rng: bool = False, extra_private=None, on_phase: PhaseCallback | None = None) -> dict[str, Any]:
     """Tune one black-box run into its folder and return its result row (as ``dpflat.train.train``).
 
     A finished run is returned as is; an unfinished one resumes from its last
@@ -46,7 +46,8 @@ def train(cfg: RunConfig, *, resume: bool = True, max_steps: int | None = None,
         raise ConfigError("dpflat.blackbox.train needs a black-box config (variant bb-*, or --blackbox)")
     check_before_work(cfg, max_steps)  # device and max_steps, before any folder or data
     return run_in_folder(cfg, resume, lambda rd: _train(
-        Session(cfg, rd, resume=resume, max_steps=max_steps, on_step=on_step, extra_private=extra_private),
+        Session(cfg, rd, resume=resume, max_steps=max_steps, on_step=on_step, extra_private=extra_private,
+                on_phase=on_phase),
         noise_seed, secure_rng))
 
 
@@ -69,6 +70,7 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
                             "prompt_tokens": bb.prompt_tokens}
     teacher: torch.Tensor | None = None
     if cfg.flat.distill and s.ckpt is None:
+        s.phase("distill")
         teacher, tinfo = teacher_prompt(cfg, model, s.tokd["public"], s.private, s.tokd["val"])
         info.update(tinfo)
     if bb.zo_optimizer == "cma":
@@ -153,6 +155,7 @@ def _steps(s: Session, model: PromptModel, state: ZOState, train_ds, dp: DPSetup
 def _train_cma(s: Session, model: PromptModel, train_ds, info: dict, read: tuple[str, str]) -> dict[str, Any]:
     """Non-private CMA-ES baseline with the same query budget as SPSA (2 k B per step)."""
     bb, tc = s.cfg.blackbox, s.cfg.train
+    s.phase("training")  # no progress bar of its own: the generations are logged as steps
     budget = 2 * bb.zo_directions * tc.batch_size * s.total_steps
     z, gens = fit_prompt_cma(model, train_ds, evaluations=budget, batch_size=tc.batch_size, sigma0=bb.zo_mu,
                              seed=tc.seed, on_batch=lambda nb: s.private.count(*read, False, nb),

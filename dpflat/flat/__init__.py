@@ -1,5 +1,6 @@
 """The three flattening levels (within-layer AWP, cross-layer selection, cross-model
-distillation), each in a DP-safe mode (default) and the paper's (not DP) mode."""
+distillation), each in a DP-safe mode (default) and the paper's (not DP) mode; and the
+step callbacks that observe training without changing it (the sharpness trajectory)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import distributed as dist_mod
-from .base import FlatLevel, TrainContext
+from .base import FlatLevel, StepCallback, TrainContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import RunConfig
@@ -31,7 +32,7 @@ def _awp() -> type[FlatLevel]:
     return AWP
 
 
-def _trajectory() -> type[FlatLevel]:
+def _trajectory() -> type[StepCallback]:
     from .trajectory import SharpnessTrajectory
 
     return SharpnessTrajectory
@@ -39,22 +40,26 @@ def _trajectory() -> type[FlatLevel]:
 
 @dataclass(frozen=True)
 class LevelEntry:
-    """One level of the registry: when a config switches it on, its class (imported lazily:
-    a plain DP run never loads the landscape tools) and the config section it is built from."""
+    """One level (or step callback) of a registry: when a config switches it on, its class (imported
+    lazily: a plain DP run never loads the landscape tools) and the config section it is built from."""
 
     name: str
     active: Callable[["RunConfig"], bool]
-    load: Callable[[], type[FlatLevel]]
+    load: Callable[[], type[StepCallback]]
     section: Callable[["RunConfig"], Any]
 
 
 #: The levels in the order the loop calls them. Cross-layer first (it fixes the keep-mask),
 #: then distillation (its teacher uses that mask), then AWP (it perturbs what the others leave
-#: trainable); the sharpness trajectory last (a diagnostic: it sees the step the others shaped).
+#: trainable).
 REGISTRY: list[LevelEntry] = [
     LevelEntry("layers", lambda c: c.flat.layers, _layers, lambda c: c.flat),
     LevelEntry("distill", lambda c: c.flat.distill, _distill, lambda c: c.flat),
     LevelEntry("awp", lambda c: c.flat.awp, _awp, lambda c: c.flat),
+]
+#: The step callbacks, called after the levels at each of their points: the sharpness trajectory
+#: (a diagnostic: it sees the step the levels shaped, and changes nothing).
+CALLBACKS: list[LevelEntry] = [
     LevelEntry("trajectory", lambda c: bool(c.train.sharpness_every), _trajectory, lambda c: c.train),
 ]
 
@@ -64,9 +69,14 @@ def build_levels(cfg: "RunConfig") -> list[FlatLevel]:
     return [e.load()(e.section(cfg)) for e in REGISTRY if e.active(cfg)]
 
 
+def build_callbacks(cfg: "RunConfig") -> list[StepCallback]:
+    """The step callbacks a config switches on, in registry order."""
+    return [e.load()(e.section(cfg)) for e in CALLBACKS if e.active(cfg)]
+
+
 # --------------------------------------------------------------------------- torchrun: one state on every rank
-def share_levels(levels: list[FlatLevel], ctx: TrainContext) -> None:
-    """Rank 0 ran the levels' setup; the other ranks load its outcome.
+def share_levels(levels: list[StepCallback], ctx: TrainContext) -> None:
+    """Rank 0 ran the levels' (and callbacks') setup; the other ranks load its outcome.
 
     Setup (teacher training, greedy layer selection) is computed once rather than
     on every rank because GPU kernels are not bit-reproducible across processes, and
@@ -96,4 +106,5 @@ def share_step_state(levels: list[FlatLevel], ctx: TrainContext) -> None:
             lv.load_step_state(dist_mod.broadcast(mine), ctx)
 
 
-__all__ = ["REGISTRY", "FlatLevel", "LevelEntry", "TrainContext", "build_levels", "share_levels", "share_step_state"]
+__all__ = ["CALLBACKS", "REGISTRY", "FlatLevel", "LevelEntry", "StepCallback", "TrainContext", "build_callbacks",
+           "build_levels", "share_levels", "share_step_state"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..batching import split_batch
+from ..config import ConfigError
 from ..evaluate import evaluate, model_inputs
 
 #: examples per physical batch of a fit (memory only: the step is over the whole fit batch)
@@ -117,6 +118,22 @@ def fit_to_plateau(
             named[k].copy_(v)
     return student, FitReport(steps=done, best_step=best_step, val_accuracy=best_acc,
                               seconds=time.perf_counter() - t0, stopped=stopped, curve=curve)
+
+
+def level_data(ctx, mode: str, who: str, how: str, safe_needs: str):
+    """What a level's set-up fits on, and how its batches are counted: ``(data, on_batch)``.
+
+    safe: the public split (``on_batch`` None: nothing private is read); an empty one is refused
+    with ``safe_needs`` (what the level does there). paper: the private split, read outside the
+    DP accounting as ``who``/``how``, each batch counted in the ledger.
+    """
+    if mode == "safe":
+        data = ctx.public
+        if data is None or len(data) == 0:
+            raise ConfigError(f"{safe_needs}: set --public-size > 0")
+        return data, None
+    data = ctx.private.read(who, how, accounted=False)
+    return data, lambda nb: ctx.private.count(who, how, False, nb)
 
 
 def steps_for_epochs(epochs: float, n: int, batch_size: int) -> int:

@@ -2,7 +2,8 @@
 
 The loop (``dpflat/train.py``) stays one readable screen; each level plugs into a
 few fixed points of it. Default methods do nothing, so a level implements only the
-points it needs.
+points it needs. A step callback (``StepCallback``: set-up, step end, state) observes
+the steps without changing them; a level (``FlatLevel``) is a callback that may.
 """
 
 from __future__ import annotations
@@ -38,16 +39,38 @@ class TrainContext:
     shared: dict[str, Any] = field(default_factory=dict)
 
 
-class FlatLevel:
-    """Hook points called by the training loop, in this order per logical step:
-    ``step_begin`` (first physical chunk) -> for each chunk: ``perturb`` -> forward with
-    ``extra_loss`` -> backward -> ``restore`` -> optimizer step -> ``step_end``.
+class StepCallback:
+    """What the training loop tells an observer of its steps: ``setup`` before the first step,
+    ``step_end`` after each optimizer step, and its state in every checkpoint.
+
+    A callback changes nothing the run computes (the sharpness trajectory, ``trajectory.py``:
+    weights, gradients and RNG states are as they were after it). The loop calls the callbacks
+    after the levels, at each of these points.
     """
 
-    name = "level"
+    name = "callback"
 
     def setup(self, ctx: TrainContext) -> None:
         """Before private training (fresh runs only; resumed runs load ``state_dict``)."""
+
+    def step_end(self, ctx: TrainContext, step: int) -> None:
+        """After the optimizer step; ``p.grad`` still holds the (noisy) gradient used."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: TrainContext) -> None:
+        pass
+
+
+class FlatLevel(StepCallback):
+    """Hook points called by the training loop, in this order per logical step:
+    ``step_begin`` (first physical chunk) -> for each chunk: ``perturb`` -> forward with
+    ``extra_loss`` -> backward -> ``restore`` -> optimizer step -> ``step_end``.
+    Besides a callback's points, a level may change the step: perturb the weights, add a loss term.
+    """
+
+    name = "level"
 
     def step_begin(self, ctx: TrainContext, step: int, batch: dict[str, torch.Tensor]) -> None:
         """Start of a logical step, with its first physical chunk."""
@@ -62,9 +85,6 @@ class FlatLevel:
         """A per-example loss term (shape (B,)) added inside per-example clipping."""
         return None
 
-    def step_end(self, ctx: TrainContext, step: int) -> None:
-        """After the optimizer step; ``p.grad`` still holds the (noisy) gradient used."""
-
     def step_state(self) -> dict[str, Any] | None:
         """What of this step every rank must hold identically under torchrun (rank 0's is sent).
 
@@ -76,11 +96,5 @@ class FlatLevel:
     def load_step_state(self, state: dict[str, Any], ctx: TrainContext) -> None:
         """Take rank 0's ``step_state``."""
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
 
-    def load_state_dict(self, state: dict[str, Any], ctx: TrainContext) -> None:
-        pass
-
-
-__all__ = ["FlatLevel", "TrainContext"]
+__all__ = ["FlatLevel", "StepCallback", "TrainContext"]

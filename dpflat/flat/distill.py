@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, FlatConfig, warn
-from ._fit import level_fit
+from ..config import FlatConfig, warn
+from ._fit import level_data, level_fit
 from .base import FlatLevel, TrainContext
 
 PAPER_WHO = "distill/paper-teacher"
@@ -62,14 +62,8 @@ class Distillation(FlatLevel):
 
     def setup(self, ctx: TrainContext) -> None:
         c, tc = self.cfg, ctx.cfg.train
-        if c.distill_mode == "safe":
-            data = ctx.public
-            if data is None or len(data) == 0:
-                raise ConfigError("distillation in safe mode trains its teacher on the public split: set --public-size > 0")
-            count = None
-        else:
-            data = ctx.private.read(PAPER_WHO, PAPER_HOW, accounted=False)
-            count = lambda nb: ctx.private.count(PAPER_WHO, PAPER_HOW, False, nb)  # noqa: E731
+        data, count = level_data(ctx, c.distill_mode, PAPER_WHO, PAPER_HOW,
+                                 "distillation in safe mode trains its teacher on the public split")
         ctx.info["teacher_data"] = "public split" if c.distill_mode == "safe" else "private split (not DP)"
         # the layer scorer's fit on the same data, when there is one: the teacher continues it under the
         # chosen keep-mask (its prefix then starts where a trained model is, not at the initial one)

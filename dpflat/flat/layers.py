@@ -32,40 +32,26 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from landscape._params import rebatch_by_length
 from landscape.sharpness import prefix_indicator
 
 from ..config import ConfigError, FlatConfig
-from ..evaluate import model_inputs
+from ..evaluate import ce_loss, fixed_batches
 from . import _cache
-from ._fit import fit_to_plateau, level_fit
+from ._fit import fit_to_plateau, level_data, level_fit
 from .base import FlatLevel, TrainContext
 
 PAPER_WHO = "layers/paper-sharpness"
 PAPER_HOW = "non-private warm-up and sharpness indicator on the private split"
 
 
-def ce_loss(model, batch) -> torch.Tensor:
-    """Mean cross-entropy of a tokenised batch (the landscape tools' loss_fn contract)."""
-    return F.cross_entropy(model(**model_inputs(batch, model.head.weight.device)),
-                           batch["labels"].to(model.head.weight.device))
-
-
 SCORE_GROUP = 32  # examples per length group when scoring S (cost only: S is the same)
-
-
-def fixed_batches(dataset, n: int, batch_size: int = 128) -> list[dict[str, torch.Tensor]]:
-    """The first ``n`` rows as a fixed list of batches (the data is already shuffled by the split)."""
-    sub = dataset.select(range(min(n, len(dataset))))
-    return list(torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False))
 
 
 def scoring_batches(dataset, n: int, group: int = SCORE_GROUP) -> list[dict[str, torch.Tensor]]:
     """``fixed_batches`` regrouped by length with the padding cut: the same example-weighted
     loss (so the same S) at about 60% of the padded positions on SST-2."""
-    return rebatch_by_length(fixed_batches(dataset, n), group)
+    return fixed_batches(dataset, n, group=group)
 
 
 def indicator(model, batches, keep: list[bool], rho: float, n_random: int, seed: int) -> float:
@@ -118,14 +104,8 @@ class LayerSelection(FlatLevel):
 
     def setup(self, ctx: TrainContext) -> None:
         c, tc = self.cfg, ctx.cfg.train
-        if c.layers_mode == "safe":
-            data = ctx.public
-            if data is None or len(data) == 0:
-                raise ConfigError("layer selection in safe mode scores sharpness on the public split: set --public-size > 0")
-            count = None
-        else:
-            data = ctx.private.read(PAPER_WHO, PAPER_HOW, accounted=False)
-            count = lambda nb: ctx.private.count(PAPER_WHO, PAPER_HOW, False, nb)  # noqa: E731
+        data, count = level_data(ctx, c.layers_mode, PAPER_WHO, PAPER_HOW,
+                                 "layer selection in safe mode scores sharpness on the public split")
         safe = c.layers_mode == "safe"
         if c.layers_scorer == "plateau":  # a model that has learned the task (shared with the teacher)
             scorer, report, fit_cached = level_fit(ctx, data, kind="scorer", seed=tc.seed + 29, on_batch=count,

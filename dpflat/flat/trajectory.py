@@ -1,12 +1,12 @@
-"""Sharpness over time: a diagnostic that rides the level hooks (``--sharpness-every N``).
+"""Sharpness over time: a diagnostic step callback (``--sharpness-every N``).
 
 Every N optimiser steps (and after the last one) it measures, on a fixed subset of the
 *public* or *eval* split (never the private one: these numbers are released with the
 run and are not covered by the accountant), the top Hessian eigenvalue of the loss over
 the trainable parameters and the SAM sharpness, and appends one row to the run folder's
-``sharpness.jsonl``. It is a level only because ``step_end`` is where the trained weights
-are known; it changes nothing in training: weights, gradients, the Opacus per-example
-hooks and the global RNG are left exactly as they were.
+``sharpness.jsonl``. A step callback, not a flattening level (``base.StepCallback``): it
+measures at ``step_end``, where the trained weights are known, and changes nothing in training:
+weights, gradients, the Opacus per-example hooks and the global RNG are left exactly as they were.
 
 Why cheap: a few Lanczos products per point, warm-started from the previous point's
 eigenvector. Successive points are a few optimiser steps apart, so the top eigenvector
@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from .base import FlatLevel, TrainContext
+from ..evaluate import BATCH_KEYS, ce_loss, fixed_batches
+from .base import StepCallback, TrainContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import TrainConfig
@@ -35,25 +35,13 @@ LANCZOS_PRODUCTS = 4
 SAM_RHO = 0.05
 
 
-def _loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    from ..evaluate import model_inputs
-
-    dev = next(p for p in model.parameters() if p.requires_grad).device
-    return F.cross_entropy(model(**model_inputs(batch, dev)).float(), batch["labels"].to(dev))
-
-
 def _batches(ds: Any, n: int, batch_size: int = 64, group: int = 32) -> list[dict[str, torch.Tensor]]:
     """The first ``n`` rows, regrouped by length with the padding cut: the same example-weighted
     figures as the padded batches, at a fraction of the cost (``dpflat.analysis.analysis_batches``)."""
-    from landscape import rebatch_by_length
-
-    keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
-    sub = ds.select(range(min(n, len(ds))))
-    return rebatch_by_length([{k: v for k, v in b.items() if k in keys}
-                              for b in torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False)], group)
+    return fixed_batches(ds, n, batch_size, keys=BATCH_KEYS, group=group)
 
 
-class SharpnessTrajectory(FlatLevel):
+class SharpnessTrajectory(StepCallback):
     """Top Hessian eigenvalue and SAM sharpness every ``sharpness_every`` steps (a diagnostic)."""
 
     name = "trajectory"
@@ -140,13 +128,13 @@ class SharpnessTrajectory(FlatLevel):
         batches = self._data(ctx)
         t0, c0 = time.perf_counter(), time.process_time()
         with self._untouched(ctx):
-            with ls.HessianOperator(ctx.model, _loss, batches) as H:
+            with ls.HessianOperator(ctx.model, ce_loss, batches) as H:
                 start = self.vec if self.vec is not None and self.vec.shape == (H.n,) else "gradient"
                 eig = ls.lanczos(H, k=1, max_iter=LANCZOS_PRODUCTS, tol=0.0, seed=self.last_step, start=start)
                 loss = H.loss
                 products = H.n_matvecs
             self.vec = eig.eigenvectors[0].detach().clone()
-            sam = ls.sam_sharpness(ctx.model, _loss, batches, rho=SAM_RHO, steps=1, relative=True, seed=0)
+            sam = ls.sam_sharpness(ctx.model, ce_loss, batches, rho=SAM_RHO, steps=1, relative=True, seed=0)
         return {"top_eigenvalue": float(eig.eigenvalues[0]), "sam_sharpness": float(sam.value), "loss": loss,
                 "data": self.split, "n_examples": sum(len(b["labels"]) for b in batches),
                 "hvp_products": int(products), "seconds": time.perf_counter() - t0,

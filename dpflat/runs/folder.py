@@ -28,8 +28,8 @@ from ..config import ConfigError, RunConfig, UnknownName, identity_dict
 from ..privacy import valid_ledger
 from . import checkpoints
 from ._io import RunFolderError, atomic_write_text, os_error, prepare_output_dir, retrain_hint, short, write_error
-from .names import (AUDIT, BEST, CANARIES, CONFIG, LANDSCAPE, LANDSCAPE_DIR, LAST, LEDGER, LOCK, METRICS, MIA, MODEL,
-                    PRIVATE_DIAGNOSTICS, RESULT, SHARPNESS, SURFACE, TEST_PREDICTIONS)
+from .names import (AUDIT, AXIS_SURFACE, BEST, CANARIES, CONFIG, LANDSCAPE, LANDSCAPE_DIR, LAST, LEDGER, LOCK, METRICS,
+                    MIA, MODEL, PRIVATE_DIAGNOSTICS, RESULT, SHARPNESS, SURFACE, TEST_PREDICTIONS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from landscape import Surface
@@ -283,6 +283,17 @@ class RunDir:
         """Store a ``landscape.Surface`` under ``landscape/``; returns its ``.npz`` path."""
         npz, _ = surface.save(self.landscape_dir / name)
         return npz
+
+    @staticmethod
+    def axis_surface_name(axes: str, grid: int, n_examples: int, seed: int) -> str:
+        """The name under ``landscape/`` of a surface along ``axes`` ("eigen", "interp") with these settings."""
+        return AXIS_SURFACE.format(axes=axes, grid=grid, n_examples=n_examples, seed=seed)
+
+    def cached_surface(self, name: str) -> Surface | None:
+        """A surface stored under ``landscape/`` by that name (``save_surface``); None when there is none."""
+        if not (self.landscape_dir / name).with_suffix(".json").is_file():
+            return None
+        return self.load_surface(name)
 
     def write_mia(self, d: dict[str, Any]) -> Path:
         self._write_json(self.mia_file, d)

@@ -24,6 +24,9 @@ AUDIT = "audit.json"
 LANDSCAPE_DIR = "landscape"
 LANDSCAPE = "landscape.json"
 SURFACE = "surface"  # landscape/surface.npz + .json: the analysis' own surface
+#: landscape/<this>.npz + .json: a surface along other axes (``analysis.axis_surface``: "eigen", "interp"),
+#: one per axes and settings
+AXIS_SURFACE = "surface_{axes}_g{grid}_n{n_examples}_s{seed}"
 LOCK = ".lock"
 # the checkpoint format (checkpoints.py)
 LATEST = "LATEST"

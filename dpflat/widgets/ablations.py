@@ -234,8 +234,8 @@ class AblationPanel(Panel):
                                                 "no ε: paper mode is not DP")
         try:
             with c["log"]:
-                with SetupStatus(enabled=cfg.train.progress):
-                    row = trainer(cfg)(cfg, on_step=self.on_step)
+                with SetupStatus(enabled=cfg.train.progress) as status:
+                    row = trainer(cfg)(cfg, on_step=self.on_step, on_phase=status.on_phase)
         finally:
             c["launch"].disabled = False
         loaded = not live.data[0].x

@@ -1,8 +1,9 @@
 """Notebook 03 (flatness and landscapes): loss surfaces along chosen axes, sharpness over
 training, curvature per model.
 
-Everything is computed on the eval split or public data (``dpflat.analysis``), so the
-figures cost no privacy; surfaces along new axes are cached in each run's folder.
+Everything is computed by the library on the eval split or public data (``dpflat.analysis``:
+``analyze_run``, and ``axis_surface`` for surfaces along other axes, cached in each run's folder),
+so the figures cost no privacy; this module only reads and shows them.
 """
 
 from __future__ import annotations
@@ -62,55 +63,26 @@ def name_axes(fig, surface: Any) -> None:
             fig.layout[key].update(xaxis_title=names[0], yaxis_title=names[1])
 
 
+#: the viewer's axes (keys of :data:`AXES`) -> the library's (``dpflat.analysis.SURFACE_AXES``)
+AXIS_KINDS = {"random": "random", "top-2 eigenvectors": "eigen", "towards non-private": "interp"}
+
+
 def axis_surfaces(run_dirs: Mapping[str, str | Path], axes: str, *, grid: int = 7, span: float = 1.0,
                   n_examples: int = 64, seed: int = 0, reference: str | None = None) -> dict[str, Any]:
-    """2D loss surfaces of each model along ``axes`` (a key of :data:`AXES`), cached in the run folder.
-
-    ``random``: the surface ``analyze_run`` stored. ``top-2 eigenvectors``: Lanczos on the
-    model's own Hessian (``landscape.eigen_directions``), each unit eigenvector scaled to
-    the norm of the random filter-normalised direction, so the units match the random
-    view. ``towards non-private``: x along ``landscape.interpolation_direction`` to the
-    ``reference`` run (the non-private model), y a random direction; the reference itself
-    gets no surface. All on the eval subset analyze_run uses (no private data).
+    """2D loss surfaces of each model along ``axes`` (a key of :data:`AXES`): ``dpflat.analysis.axis_surface``
+    on each run (computed there and cached in the run folder). ``towards non-private`` goes to the
+    ``reference`` run (the non-private model), which itself gets no surface.
     """
-    import landscape as ls
-
     from .. import analysis as A
 
     if axes not in AXES:
         raise ValueError(f"axes must be one of {list(AXES)}, got {axes!r}")
-    if axes == "random":
-        return {lab: A.load_surface(d) for lab, d in run_dirs.items()}
-    tag = {"top-2 eigenvectors": "eigen", "towards non-private": "interp"}[axes]
     out: dict[str, Any] = {}
     for lab, d in run_dirs.items():
-        if tag == "interp" and (reference is None or Path(d) == Path(reference)):
-            continue
-        rd, name = RunDir(d), f"surface_{tag}_g{grid}_n{n_examples}_s{seed}"
-        cache = rd.landscape_dir / name
-        if cache.with_suffix(".json").is_file():
-            out[lab] = rd.load_surface(name)
-            continue
-        run = A.load_run(d)
-        batches = A.analysis_batches(run, n_examples)
-        rnd = ls.random_direction(run.model, seed=seed)
-        if tag == "eigen":
-            with ls.HessianOperator(run.model, A.ce_loss, batches) as H:
-                eig = ls.top_eigenvalues(H, k=2, max_iter=30, tol=1e-3, seed=seed)
-            d1, d2 = ls.eigen_directions(eig, 2)
-            scale = float(rnd.vector.norm())
-            d1.vector, d2.vector = d1.vector * scale, d2.vector * scale
-            xs = np.linspace(-span, span, grid)
-        else:
-            other = A.load_run(reference).model
-            d1 = ls.interpolation_direction(run.model, other)
-            d2 = rnd
-            xs = np.linspace(-0.5, 1.5, grid)
-        surf = ls.loss_surface_2d(run.model, A.ce_loss, batches, d1, d2, xs=xs, ys=np.linspace(-span, span, grid),
-                                  label=lab, progress=False, keep_directions=False)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        surf.save(cache)
-        out[lab] = surf
+        surf = A.axis_surface(d, AXIS_KINDS[axes], grid=grid, span=span, n_examples=n_examples, seed=seed,
+                              reference=reference, label=lab)
+        if surf is not None:
+            out[lab] = surf
     return out
 
 

@@ -169,11 +169,14 @@ def base_config(*, out_dir: str | Path, backbone: str = "minilm", task: str = "s
 
 
 # What each slow step before a run's first training step is doing (the training loop's own
-# bar starts only after them): level class -> the line shown while its ``setup`` runs.
+# bar starts only after them): the phase the library names (``session.PhaseCallback``) -> its line.
 SETUP_PHASES = {
-    "LayerSelection": "cross-layer level: warming up a prefix and scoring each layer's sharpness on the public split",
-    "Distillation": "cross-model level: training the teacher on the public split",
-    "SharpnessTrajectory": "sharpness trajectory: preparing its public/eval batches",
+    "data": "loading and tokenising the data",
+    "layers": "cross-layer level: warming up a prefix and scoring each layer's sharpness on the public split",
+    "distill": "cross-model level: training the teacher on the public split",
+    "awp": "within-layer level: setting up",
+    "trajectory": "sharpness trajectory: preparing its public/eval batches",
+    "training": "training (the run's own progress bar)",
 }
 
 
@@ -204,8 +207,6 @@ class StatusLine:
             self._bar.reset()
             self._bar.set_description_str(phase, refresh=True)
 
-    _set = set
-
     def __enter__(self):
         import threading
 
@@ -234,49 +235,36 @@ class SetupStatus(StatusLine):
     """A live status line (tqdm, elapsed seconds) for the set-up phases of ``train``/``sweep``.
 
     Why here and not in the levels: the levels' code stays free of display concerns. The
-    context wraps ``prepare_data`` and each level class's ``setup`` for its duration only,
-    and a small thread refreshes the elapsed time, so a 10-minute teacher never looks hung.
+    library names each phase as it begins (``on_phase=``, a ``session.PhaseCallback`` that
+    ``train``, ``sweep`` and the black-box loop take); pass this line's :meth:`on_phase`::
+
+        with SetupStatus(enabled=progress) as status:
+            sweep(base, variants, epsilons, seeds, on_phase=status.on_phase)
+
+    ``phases`` records (line, seconds) of every set-up phase that ended.
     """
 
     def __init__(self, enabled: bool = True):
         super().__init__(enabled)
-        self._patched: list[tuple[Any, str, Any]] = []
+        self._current: str | None = None
 
-    def _wrap(self, owner: Any, attr: str, phase: str) -> None:
-        import functools
+    def on_phase(self, name: str) -> None:
+        """The library's callback: phase ``name`` begins (the one before it ended)."""
         import time
 
-        orig = getattr(owner, attr)
-        status = self
+        self._close_phase(time.monotonic())
+        self._current = None if name == "training" else name
+        self.set(SETUP_PHASES.get(name, f"{name}: setting up"))
 
-        @functools.wraps(orig)
-        def wrapped(*a: Any, **kw: Any) -> Any:
-            status._set(phase)
-            t0 = time.monotonic()
-            try:
-                return orig(*a, **kw)
-            finally:
-                status.phases.append((phase, time.monotonic() - t0))
-                status._set("training (the run's own progress bar)")
-
-        self._patched.append((owner, attr, orig))
-        setattr(owner, attr, wrapped)
-
-    def __enter__(self) -> "SetupStatus":
-        import importlib
-
-        from .. import session as session_mod
-
-        self._wrap(session_mod, "prepare_data", "loading and tokenising the data")
-        for mod, cls in (("layers", "LayerSelection"), ("distill", "Distillation"),
-                         ("trajectory", "SharpnessTrajectory")):
-            self._wrap(getattr(importlib.import_module(f"dpflat.flat.{mod}"), cls), "setup", SETUP_PHASES[cls])
-        return super().__enter__()
+    def _close_phase(self, now: float) -> None:
+        if self._current is not None:
+            self.phases.append((SETUP_PHASES.get(self._current, self._current), now - self._t0))
+            self._current = None
 
     def __exit__(self, *exc: Any) -> None:
-        for owner, attr, orig in reversed(self._patched):
-            setattr(owner, attr, orig)
-        self._patched.clear()
+        import time
+
+        self._close_phase(time.monotonic())
         super().__exit__(*exc)
 
 
@@ -285,6 +273,6 @@ def train_run(cfg: RunConfig, **kw: Any) -> dict[str, Any]:
     set-up step (see :class:`SetupStatus`)."""
     from ..sweep import trainer
 
-    with SetupStatus(enabled=cfg.train.progress):
-        return trainer(cfg)(cfg, **kw)
+    with SetupStatus(enabled=cfg.train.progress) as status:
+        return trainer(cfg)(cfg, on_phase=status.on_phase, **kw)
 

@@ -351,9 +351,9 @@ class SweepRunner(Panel):
                 if self.missing():
                     self._update_status(f"· training {len(self.missing())} missing cell(s)")
                     variants, epsilons, seeds, modes = self.spec
-                    with SetupStatus(enabled=self.base.train.progress):
+                    with SetupStatus(enabled=self.base.train.progress) as status:
                         sweep(self.base, variants, epsilons, seeds, modes, progress=self.base.train.progress,
-                              on_cell=lambda _row: self._update_status("· training"))
+                              on_cell=lambda _row: self._update_status("· training"), on_phase=status.on_phase)
                     self._update_status()
                 if self.analyze:
                     from ..analysis import analyze_run
