@@ -13,6 +13,10 @@ from dpflat.config import PrivacyConfig
 from dpflat.engine import noise_for_target
 
 
+#: absolute slack of dp_accounting's PLD (pessimistic discretisation) against RDP at tiny ε
+PLD_EPS_SLACK = 0.01
+
+
 def _check_agreement(c) -> None:
     e = c.epsilons
     rdp, rdp2, prv, pld = e["opacus_rdp"], e["dp_accounting_rdp"], e["opacus_prv"], e["dp_accounting_pld"]
@@ -36,7 +40,9 @@ def _check_agreement(c) -> None:
     # PLD and PRV are (near-)exact upper bounds: never above the lossy RDP conversion, up to
     # PRV's absolute error (eps_error): at ε ~ 0.01 (q=0.002, σ=4.77, 81 steps) that error is
     # larger than ε itself and PRV's upper estimate sits above RDP (found by hypothesis)...
-    assert pld <= rdp * (1 + 1e-6) and prv <= rdp * (1 + 1e-3) + PRV_EPS_ERROR
+    # PLD's pessimistic grid adds a small absolute amount too: at ε ~ 0.04 (q=0.0028, σ=5.89, 433 steps,
+    # δ=1e-6) it gave 0.045 against RDP's 0.0375 (found by hypothesis)
+    assert pld <= rdp * (1 + 1e-6) + PLD_EPS_SLACK and prv <= rdp * (1 + 1e-3) + PRV_EPS_ERROR
     # ...but, in the range DP training targets, not far below it (RDP -> (ε, δ) is lossy,
     # most at few steps; below ε ~ 0.5 Opacus' order grid, capped at 63, makes it worse).
     if 0.5 <= rdp <= 30 and c.steps >= 50:

@@ -366,7 +366,6 @@ def test_public_independent_of_train_size_and_eval_seed(raw_cache):
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        ({"train_size": 10_000}, ["train_size=10000", "8999 train rows minus 900 public, 500 val and"]),
         ({"eval_size": 5000}, ["eval_size=5000", "1000"]),
         ({"public_size": 9000}, ["public_size=9000", "8999"]),
         ({"public_size": 8600}, ["val_size=500 is larger than the"]),
@@ -383,6 +382,18 @@ def test_split_size_errors(raw_cache, kwargs, words):
     msg = _one_line(exc)
     for w in words:
         assert w in msg
+
+
+def test_a_train_size_above_the_rows_is_a_cap_with_a_note(raw_cache, capsys):
+    """The study default (8,000) is more than some tasks have: all rows are used and one line says
+    so, naming the count and where the rows went."""
+    raw = raw_cache("qqp")
+    s = S.make_splits(raw, seed=0, public_size=0.1, train_size=10_000)
+    every = S.make_splits(raw, seed=0, public_size=0.1, train_size=None)
+    assert len(s.private) == len(every.private) < 10_000
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train_size=10000 is more than the" in err[0]
+    assert "8999 train rows minus 900 public, 500 val and" in err[0] and "all of them are used" in err[0]
 
 
 # --------------------------------------------------------------------------- tokenisation
