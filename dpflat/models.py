@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decoders
 from .config import ConfigError, ModelConfig
 
 MINILM = "minilm"
@@ -33,10 +34,18 @@ class ModelError(ValueError):
 
 # --------------------------------------------------------------------------- attention
 def _prepend_prefix(module: nn.Module, key, value, attention_mask):
+    caught = getattr(module, "_dpflat_capture", None)
+    if caught is not None:  # decoders.init_prefix_from_tokens: the layer's own keys/values
+        caught.append((key.detach(), value.detach()))
     kv = getattr(module, "_dpflat_kv", None)
     if kv is None:
         return key, value, attention_mask
-    pk, pv = kv  # (B, heads, m, head_dim)
+    pk, pv = kv  # (B, heads, m, head_dim); a decoder's: (B, kv_heads, m, head_dim), keys after rotary
+    if attention_mask is None and getattr(module, "is_causal", False) is True and key.shape[2] > 1:
+        # a decoder without padding: SDPA would take its is_causal shortcut, whose top-left alignment
+        # hides the prefix from the queries; spell the causal mask out (real tokens only)
+        L = key.shape[2]
+        attention_mask = torch.ones(L, L, dtype=torch.bool, device=key.device).tril().view(1, 1, L, L)
     key = torch.cat([pk.to(key.dtype), key], dim=2)
     value = torch.cat([pv.to(value.dtype), value], dim=2)
     if attention_mask is not None:
@@ -60,6 +69,11 @@ def _prefix_sdpa(module, query, key, value, attention_mask, **kwargs):
 def _prefix_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Plain softmax attention: unlike SDPA on CPU it supports double backward (HVPs)."""
     key, value, attention_mask = _prepend_prefix(module, key, value, attention_mask)
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    if n_rep > 1:  # grouped-query attention (a decoder): each key/value head serves n_rep query heads
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     w = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
@@ -126,6 +140,8 @@ def resolve_backbone(name: str) -> str:
     """Map a backbone name to what ``from_pretrained`` takes (a local dir or a hub id)."""
     if name == MINILM:
         return str(minilm_path())
+    if name == decoders.SMOLLM2:
+        return decoders.source(name)[0]
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -140,7 +156,9 @@ def load_tokenizer(cfg: ModelConfig):
     """Tokenizer of the backbone; tiny test models reuse MiniLM's (same vocab size)."""
     from transformers import AutoTokenizer
 
-    src = str(minilm_path()) if cfg.backbone in TINY else resolve_backbone(cfg.backbone)
+    if decoders.is_decoder(cfg.backbone) and cfg.backbone not in decoders.TINY:
+        return decoders.load_tokenizer(cfg.backbone)
+    src = str(minilm_path()) if cfg.backbone in TINY | decoders.TINY else resolve_backbone(cfg.backbone)
     try:
         return AutoTokenizer.from_pretrained(src)
     except Exception as e:  # noqa: BLE001 - re-raised as one line
@@ -356,18 +374,24 @@ class PrefixModel(nn.Module):
         self.backbone = backbone
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        self._attn = _self_attention_modules(backbone)
+        #: a decoder (causal LM): prefixes per key/value head, the head reads the last real token
+        self.causal = decoders.is_causal_lm(backbone)
+        if self.causal:
+            self._attn, heads, head_dim = decoders.attention_layers(backbone)
+        else:
+            self._attn = _self_attention_modules(backbone)
+            heads = conf.num_attention_heads
+            head_dim = conf.hidden_size // heads
         n_layers = len(self._attn)
-        heads = conf.num_attention_heads
-        self.prefix = PrefixEncoder(n_layers, heads, conf.hidden_size // heads, cfg.prefix_len)
+        self.prefix = PrefixEncoder(n_layers, heads, head_dim, cfg.prefix_len)
         self.dropout = nn.Dropout(cfg.head_dropout)
         if cfg.head == "prompt":
-            if prompt_head is None or mask_token_id is None:
+            if prompt_head is None or (mask_token_id is None and not self.causal):
                 raise ConfigError("head prompt needs the MLM label-word head and the mask token id (use build_model)")
             if len(prompt_head.word_ids) != num_labels:
                 raise ConfigError(f"{len(prompt_head.word_ids)} label words for {num_labels} classes")
             self.head = prompt_head  # frozen: only the prefix trains
-            self.mask_token_id = int(mask_token_id)
+            self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
         elif cfg.head == "readout":
             if readout is None or readout.prototypes.shape[0] != num_labels:
                 raise ConfigError(f"head readout needs one label description per class ({num_labels}; use build_model)")
@@ -426,15 +450,17 @@ class PrefixModel(nn.Module):
             mod._dpflat_kv = kv
         try:
             kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if token_type_ids is not None:
+            if token_type_ids is not None and not self.causal:
                 kw["token_type_ids"] = token_type_ids
             hidden = self.backbone(**kw).last_hidden_state
         finally:
             for mod in self._attn:
                 mod._dpflat_kv = None
         if self.cfg.head == "prompt":
-            # the hidden state at the (first) mask token, scored by the MLM head on the label words
-            at = (input_ids == self.mask_token_id).int().argmax(1)
+            # the hidden state at the (first) mask token, scored by the MLM head on the label words;
+            # a decoder's at the last real token, scored by the LM head (the next token's logits)
+            at = (decoders.last_positions(input_ids, attention_mask) if self.causal
+                  else (input_ids == self.mask_token_id).int().argmax(1))
             logits = self.head(hidden[torch.arange(B, device=hidden.device), at])
             return (logits, flat) if return_prefix else logits
         if self.cfg.pooling == "cls":
@@ -455,6 +481,8 @@ def init_prefix_from_tokens(model: PrefixModel, seed: int = 0) -> None:
     drags every representation; real-token keys/values start near the backbone's own
     function (Li & Liang 2021 found such initialisation stabilises prefix-tuning).
     """
+    if model.causal:
+        return decoders.init_prefix_from_tokens(model, seed)
     g = torch.Generator().manual_seed(seed)
     vocab = model.backbone.config.vocab_size
     m = model.prefix.prefix_len
@@ -485,6 +513,9 @@ def resolve_head(cfg: ModelConfig, task: str | None) -> ModelConfig:
         return cfg
     from dataclasses import replace
 
+    if decoders.is_decoder(cfg.backbone):  # a causal LM: the next token's logits of the label words
+        return replace(cfg, head="prompt")
+
     from . import tokens as tokens_mod
 
     described = cfg.label_description is not None or (task is not None and tokens_mod.has_readout(task))
@@ -501,7 +532,9 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0, task: str | No
     if num_labels < 2:
         raise ConfigError(f"num_labels must be >= 2, got {num_labels}")
     cfg = resolve_head(cfg, task)
-    if cfg.head == "prompt":
+    if decoders.is_decoder(cfg.backbone):
+        model = _build_decoder(cfg, num_labels, seed, task, tokenizer)
+    elif cfg.head == "prompt":
         from . import tokens as tokens_mod
 
         if cfg.label_words is None and task is None:
@@ -544,6 +577,29 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0, task: str | No
     return model
 
 
+def _build_decoder(cfg: ModelConfig, num_labels: int, seed: int, task: str | None, tokenizer) -> PrefixModel:
+    """A causal LM (frozen) + prefix + its label-word head (``head prompt``) or a linear head on
+    the mean of its hidden states (``head linear``); the readout head is for sentence embedders."""
+    backbone, lm_head = decoders.load_causal_lm(cfg.backbone, _attn_name(cfg), seed=seed)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    if cfg.head == "prompt":
+        if cfg.label_words is None and task is None:
+            raise ConfigError("head prompt: give label_words or the task (for its default label words)")
+        from . import tokens as tokens_mod
+
+        words = (decoders.prompt_for(task, cfg.template, cfg.label_words)[1] if task is not None
+                 else [w.strip() for w in cfg.label_words.split(",")])
+        head = LabelWordHead(lm_head, tokens_mod.label_word_ids(tokenizer or load_tokenizer(cfg), words))
+        torch.manual_seed(seed)
+        return PrefixModel(backbone, num_labels, cfg, prompt_head=head)
+    if cfg.head == "readout":
+        raise ConfigError(f"head readout needs a sentence embedder; {cfg.backbone!r} is a causal LM: use --head prompt "
+                          "(its label words' next-token logits) or --head linear")
+    torch.manual_seed(seed)
+    return PrefixModel(backbone, num_labels, cfg)
+
+
 def check_layers(cfg: ModelConfig, n_drop: int | None = None) -> int | None:
     """Layer-count checks from the backbone's config.json alone (no weights, no data): seconds, not minutes.
 
@@ -558,7 +614,9 @@ def check_layers(cfg: ModelConfig, n_drop: int | None = None) -> int | None:
 
         src = resolve_backbone(cfg.backbone)
         try:
-            n = int(getattr(AutoConfig.from_pretrained(src), "num_hidden_layers"))
+            conf = (decoders.load_config(cfg.backbone) if decoders.is_decoder(cfg.backbone)
+                    else AutoConfig.from_pretrained(src))
+            n = int(getattr(conf, "num_hidden_layers"))
         except Exception:  # noqa: BLE001 - offline hub id, exotic config: the full load reports it
             return None
     keep = cfg.keep_layer_ids()

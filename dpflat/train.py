@@ -24,6 +24,7 @@ from .engine import DPSetup, MechanismRNG, backward_private, make_private
 from .evaluate import autocast, evaluate, evaluate_test, model_inputs
 from .flat import build_levels, share_levels, share_step_state
 from .flat.base import FlatLevel, TrainContext
+from .decoders import prefixes_removed
 from .models import build_model
 from .session import check_before_work
 from .session import (LOSS_KEY, NonFiniteLoss, Session, check_finite, prepare_data, reseed_step, run_in_folder,
@@ -147,6 +148,10 @@ def _val_and_prefix_share(model, ctx: TrainContext, init_prefix: torch.Tensor, p
         w.copy_(init_prefix)
     try:
         ctx.info["val_accuracy_prefix_reset"] = evaluate(model, ctx.eval, tc.eval_batch_size, ctx.device, prec)["accuracy"]
+        if getattr(model, "causal", False) and model.cfg.head == "prompt":  # the floor: the prompt alone, no prefix
+            with prefixes_removed(model):
+                ctx.info["zero_shot_val_accuracy"] = evaluate(model, ctx.eval, tc.eval_batch_size, ctx.device,
+                                                              prec)["accuracy"]
     finally:
         with torch.no_grad():
             w.copy_(trained)
