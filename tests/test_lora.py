@@ -1,0 +1,150 @@
+"""LoRA as a second trainable family (--peft lora, dpflat/lora.py) on tiny encoders and decoders:
+the start is the pretrained model, adapters of a dropped layer are exactly absent, Opacus'
+per-example gradients match microbatches of one, a DP run finishes, and what is not built is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpflat import decoders
+from dpflat.config import ConfigError, ModelConfig, PrivacyConfig, RunConfig
+from dpflat.engine import make_private
+from dpflat.models import build_model
+
+BACKBONES = ["tiny-bert", "tiny-llama", "tiny-gpt2"]
+N, L = 24, 9
+
+
+def _model(backbone, **kw):
+    extra = {} if backbone in ("tiny-bert",) else {"label_words": "bad,good"}
+    return build_model(ModelConfig(backbone=backbone, peft="lora", lora_rank=2, prefix_len=2, attn="eager",
+                                   **extra, **kw), 2, seed=0)
+
+
+def _batch(B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 5000, (B, L), generator=g)
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1::2, 6:] = 0
+    return ids, am
+
+
+def _perturb_adapters(model):
+    """Give every adapter a non-zero B (it starts at zero) so that it acts."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_adapters_only_train_and_start_as_the_pretrained_model(backbone):
+    model = _model(backbone).eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.startswith("head.") for n in names)
+    assert not model.prefix.embedding.weight.requires_grad
+    assert sum("lora_A" in n for n in names) == 3 * (1 if backbone == "tiny-gpt2" else 2)  # per layer: q,v / c_attn
+    ids, am = _batch()
+    with torch.no_grad():
+        start = model(input_ids=ids, attention_mask=am)
+        with decoders.prefixes_removed(model):  # every adapter off: the backbone alone
+            off = model(input_ids=ids, attention_mask=am)
+        torch.testing.assert_close(start, off)  # B = 0: the adapters add exactly nothing at the start
+        _perturb_adapters(model)
+        assert not torch.allclose(model(input_ids=ids, attention_mask=am), off)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-llama"])
+def test_keep_layers_puts_adapters_on_those_layers_only(backbone):
+    model = _model(backbone, keep_layers="0,2")
+    assert [len(m) for m in model.adapters] == [2, 0, 2]
+    assert not any(".1." in n and "lora_" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("backbone", ["tiny-bert", "tiny-llama"])
+def test_switched_off_layer_adapter_is_exactly_absent(backbone):
+    """The keep-mask switches adapters: layer 1 off -> its adapter is not computed (changing it
+    changes nothing, bit for bit) and it gets no gradient."""
+    model = _model(backbone).eval()
+    _perturb_adapters(model)
+    ids, am = _batch(seed=2)
+    model.prefix.set_keep([True, False, True])
+    lay1 = [p for m in model.adapters[1] for p in m.lora_B.parameters()]
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=am)
+        for p in lay1:
+            p.add_(1.0)
+        assert torch.equal(model(input_ids=ids, attention_mask=am), before)
+    model(input_ids=ids, attention_mask=am).sum().backward()
+    assert all(p.grad is None for p in lay1)
+    assert all(p.grad is not None for m in model.adapters[0] for p in m.lora_B.parameters())
+
+
+def _dataset(seed=0):
+    ids, am = _batch(N, seed)
+    y = torch.randint(0, 2, (N,), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": ids[i], "attention_mask": am[i], "labels": y[i]} for i in range(N)]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_opacus_per_example_grads_of_adapters_match_microbatches_of_one(backbone):
+    model = _model(backbone)
+    _perturb_adapters(model)  # B = 0 would make A's gradients vanish
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    loader = torch.utils.data.DataLoader(_dataset(), batch_size=8)
+    dp = make_private(model, opt, loader, PrivacyConfig(epsilon=3.0, max_grad_norm=1.0), total_steps=10, n_private=N)
+    batch = next(iter(torch.utils.data.DataLoader(_dataset(1), batch_size=5)))
+    dp.model.disable_hooks()
+    ref = []
+    for i in range(5):
+        logits = model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1])
+        loss = F.cross_entropy(logits, batch["labels"][i:i + 1])
+        ref.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    dp.model.enable_hooks()
+    logits = dp.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    F.cross_entropy(logits, batch["labels"]).backward()
+    gs = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)
+    torch.testing.assert_close(gs, torch.stack(ref), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-bert"])
+def test_dp_lora_run_end_to_end(make_cfg, tmp_path, backbone):
+    from dpflat.runs import run_id
+    from dpflat.train import train
+
+    cfg = make_cfg(tmp_path / "runs", model={"backbone": backbone, "peft": "lora", "lora_rank": 2})
+    row = train(cfg, noise_seed=0)
+    assert row["finished"] and row["guarantee"].startswith("(")
+    res = json.loads((tmp_path / "runs" / row["run_id"] / "result.json").read_text())
+    assert 0.0 <= res["info"]["val_accuracy_adapters_off"] <= 1.0
+    assert "val_accuracy_prefix_reset" not in res["info"]
+    if backbone == "tiny-llama":  # a decoder's floor: the prompt with no adapter
+        assert res["info"]["zero_shot_val_accuracy"] == res["info"]["val_accuracy_adapters_off"]
+    assert run_id(cfg) != run_id(cfg.replace(model={"peft": "prefix"}))
+
+
+def test_lora_fields_leave_existing_run_ids_alone():
+    """Fields added for LoRA count in a run's identity only when set: prefix runs keep their ids."""
+    from dpflat.config import identity_dict
+
+    d = identity_dict(RunConfig().to_dict())
+    assert not {"peft", "lora_rank", "lora_alpha"} & set(d["model"])
+    d = identity_dict(RunConfig().replace(model={"peft": "lora", "lora_rank": 4}).to_dict())
+    assert d["model"]["peft"] == "lora" and d["model"]["lora_rank"] == 4 and "lora_alpha" not in d["model"]
+
+
+@pytest.mark.parametrize("level", ["awp", "layers", "distill"])
+def test_levels_not_built_for_lora_are_refused_in_one_line(make_cfg, tmp_path, level):
+    from dpflat.train import train
+
+    cfg = make_cfg(tmp_path / "runs", model={"backbone": "tiny-llama", "peft": "lora"}, flat={level: True})
+    with pytest.raises(ConfigError, match=f"--peft lora: the flattening levels \\({level}\\)"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
