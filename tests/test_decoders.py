@@ -199,6 +199,12 @@ def test_dp_run_on_a_tiny_decoder(make_cfg, tmp_path, backbone):
     res = json.loads((tmp_path / "runs" / row["run_id"] / "result.json").read_text())
     assert 0.0 <= res["info"]["zero_shot_val_accuracy"] <= 1.0
     assert "info_zero_shot_val_accuracy" in row
+    if backbone == "tiny-llama":  # the landscape tools on a decoder's prefix (Hessian top-k, surface)
+        from dpflat import analysis
+
+        s = analysis.analyze_run(row["run_dir"], top_k=2, grid=3, n_examples=32, density=False, progress=False)
+        trainable = [p for p in analysis.load_run(row["run_dir"]).model.parameters() if p.requires_grad]
+        assert len(s["eigenvalues"]) == 2 and s["n_params"] == sum(p.numel() for p in trainable)
 
 
 def test_dpflat_levels_on_a_tiny_decoder(make_cfg, tmp_path):

@@ -128,6 +128,12 @@ def test_dp_lora_run_end_to_end(make_cfg, tmp_path, backbone):
     if backbone == "tiny-llama":  # a decoder's floor: the prompt with no adapter
         assert res["info"]["zero_shot_val_accuracy"] == res["info"]["val_accuracy_adapters_off"]
     assert run_id(cfg) != run_id(cfg.replace(model={"peft": "prefix"}))
+    if backbone == "tiny-llama":  # the landscape tools over the trainable adapters (+ nothing else)
+        from dpflat import analysis
+
+        s = analysis.analyze_run(row["run_dir"], top_k=2, grid=3, n_examples=32, density=False, progress=False)
+        trainable = [p for p in analysis.load_run(row["run_dir"]).model.parameters() if p.requires_grad]
+        assert len(s["eigenvalues"]) == 2 and s["n_params"] == sum(p.numel() for p in trainable)
 
 
 def test_lora_fields_leave_existing_run_ids_alone():
