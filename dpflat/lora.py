@@ -11,7 +11,7 @@ their per-example gradients natively (hooks or ghost clipping), as in its LoRA t
 The prefix model's keep-mask is the adapters' switch: a layer whose mask is off runs its
 projections without the adapter (peft's ``disable_adapters``: the adapter is not computed,
 so it is exactly absent), and ``keep_layers`` puts adapters on the named layers only.
-The flattening levels for LoRA (AWP on the adapter weights, the layer selector choosing which
+AWP on the adapter weights is ``flat/awp_lora.py``. The other two flattening levels for LoRA (the layer selector choosing which
 layers get adapters, distillation toward a teacher's adapters) are not built yet:
 :func:`check_run` refuses them with one line.
 """
@@ -102,12 +102,12 @@ def check_run(cfg) -> None:
         return
     if getattr(cfg, "blackbox", None) is not None and cfg.blackbox.active:
         raise ConfigError("--peft lora trains adapters by gradients: the black-box (bb-*) variants tune a soft prompt")
-    on = [n for n in ("awp", "layers", "distill") if getattr(cfg.flat, n)]
+    on = [n for n in ("layers", "distill") if getattr(cfg.flat, n)]
     if on:
-        raise ConfigError(f"--peft lora: the flattening levels ({', '.join(on)}) are defined for LoRA (issue 30: AWP on "
-                          "the adapter weights, the layer selector choosing which layers get adapters, distillation "
-                          "toward a teacher's adapters) but not built yet; run the dp or nonprivate variant, or use "
-                          "--peft prefix")
+        raise ConfigError(f"--peft lora: the flattening levels ({', '.join(on)}) are defined for LoRA (issue 30: the "
+                          "layer selector choosing which layers get adapters, distillation toward a teacher's "
+                          "adapters) but not built yet; with LoRA use --awp alone (dp+awp), dp or nonprivate, or "
+                          "use --peft prefix")
 
 
 __all__ = ["check_run", "inject", "switch", "target_names", "train_mode"]

@@ -146,7 +146,7 @@ def test_lora_fields_leave_existing_run_ids_alone():
     assert d["model"]["peft"] == "lora" and d["model"]["lora_rank"] == 4 and "lora_alpha" not in d["model"]
 
 
-@pytest.mark.parametrize("level", ["awp", "layers", "distill"])
+@pytest.mark.parametrize("level", ["layers", "distill"])
 def test_levels_not_built_for_lora_are_refused_in_one_line(make_cfg, tmp_path, level):
     from dpflat.train import train
 
@@ -154,3 +154,47 @@ def test_levels_not_built_for_lora_are_refused_in_one_line(make_cfg, tmp_path, l
     with pytest.raises(ConfigError, match=f"--peft lora: the flattening levels \\({level}\\)"):
         train(cfg)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# --------------------------------------------------------------------------- AWP on the adapters
+def _awp_ctx(model, gamma=0.1):
+    from dpflat.config import FlatConfig
+    from dpflat.flat.awp_lora import LoraAWP
+    from dpflat.flat.base import TrainContext
+
+    cfg = RunConfig().replace(model={"backbone": "tiny-llama", "peft": "lora"}, flat={"awp": True, "awp_gamma": gamma})
+    ctx = TrainContext(cfg, model, None, None, None, None, torch.device("cpu"), total_steps=10, steps_per_epoch=10)
+    return LoraAWP(FlatConfig(awp=True, awp_gamma=gamma)), ctx
+
+
+def test_lora_awp_perturbs_each_layer_by_gamma_of_its_adapter_norm_and_restores_exactly():
+    from dpflat.flat import build_levels
+    from dpflat.flat.awp_lora import LoraAWP, adapter_groups
+
+    assert [type(lv) for lv in build_levels(RunConfig().replace(model={"peft": "lora"}, flat={"awp": True}))] == [LoraAWP]
+    model = _model("tiny-llama")
+    _perturb_adapters(model)
+    awp, ctx = _awp_ctx(model, gamma=0.1)
+    groups = adapter_groups(model)
+    before = [[p.detach().clone() for p in g] for g in groups]
+    g = torch.Generator().manual_seed(3)
+    awp.direction = [[torch.randn(p.shape, generator=g) for p in grp] for grp in groups]
+    awp.step_begin(ctx, 0, {"labels": torch.zeros(2)})
+    awp.perturb(ctx)
+    for grp, old in zip(groups, before):
+        moved = torch.sqrt(sum(((p - o) ** 2).sum() for p, o in zip(grp, old)))
+        norm = torch.sqrt(sum((o ** 2).sum() for o in old))
+        torch.testing.assert_close(moved, 0.1 * norm, rtol=1e-4, atol=1e-7)
+    awp.restore(ctx)
+    assert all(torch.equal(p, o) for grp, old in zip(groups, before) for p, o in zip(grp, old))
+    awp.step_begin(ctx, 5, {"labels": torch.zeros(2)})  # after awp_epochs (0.5 of 10 steps): off
+    assert awp._v is None
+
+
+def test_dp_awp_run_on_lora_adapters(make_cfg, tmp_path):
+    from dpflat.train import train
+
+    cfg = make_cfg(tmp_path / "runs", model={"backbone": "tiny-llama", "peft": "lora", "lora_rank": 2},
+                   flat={"awp": True, "awp_epochs": 1.0}, variant="dp+awp")
+    row = train(cfg, noise_seed=0)
+    assert row["finished"] and row["guarantee"].startswith("(") and row["info_awp_mode"] == "safe"

@@ -25,10 +25,19 @@ def _distill() -> type[FlatLevel]:
     return Distillation
 
 
-def _awp() -> type[FlatLevel]:
-    from .awp import AWP
+def _awp() -> Callable[["RunConfig"], FlatLevel]:
+    """AWP on the prefix, or on the adapters under --peft lora (``awp_lora.py``); built from the whole config."""
 
-    return AWP
+    def build(cfg: "RunConfig") -> FlatLevel:
+        if cfg.model.peft == "lora":
+            from .awp_lora import LoraAWP
+
+            return LoraAWP(cfg.flat)
+        from .awp import AWP
+
+        return AWP(cfg.flat)
+
+    return build
 
 
 def _trajectory() -> type[FlatLevel]:
@@ -54,7 +63,7 @@ class LevelEntry:
 REGISTRY: list[LevelEntry] = [
     LevelEntry("layers", lambda c: c.flat.layers, _layers, lambda c: c.flat),
     LevelEntry("distill", lambda c: c.flat.distill, _distill, lambda c: c.flat),
-    LevelEntry("awp", lambda c: c.flat.awp, _awp, lambda c: c.flat),
+    LevelEntry("awp", lambda c: c.flat.awp, _awp, lambda c: c),
     LevelEntry("trajectory", lambda c: bool(c.train.sharpness_every), _trajectory, lambda c: c.train),
 ]
 
