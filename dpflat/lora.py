@@ -11,9 +11,11 @@ their per-example gradients natively (hooks or ghost clipping), as in its LoRA t
 The prefix model's keep-mask is the adapters' switch: a layer whose mask is off runs its
 projections without the adapter (peft's ``disable_adapters``: the adapter is not computed,
 so it is exactly absent), and ``keep_layers`` puts adapters on the named layers only.
-AWP on the adapter weights is ``flat/awp_lora.py``. The other two flattening levels for LoRA (the layer selector choosing which
-layers get adapters, distillation toward a teacher's adapters) are not built yet:
-:func:`check_run` refuses them with one line.
+Two of the three flattening levels act on adapters: AWP on each layer's adapter weights
+(``flat/awp_lora.py``) and the layer selector, which chooses the layers that keep their adapters
+(``flat/layers.py`` scores its indicator over the adapter weights, :func:`scored_params`; the
+dropped layers' adapters are switched off and frozen, :func:`train_kept`). Distillation toward
+a teacher's adapters is not built yet: :func:`check_run` refuses it with one line.
 """
 
 from __future__ import annotations
@@ -96,18 +98,34 @@ def train_mode(layers: list[list[nn.Module]]) -> None:
             m.lora_B.train()
 
 
+def scored_params(model: nn.Module) -> list[str]:
+    """The parameters the cross-layer indicator moves: the prefix, or under LoRA every adapter weight."""
+    if getattr(model, "adapters", None) is None:
+        return ["prefix.embedding.weight"]
+    return [n for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def train_kept(model: nn.Module) -> None:
+    """Under LoRA, the adapters of the layers the keep-mask keeps train, the others are frozen (a
+    switched-off adapter gets no gradient, and Opacus wants one per-example gradient for every
+    parameter it is given). Nothing happens for a prefix model."""
+    if getattr(model, "adapters", None) is None:
+        return
+    for mods, k in zip(model.adapters, model.prefix.keep_mask.tolist()):
+        for m in mods:
+            for p in (*m.lora_A.parameters(), *m.lora_B.parameters()):
+                p.requires_grad_(bool(k))
+
+
 def check_run(cfg) -> None:
     """What ``--peft lora`` does not do yet, refused in one line before any work."""
     if cfg.model.peft != "lora":
         return
     if getattr(cfg, "blackbox", None) is not None and cfg.blackbox.active:
         raise ConfigError("--peft lora trains adapters by gradients: the black-box (bb-*) variants tune a soft prompt")
-    on = [n for n in ("layers", "distill") if getattr(cfg.flat, n)]
-    if on:
-        raise ConfigError(f"--peft lora: the flattening levels ({', '.join(on)}) are defined for LoRA (issue 30: the "
-                          "layer selector choosing which layers get adapters, distillation toward a teacher's "
-                          "adapters) but not built yet; with LoRA use --awp alone (dp+awp), dp or nonprivate, or "
-                          "use --peft prefix")
+    if cfg.flat.distill:
+        raise ConfigError("--peft lora: cross-model flattening (distillation toward a teacher's adapters) is not built "
+                          "for LoRA yet; with LoRA use --awp and/or --layers (dp+awp, dp+layers), or --peft prefix")
 
 
-__all__ = ["check_run", "inject", "switch", "target_names", "train_mode"]
+__all__ = ["check_run", "inject", "scored_params", "switch", "target_names", "train_kept", "train_mode"]

@@ -444,6 +444,7 @@ class PrefixModel(nn.Module):
                     self.prefix.keep_mask.copy_(t.to(torch.bool))
                 else:
                     params[n].copy_(t)
+        lora.train_kept(self)  # --peft lora: the adapters of layers the mask drops are frozen
 
     def forward(
         self,

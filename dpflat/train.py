@@ -84,6 +84,8 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
     # the prefix the run starts from (the levels' setup leaves it alone; a resumed run loads its
     # checkpoint only below, so this is the built model's prefix in both cases)
     init_prefix = model.prefix.embedding.weight.detach().clone()
+    if s.ckpt is not None and model.adapters is not None:  # --peft lora, resumed: the saved keep-mask decides
+        model.load_trainable_state({k: v.to(device) for k, v in s.ckpt[0].items()})  # which adapters train
     # --- optimiser and privacy
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(cfg, params)
