@@ -97,7 +97,9 @@ def is_decoder(name: str) -> bool:
     type). A hub id is not looked up (offline): it loads as an encoder."""
     if name in TINY or name == SMOLLM2:
         return True
-    conf = Path(name).expanduser() / "config.json"
+    from transformers.utils import CONFIG_NAME  # a Hugging Face model folder's config (not a run file)
+
+    conf = Path(name).expanduser() / CONFIG_NAME
     if not conf.is_file():
         return False
     try:

@@ -181,7 +181,7 @@ def test_decoder_head_choices():
 def test_prefix_init_from_tokens_is_the_decoders_own_keys():
     """prefix_init tokens: layer l's prefix is what layer l computes for real tokens (after rotary)."""
     model = build_model(ModelConfig(backbone="tiny-llama", prefix_len=4, prefix_init="tokens", label_words="bad,good"), 2)
-    rand = _model("tiny-llama", m=4)
+    rand = _model("tiny-llama", m=4, prefix_init="random")
     assert not torch.allclose(model.prefix.embedding.weight, rand.prefix.embedding.weight)
     k, v = model.prefix.split(model.prefix(1))[0]
     assert k.shape == (1, 2, 4, 8) and v.abs().sum() > 0
