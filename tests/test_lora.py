@@ -92,14 +92,17 @@ def _dataset(seed=0):
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_opacus_per_example_grads_of_adapters_match_microbatches_of_one(backbone):
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_opacus_per_example_grads_of_adapters_match_microbatches_of_one(backbone, mode):
+    """hooks: each example's gradient; ghost (clipping from per-example norms): the clipped sum."""
     model = _model(backbone)
     _perturb_adapters(model)  # B = 0 would make A's gradients vanish
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1)
     loader = torch.utils.data.DataLoader(_dataset(), batch_size=8)
-    dp = make_private(model, opt, loader, PrivacyConfig(epsilon=3.0, max_grad_norm=1.0), total_steps=10, n_private=N)
+    dp = make_private(model, opt, loader, PrivacyConfig(epsilon=3.0, max_grad_norm=1.0, grad_sample_mode=mode),
+                      total_steps=10, n_private=N)
     batch = next(iter(torch.utils.data.DataLoader(_dataset(1), batch_size=5)))
     dp.model.disable_hooks()
     ref = []
@@ -109,9 +112,19 @@ def test_opacus_per_example_grads_of_adapters_match_microbatches_of_one(backbone
         ref.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
     dp.model.enable_hooks()
     logits = dp.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    F.cross_entropy(logits, batch["labels"]).backward()
-    gs = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)
-    torch.testing.assert_close(gs, torch.stack(ref), rtol=1e-4, atol=1e-6)
+    if mode == "hooks":
+        F.cross_entropy(logits, batch["labels"]).backward()
+        gs = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)
+        torch.testing.assert_close(gs, torch.stack(ref), rtol=1e-4, atol=1e-6)
+        return
+    from dpflat.engine import backward_private
+
+    dp.optimizer.noise_multiplier = 0.0
+    backward_private(dp, F.cross_entropy(logits, batch["labels"], reduction="none"))
+    dp.optimizer.pre_step()
+    clipped = torch.cat([p.summed_grad.flatten() for p in dp.optimizer.params])
+    torch.testing.assert_close(clipped, sum(r * min(1.0, 1.0 / (r.norm().item() + 1e-6)) for r in ref),
+                               rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-bert"])
