@@ -265,8 +265,8 @@ class ModelConfig:
                                          "e.g. terrible,great (default: the task's)")
     peft: Literal["prefix", "lora"] = _opt(
         "prefix", "trainable family: prefix (per-layer key/value prefixes, the paper's method) or lora (low-rank "
-                  "adapters on the attention projections through the peft library; AWP and the layer selector act on "
-                  "the adapters, distillation is not built for it yet)", identity=WHEN_SET)
+                  "adapters on the attention projections through the peft library; the flattening levels act on the "
+                  "adapters, distillation as a decoupled pull after each step)", identity=WHEN_SET)
     lora_rank: int = _opt(8, "LoRA rank r (--peft lora)", identity=WHEN_SET)
     lora_alpha: float = _opt(16.0, "LoRA scale alpha; the update is (alpha / r) B A (--peft lora)", identity=WHEN_SET)
 

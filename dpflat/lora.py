@@ -11,11 +11,12 @@ their per-example gradients natively (hooks or ghost clipping), as in its LoRA t
 The prefix model's keep-mask is the adapters' switch: a layer whose mask is off runs its
 projections without the adapter (peft's ``disable_adapters``: the adapter is not computed,
 so it is exactly absent), and ``keep_layers`` puts adapters on the named layers only.
-Two of the three flattening levels act on adapters: AWP on each layer's adapter weights
-(``flat/awp_lora.py``) and the layer selector, which chooses the layers that keep their adapters
+The three flattening levels act on adapters: AWP on each layer's adapter weights
+(``flat/awp_lora.py``); the layer selector, which chooses the layers that keep their adapters
 (``flat/layers.py`` scores its indicator over the adapter weights, :func:`scored_params`; the
-dropped layers' adapters are switched off and frozen, :func:`train_kept`). Distillation toward
-a teacher's adapters is not built yet: :func:`check_run` refuses it with one line.
+dropped layers' adapters are switched off and frozen, :func:`train_kept`); distillation toward a
+teacher's adapters (``flat/distill_lora.py``: a decoupled pull after each step, not a term inside
+the clipping -- see there why).
 """
 
 from __future__ import annotations
@@ -123,9 +124,6 @@ def check_run(cfg) -> None:
         return
     if getattr(cfg, "blackbox", None) is not None and cfg.blackbox.active:
         raise ConfigError("--peft lora trains adapters by gradients: the black-box (bb-*) variants tune a soft prompt")
-    if cfg.flat.distill:
-        raise ConfigError("--peft lora: cross-model flattening (distillation toward a teacher's adapters) is not built "
-                          "for LoRA yet; with LoRA use --awp and/or --layers (dp+awp, dp+layers), or --peft prefix")
 
 
 __all__ = ["check_run", "inject", "scored_params", "switch", "target_names", "train_kept", "train_mode"]

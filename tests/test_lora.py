@@ -159,14 +159,13 @@ def test_lora_fields_leave_existing_run_ids_alone():
     assert d["model"]["peft"] == "lora" and d["model"]["lora_rank"] == 4 and "lora_alpha" not in d["model"]
 
 
-@pytest.mark.parametrize("level", ["distill"])
-def test_levels_not_built_for_lora_are_refused_in_one_line(make_cfg, tmp_path, level):
-    from dpflat.train import train
+def test_black_box_variants_are_refused_with_lora(make_cfg, tmp_path):
+    from dpflat.config import apply_variant
+    from dpflat.sweep import trainer
 
-    cfg = make_cfg(tmp_path / "runs", model={"backbone": "tiny-llama", "peft": "lora"}, flat={level: True})
-    with pytest.raises(ConfigError, match="--peft lora: cross-model flattening"):
-        train(cfg)
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    cfg = apply_variant(make_cfg(tmp_path / "runs", model={"backbone": "tiny-bert", "peft": "lora"}), "bb-dp")
+    with pytest.raises(ConfigError, match="--peft lora trains adapters by gradients"):
+        trainer(cfg)(cfg)
 
 
 # --------------------------------------------------------------------------- AWP on the adapters
@@ -237,3 +236,40 @@ def test_dp_layer_selection_chooses_the_layers_that_keep_adapters(make_cfg, tmp_
         assert m.disable_adapters and not any(p.requires_grad for p in m.lora_B.parameters())
         assert all(torch.count_nonzero(p) == 0 for p in m.lora_B.parameters())
     assert any(torch.count_nonzero(p) > 0 for m in model.adapters[kept[0]] for p in m.lora_B.parameters())
+
+
+# --------------------------------------------------------------------------- distillation toward a teacher's adapters
+def test_lora_distillation_pulls_the_kept_adapters_toward_the_teacher_by_lr_lambda():
+    from dpflat.config import FlatConfig
+    from dpflat.flat.distill_lora import LoraDistillation, _kept
+
+    model = _model("tiny-llama", keep_layers="0,2")
+    teacher = _model("tiny-llama", keep_layers="0,2")
+    _perturb_adapters(teacher)
+    lv = LoraDistillation(FlatConfig(distill=True, distill_lambda=0.5), lr=0.1)
+    lv.teacher = lv.take(teacher)
+    assert set(lv.teacher) == set(_kept(model)) and all(".1." not in n for n in lv.teacher)
+    dist = lambda: float(torch.sqrt(sum(((p.detach() - lv.teacher[n]) ** 2).sum()  # noqa: E731
+                                        for n, p in _kept(model).items())))
+    d0 = dist()
+    assert lv.pull(model) == pytest.approx(d0)
+    assert dist() == pytest.approx(d0 - 0.05, rel=1e-5)  # moved lr * lambda along the straight line
+    lv.lr = 1e6
+    lv.pull(model)
+    assert dist() == pytest.approx(0.0, abs=1e-6)  # never crosses the teacher
+
+
+def test_dpflat_on_lora_runs_all_three_levels(make_cfg, tmp_path):
+    """The dpflat variant (safe: public split only) with --peft lora: layer selection, a teacher's
+    adapters, AWP; DP-accounted, and the teacher's fit is reported."""
+    from dpflat.config import apply_variant
+    from dpflat.train import train
+
+    cfg = apply_variant(make_cfg(tmp_path / "runs", model={"backbone": "tiny-llama", "peft": "lora", "lora_rank": 2}),
+                        "dpflat", "safe").replace(flat={"n_drop": 1, "teacher_epochs": 1, "layers_scorer": "warmup",
+                                                        "layers_warmup_steps": 4, "layers_examples": 32})
+    row = train(cfg, noise_seed=0)
+    assert row["finished"] and row["guarantee"].startswith("(")
+    assert len(row["keep_layers"].split(",")) == 2 and row["info_teacher_data"] == "public split"
+    assert 0.0 <= row["info_teacher_val_accuracy"] <= 1.0
+    assert row["info_distill_teacher_adapters"] == 2 * 2 * 2  # 2 kept layers x (q, v) x (A, B)

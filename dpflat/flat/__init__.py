@@ -19,10 +19,19 @@ def _layers() -> type[FlatLevel]:
     return LayerSelection
 
 
-def _distill() -> type[FlatLevel]:
-    from .distill import Distillation
+def _distill() -> Callable[["RunConfig"], FlatLevel]:
+    """Distillation toward a teacher's prefix, or its adapters under --peft lora (``distill_lora.py``)."""
 
-    return Distillation
+    def build(cfg: "RunConfig") -> FlatLevel:
+        if cfg.model.peft == "lora":
+            from .distill_lora import LoraDistillation
+
+            return LoraDistillation(cfg.flat, cfg.train.lr)
+        from .distill import Distillation
+
+        return Distillation(cfg.flat)
+
+    return build
 
 
 def _awp() -> Callable[["RunConfig"], FlatLevel]:
@@ -62,7 +71,7 @@ class LevelEntry:
 #: trainable); the sharpness trajectory last (a diagnostic: it sees the step the others shaped).
 REGISTRY: list[LevelEntry] = [
     LevelEntry("layers", lambda c: c.flat.layers, _layers, lambda c: c.flat),
-    LevelEntry("distill", lambda c: c.flat.distill, _distill, lambda c: c.flat),
+    LevelEntry("distill", lambda c: c.flat.distill, _distill, lambda c: c),
     LevelEntry("awp", lambda c: c.flat.awp, _awp, lambda c: c),
     LevelEntry("trajectory", lambda c: bool(c.train.sharpness_every), _trajectory, lambda c: c.train),
 ]
