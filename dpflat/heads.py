@@ -1,5 +1,5 @@
 """The classification heads on the pooled (or mask-token) hidden state: LM-BFF label words scored
-by the frozen MLM head, the readout to label descriptions, and which one ``head="auto"`` means.
+by the frozen MLM head (a decoder's: its LM head, the next token's logits), the readout to label descriptions, and which one ``head="auto"`` means.
 The linear head is a plain ``nn.Linear`` built by ``models.PrefixModel``.
 """
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decoders
 from .config import ModelConfig
 
 class LabelWordHead(nn.Module):
@@ -88,6 +89,9 @@ def resolve_head(cfg: ModelConfig, task: str | None) -> ModelConfig:
     if cfg.head != "auto":
         return cfg
     from dataclasses import replace
+
+    if decoders.is_decoder(cfg.backbone):  # a causal LM: the next token's logits of the label words
+        return replace(cfg, head="prompt")
 
     from . import tokens as tokens_mod
 

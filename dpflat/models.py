@@ -16,11 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import (MINILM, TINY, ModelError, _self_attention_modules, check_layers, load_backbone,
+from . import decoders, lora
+from .backbone import (MINILM, TINY, ModelError, _attn_name, _self_attention_modules, check_layers, load_backbone,
                        load_mlm_backbone, load_tokenizer, minilm_path, register_attention, resolve_backbone,
                        tiny_config)
 from .config import ConfigError, ModelConfig
 from .heads import LabelWordHead, ReadoutHead, label_prototypes, resolve_head
+
 
 # --------------------------------------------------------------------------- prefix + head
 class PrefixEncoder(nn.Module):
@@ -78,18 +80,24 @@ class PrefixModel(nn.Module):
         self.backbone = backbone
         for p in self.backbone.parameters():
             p.requires_grad_(False)
-        self._attn = _self_attention_modules(backbone)
+        #: a decoder (causal LM): prefixes per key/value head, the head reads the last real token
+        self.causal = decoders.is_causal_lm(backbone)
+        if self.causal:
+            self._attn, heads, head_dim = decoders.attention_layers(backbone)
+        else:
+            self._attn = _self_attention_modules(backbone)
+            heads = conf.num_attention_heads
+            head_dim = conf.hidden_size // heads
         n_layers = len(self._attn)
-        heads = conf.num_attention_heads
-        self.prefix = PrefixEncoder(n_layers, heads, conf.hidden_size // heads, cfg.prefix_len)
+        self.prefix = PrefixEncoder(n_layers, heads, head_dim, cfg.prefix_len)
         self.dropout = nn.Dropout(cfg.head_dropout)
         if cfg.head == "prompt":
-            if prompt_head is None or mask_token_id is None:
+            if prompt_head is None or (mask_token_id is None and not self.causal):
                 raise ConfigError("head prompt needs the MLM label-word head and the mask token id (use build_model)")
             if len(prompt_head.word_ids) != num_labels:
                 raise ConfigError(f"{len(prompt_head.word_ids)} label words for {num_labels} classes")
             self.head = prompt_head  # frozen: only the prefix trains
-            self.mask_token_id = int(mask_token_id)
+            self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
         elif cfg.head == "readout":
             if readout is None or readout.prototypes.shape[0] != num_labels:
                 raise ConfigError(f"head readout needs one label description per class ({num_labels}; use build_model)")
@@ -103,6 +111,13 @@ class PrefixModel(nn.Module):
             if bad:
                 raise ConfigError(f"keep_layers {bad} out of range: the backbone has {n_layers} layers")
             self.prefix.set_keep([i in keep for i in range(n_layers)])
+        #: --peft lora: each layer's adapters (dpflat/lora.py); the prefix is then frozen and unused, and
+        #: its keep-mask switches the adapters instead
+        self.adapters = None
+        if cfg.peft == "lora":
+            for p in self.prefix.parameters():
+                p.requires_grad_(False)
+            self.adapters = lora.inject(backbone, self._attn, cfg, self.prefix.keep_mask.tolist())
 
     @property
     def n_layers(self) -> int:
@@ -114,6 +129,8 @@ class PrefixModel(nn.Module):
         super().train(mode)
         if mode and not self.cfg.backbone_dropout:
             self.backbone.eval()
+            if getattr(self, "adapters", None) is not None:
+                lora.train_mode(self.adapters)  # Opacus records activations of modules in training mode only
         return self
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -133,6 +150,7 @@ class PrefixModel(nn.Module):
                     self.prefix.keep_mask.copy_(t.to(torch.bool))
                 else:
                     params[n].copy_(t)
+        lora.train_kept(self)  # --peft lora: the adapters of layers the mask drops are frozen
 
     def forward(
         self,
@@ -143,20 +161,26 @@ class PrefixModel(nn.Module):
         **_: Any,
     ):
         B, L = input_ids.shape
-        flat = self.prefix(B)
-        for mod, kv in zip(self._attn, self.prefix.split(flat)):
-            mod._dpflat_kv = kv
+        if self.adapters is None:
+            flat = self.prefix(B)
+            for mod, kv in zip(self._attn, self.prefix.split(flat)):
+                mod._dpflat_kv = kv
+        else:  # LoRA: no prefix; the keep-mask switches each layer's adapters
+            flat = None
+            lora.switch(self.adapters, self.prefix.keep_mask)
         try:
             kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-            if token_type_ids is not None:
+            if token_type_ids is not None and not self.causal:
                 kw["token_type_ids"] = token_type_ids
             hidden = self.backbone(**kw).last_hidden_state
         finally:
             for mod in self._attn:
                 mod._dpflat_kv = None
         if self.cfg.head == "prompt":
-            # the hidden state at the (first) mask token, scored by the MLM head on the label words
-            at = (input_ids == self.mask_token_id).int().argmax(1)
+            # the hidden state at the (first) mask token, scored by the MLM head on the label words;
+            # a decoder's at the last real token, scored by the LM head (the next token's logits)
+            at = (decoders.last_positions(input_ids, attention_mask) if self.causal
+                  else (input_ids == self.mask_token_id).int().argmax(1))
             logits = self.head(hidden[torch.arange(B, device=hidden.device), at])
             return (logits, flat) if return_prefix else logits
         if self.cfg.pooling == "cls":
@@ -177,6 +201,8 @@ def init_prefix_from_tokens(model: PrefixModel, seed: int = 0) -> None:
     drags every representation; real-token keys/values start near the backbone's own
     function (Li & Liang 2021 found such initialisation stabilises prefix-tuning).
     """
+    if model.causal:
+        return decoders.init_prefix_from_tokens(model, seed)
     g = torch.Generator().manual_seed(seed)
     vocab = model.backbone.config.vocab_size
     m = model.prefix.prefix_len
@@ -209,7 +235,9 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0, task: str | No
     if num_labels < 2:
         raise ConfigError(f"num_labels must be >= 2, got {num_labels}")
     cfg = resolve_head(cfg, task)
-    if cfg.head == "prompt":
+    if decoders.is_decoder(cfg.backbone):
+        model = _build_decoder(cfg, num_labels, seed, task, tokenizer)
+    elif cfg.head == "prompt":
         from . import tokens as tokens_mod
 
         if cfg.label_words is None and task is None:
@@ -250,6 +278,29 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int = 0, task: str | No
         init_prefix_from_tokens(model, seed)
         model.train(was)
     return model
+
+
+def _build_decoder(cfg: ModelConfig, num_labels: int, seed: int, task: str | None, tokenizer) -> PrefixModel:
+    """A causal LM (frozen) + prefix + its label-word head (``head prompt``) or a linear head on
+    the mean of its hidden states (``head linear``); the readout head is for sentence embedders."""
+    backbone, lm_head = decoders.load_causal_lm(cfg.backbone, _attn_name(cfg), seed=seed)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    if cfg.head == "prompt":
+        if cfg.label_words is None and task is None:
+            raise ConfigError("head prompt: give label_words or the task (for its default label words)")
+        from . import tokens as tokens_mod
+
+        words = (decoders.prompt_for(task, cfg.template, cfg.label_words)[1] if task is not None
+                 else [w.strip() for w in cfg.label_words.split(",")])
+        head = LabelWordHead(lm_head, tokens_mod.label_word_ids(tokenizer or load_tokenizer(cfg), words))
+        torch.manual_seed(seed)
+        return PrefixModel(backbone, num_labels, cfg, prompt_head=head)
+    if cfg.head == "readout":
+        raise ConfigError(f"head readout needs a sentence embedder; {cfg.backbone!r} is a causal LM: use --head prompt "
+                          "(its label words' next-token logits) or --head linear")
+    torch.manual_seed(seed)
+    return PrefixModel(backbone, num_labels, cfg)
 
 
 __all__ = [

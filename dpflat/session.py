@@ -38,7 +38,8 @@ from . import engine as engine_mod
 from .config import ConfigError, RunConfig, check_device
 from .engine import DPSetup, fill_ledger
 from .evaluate import peak_memory_mb, reset_peak_memory
-from .models import check_layers, load_tokenizer
+from . import decoders, lora
+from .models import check_layers, load_tokenizer, resolve_head
 from .privacy import PRIVATE_METRICS, SAMPLED_GAUSSIAN, PrivacyLedger, PrivateSplit, fill_release
 from .runs import RunDir, finish_run, finished_result
 
@@ -101,7 +102,10 @@ def prepare_data(cfg: RunConfig, tokenizer=None, extra_private=None):
     splits = splits_mod.splits_for_config(raw, cfg.data, cfg.train.seed)
     tok = tokenizer or load_tokenizer(cfg.model)
     template = None
-    if cfg.model.head == "prompt":  # LM-BFF: one sequence per example with a mask token
+    if decoders.is_decoder(cfg.model.backbone):  # a causal LM: the prompt up to the next token (decoders.py)
+        if resolve_head(cfg.model, card.name).head == "prompt":
+            template = decoders.prompt_for(card, cfg.model.template, cfg.model.label_words)[0]
+    elif cfg.model.head == "prompt":  # LM-BFF: one sequence per example with a mask token
         template = tokens_mod.prompt_for(card, cfg.model.template, cfg.model.label_words)[0]
     tokd = {
         name: tokens_mod.tokenize(getattr(splits, name), tok, cfg.data.max_length, cfg.data.cache_dir, template)
@@ -137,6 +141,7 @@ def check_before_work(cfg: RunConfig, max_steps: int | None = None) -> None:
     after a minute of loading and teacher training.
     """
     check_device(cfg.train.device)
+    lora.check_run(cfg)  # --peft lora: what it does not do yet
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise ConfigError(f"max_steps must be a whole number >= 1, got {max_steps!r}")
     if not cfg.blackbox.active:

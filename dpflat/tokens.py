@@ -309,7 +309,7 @@ def tokenize(ds: Dataset, tokenizer, max_length: int, cache_dir: str | Path | No
     sequence holding the tokenizer's mask token (:func:`encode_template`).
     """
     _check_tokenize_args(ds, tokenizer, max_length)
-    if template is not None and getattr(tokenizer, "mask_token_id", None) is None:
+    if template is not None and "*mask*" in template and getattr(tokenizer, "mask_token_id", None) is None:
         raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')} has no mask token: the prompt head needs one")
     key = _tokenize_key(ds, tokenizer, max_length, template)
     out = _TOKENIZE_CACHE.get(key)

@@ -22,6 +22,7 @@ from .batching import dataset_lengths, grouped_loader, split_batch
 from .config import ConfigError, RunConfig, as_run_config
 from .engine import DPSetup, MechanismRNG, backward_private, make_private
 from .evaluate import autocast, evaluate, evaluate_test, model_inputs
+from .decoders import prefixes_removed
 from .flat import build_callbacks, build_levels, share_levels, share_step_state
 from .flat.base import FlatLevel, StepCallback, TrainContext
 from .models import build_model
@@ -89,6 +90,8 @@ def _train(s: Session, noise_seed: int | None, secure_rng: bool) -> dict[str, An
     # the prefix the run starts from (the levels' setup leaves it alone; a resumed run loads its
     # checkpoint only below, so this is the built model's prefix in both cases)
     init_prefix = model.prefix.embedding.weight.detach().clone()
+    if s.ckpt is not None and model.adapters is not None:  # --peft lora, resumed: the saved keep-mask decides
+        model.load_trainable_state({k: v.to(device) for k, v in s.ckpt[0].items()})  # which adapters train
     # --- optimiser and privacy
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(cfg, params)
@@ -143,19 +146,33 @@ def _val_and_prefix_share(model, ctx: TrainContext, init_prefix: torch.Tensor, p
 
     Why: the head alone (a linear probe on the frozen encoder) does most of the learning at small
     sizes, and every flattening level acts on the prefix; the difference says how much the
-    prefix itself learned (``info.val_accuracy_prefix_reset``). Val only: no private or test read.
+    prefix itself learned (``info.val_accuracy_prefix_reset``; ``--peft lora``: every adapter off,
+    ``info.val_accuracy_adapters_off``). A decoder with its label-word head also reports the
+    prompt's zero-shot accuracy, no prefix or adapter at all (``info.zero_shot_val_accuracy``: the
+    floor). Val only: no private or test read.
     """
     tc = ctx.cfg.train
     r = evaluate(model, ctx.eval, tc.eval_batch_size, ctx.device, prec)
-    w = model.prefix.embedding.weight
-    trained = w.detach().clone()
-    with torch.no_grad():
-        w.copy_(init_prefix)
-    try:
-        ctx.info["val_accuracy_prefix_reset"] = evaluate(model, ctx.eval, tc.eval_batch_size, ctx.device, prec)["accuracy"]
-    finally:
+    acc = lambda: evaluate(model, ctx.eval, tc.eval_batch_size, ctx.device, prec)["accuracy"]  # noqa: E731
+    if getattr(model, "adapters", None) is not None:  # --peft lora: the same question with every adapter off (where B = 0 started)
+        with prefixes_removed(model):
+            ctx.info["val_accuracy_adapters_off"] = off = acc()
+    else:
+        w = model.prefix.embedding.weight
+        trained = w.detach().clone()
         with torch.no_grad():
-            w.copy_(trained)
+            w.copy_(init_prefix)
+        try:
+            ctx.info["val_accuracy_prefix_reset"] = acc()
+        finally:
+            with torch.no_grad():
+                w.copy_(trained)
+        off = None
+    if getattr(model, "causal", False) and model.cfg.head == "prompt":  # a decoder's floor: the prompt alone
+        if off is None:
+            with prefixes_removed(model):
+                off = acc()
+        ctx.info["zero_shot_val_accuracy"] = off
     return r
 
 

@@ -199,8 +199,8 @@ def test_run_ids_of_the_defaults_are_pinned(key):
 def test_the_config_package_exports_every_name_the_module_had():
     import dpflat.config as C
 
-    names = ("ConfigError warn UnknownName FrozenConfigError MAX_GRID field_types split_optional check_types section "
-             "check_run_name check_device DataConfig ModelConfig PrivacyConfig Mode FlatConfig MAX_LR TrainConfig "
+    names = ("ConfigError warn UnknownName FrozenConfigError MAX_GRID WHEN_SET field_types split_optional check_types "
+             "section check_run_name check_device DataConfig ModelConfig PrivacyConfig Mode FlatConfig MAX_LR TrainConfig "
              "ZOOptimizer BlackBoxConfig RunConfig as_run_config SECTIONS non_identity_fields identity_dict VARIANTS "
              "NO_MODE_VARIANTS NONPRIVATE_VARIANTS MODES PAPER_AWP_GAMMA variant_name levels_names check_variant "
              "apply_variant PRESETS PAPER_DROPPED_LAYERS PAPER_DROPPED_OTHER PAPER_N_LAYERS PAPER_PRESET "

@@ -16,8 +16,8 @@ is importable from ``dpflat.config`` itself, as before the split.
 
 from __future__ import annotations
 
-from ._fields import (MAX_GRID, ConfigError, FrozenConfigError, UnknownName, check_device, check_run_name,
-                      check_types, field_types, section, split_optional, warn)
+from ._fields import (MAX_GRID, WHEN_SET, ConfigError, FrozenConfigError, UnknownName, check_device,
+                      check_run_name, check_types, field_types, section, split_optional, warn)
 from .sections import (MAX_LR, BlackBoxConfig, DataConfig, FlatConfig, Mode, ModelConfig, PrivacyConfig,
                        TrainConfig, ZOOptimizer)
 from .run import SECTIONS, RunConfig, as_run_config, identity_dict, non_identity_fields
@@ -54,5 +54,6 @@ __all__ = [
     "variant_name",
     "FrozenConfigError",
     "MAX_GRID",
+    "WHEN_SET",
     "UnknownName",
 ]

@@ -37,6 +37,9 @@ class FrozenConfigError(ConfigError, FrozenInstanceError):
     """An assignment to a validated config: configs are immutable, a changed copy comes from ``replace``."""
 
 
+#: ``_opt(identity=WHEN_SET)``: in the run's identity only at a value other than its default
+WHEN_SET = "when-set"
+
 #: the largest number of points per axis of a 2D loss surface (``landscape --grid``): grid² evaluations
 MAX_GRID = 201
 
@@ -46,10 +49,12 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _opt(default: Any, help: str, identity: bool = True) -> Any:  # noqa: A002 - argparse's word
+def _opt(default: Any, help: str, identity: bool | str = True) -> Any:  # noqa: A002 - argparse's word
     """A config field: its default, its help text (the CLI flag's ``--help``) and whether it is
     part of the run's identity, in one place. ``identity=False``: where or how a run is shown or
-    executed, never what it computes (left out of run ids and of config comparisons)."""
+    executed, never what it computes (left out of run ids and of config comparisons).
+    ``identity=WHEN_SET``: part of the identity only when it differs from its default -- a field
+    added after runs were recorded, so that their run ids stay what they were."""
     return field(default=default, metadata={"help": help, "identity": identity})
 
 

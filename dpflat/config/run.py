@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ._fields import ConfigError, UnknownName, _check, _frozen
+from ._fields import WHEN_SET, ConfigError, UnknownName, _check, _frozen
 from .sections import BlackBoxConfig, DataConfig, FlatConfig, ModelConfig, PrivacyConfig, TrainConfig
 
 
@@ -177,4 +177,9 @@ def identity_dict(d: dict[str, Any]) -> dict[str, Any]:
         for k in names:
             if isinstance(d.get(sect), dict):
                 d[sect].pop(k, None)
+    for sect, klass in SECTIONS.items():  # fields added later: only a value other than the default counts
+        for f in fields(klass):
+            if f.metadata.get("identity") == WHEN_SET and isinstance(d.get(sect), dict) \
+                    and f.name in d[sect] and d[sect][f.name] == f.default:
+                d[sect].pop(f.name)
     return d

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ._fields import ConfigError, _check, _opt, check_run_name, section
+from ._fields import WHEN_SET, ConfigError, _check, _opt, check_run_name, section
 
 
 @section("data")
@@ -48,7 +48,9 @@ class DataConfig:
 class ModelConfig:
     """Backbone and the trainable prefix + head on top of it."""
 
-    backbone: str = _opt("minilm", "minilm (shipped offline), tiny-bert, tiny-roberta, a local HF model dir, or a hub id")
+    backbone: str = _opt("minilm", "minilm (shipped offline), smollm2 (a decoder LLM shipped offline: SmolLM2-135M-Instruct, "
+                                   "dequantised from 4-bit GGUF), tiny-bert, tiny-roberta, tiny-llama, tiny-qwen2, tiny-gpt2, "
+                                   "a local HF model dir (encoder or causal LM), or a hub id")
     prefix_len: int = _opt(16, "prefix length m per layer (key/value prefix)")
     prefix_init: Literal["random", "tokens"] = _opt(
         "tokens", "random, or tokens: start from the backbone's keys/values of real tokens")
@@ -71,6 +73,12 @@ class ModelConfig:
                                       "(default: the task's, docs/PROTOCOL.md)")
     label_words: str | None = _opt(None, "prompt head: one word per class, comma-separated in class order, "
                                          "e.g. terrible,great (default: the task's)")
+    peft: Literal["prefix", "lora"] = _opt(
+        "prefix", "trainable family: prefix (per-layer key/value prefixes, the paper's method) or lora (low-rank "
+                  "adapters on the attention projections through the peft library; the flattening levels act on the "
+                  "adapters, distillation as a decoupled pull after each step)", identity=WHEN_SET)
+    lora_rank: int = _opt(8, "LoRA rank r (--peft lora)", identity=WHEN_SET)
+    lora_alpha: float = _opt(16.0, "LoRA scale alpha; the update is (alpha / r) B A (--peft lora)", identity=WHEN_SET)
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "backbone must be given")
@@ -87,6 +95,8 @@ class ModelConfig:
             words = [w.strip() for w in str(self.label_words).split(",")]
             _check(len(words) >= 2 and all(words), f"label_words must be >= 2 comma-separated words, got {self.label_words!r}")
         _check(1 <= self.prefix_len <= 512, f"prefix_len must be in [1, 512], got {self.prefix_len}")
+        _check(1 <= self.lora_rank <= 1024, f"lora_rank must be in [1, 1024], got {self.lora_rank}")
+        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         _check(0.0 <= self.head_dropout < 1.0, f"head_dropout must be in [0, 1), got {self.head_dropout}")
         if self.keep_layers is not None:
             self.keep_layer_ids()  # validates the format

@@ -20,16 +20,34 @@ def _layers() -> type[FlatLevel]:
     return LayerSelection
 
 
-def _distill() -> type[FlatLevel]:
-    from .distill import Distillation
+def _distill() -> Callable[["RunConfig"], FlatLevel]:
+    """Distillation toward a teacher's prefix, or its adapters under --peft lora (``distill_lora.py``)."""
 
-    return Distillation
+    def build(cfg: "RunConfig") -> FlatLevel:
+        if cfg.model.peft == "lora":
+            from .distill_lora import LoraDistillation
+
+            return LoraDistillation(cfg.flat, cfg.train.lr)
+        from .distill import Distillation
+
+        return Distillation(cfg.flat)
+
+    return build
 
 
-def _awp() -> type[FlatLevel]:
-    from .awp import AWP
+def _awp() -> Callable[["RunConfig"], FlatLevel]:
+    """AWP on the prefix, or on the adapters under --peft lora (``awp_lora.py``); built from the whole config."""
 
-    return AWP
+    def build(cfg: "RunConfig") -> FlatLevel:
+        if cfg.model.peft == "lora":
+            from .awp_lora import LoraAWP
+
+            return LoraAWP(cfg.flat)
+        from .awp import AWP
+
+        return AWP(cfg.flat)
+
+    return build
 
 
 def _trajectory() -> type[StepCallback]:
@@ -40,12 +58,13 @@ def _trajectory() -> type[StepCallback]:
 
 @dataclass(frozen=True)
 class LevelEntry:
-    """One level (or step callback) of a registry: when a config switches it on, its class (imported
-    lazily: a plain DP run never loads the landscape tools) and the config section it is built from."""
+    """One level (or step callback) of a registry: when a config switches it on, its class or builder
+    (imported lazily: a plain DP run never loads the landscape tools) and what it is built from (a
+    config section, or the whole config where the form depends on another section: ``--peft lora``)."""
 
     name: str
     active: Callable[["RunConfig"], bool]
-    load: Callable[[], type[StepCallback]]
+    load: Callable[[], Callable[[Any], StepCallback]]
     section: Callable[["RunConfig"], Any]
 
 
@@ -54,8 +73,8 @@ class LevelEntry:
 #: trainable).
 REGISTRY: list[LevelEntry] = [
     LevelEntry("layers", lambda c: c.flat.layers, _layers, lambda c: c.flat),
-    LevelEntry("distill", lambda c: c.flat.distill, _distill, lambda c: c.flat),
-    LevelEntry("awp", lambda c: c.flat.awp, _awp, lambda c: c.flat),
+    LevelEntry("distill", lambda c: c.flat.distill, _distill, lambda c: c),
+    LevelEntry("awp", lambda c: c.flat.awp, _awp, lambda c: c),
 ]
 #: The step callbacks, called after the levels at each of their points: the sharpness trajectory
 #: (a diagnostic: it sees the step the levels shaped, and changes nothing).

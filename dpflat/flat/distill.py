@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .. import lora
 from ..config import FlatConfig, warn
 from ._fit import level_data, level_fit
 from .base import FlatLevel, TrainContext
@@ -72,9 +73,10 @@ class Distillation(FlatLevel):
         if scorer is not None:
             init = copy.deepcopy(scorer)
             init.prefix.set_keep(ctx.model.prefix.keep_mask)
+            lora.train_kept(init)  # --peft lora: the dropped layers' adapters stay out of the fit
         teacher, report, cached = level_fit(ctx, data, kind="teacher", seed=tc.seed + 17, on_batch=count,
                                             cache=c.distill_mode == "safe", init=init)
-        self.teacher = teacher.prefix.embedding.weight.detach().clone()
+        self.teacher = self.take(teacher)
         ctx.info.update(report.to_info("teacher"))
         ctx.info["teacher_accuracy"] = report.val_accuracy  # the name older results use (val split)
         ctx.info["teacher_cached"] = cached
@@ -84,6 +86,10 @@ class Distillation(FlatLevel):
             warn(f"the {ctx.info['teacher_data']} teacher reaches {report.val_accuracy:.3f} val accuracy, not "
                       f"clearly above the majority class ({majority:.3f}): distillation pulls toward a model that has "
                       f"not learned the task (more public data: --public-size; a longer fit: --teacher-epochs)")
+
+    def take(self, teacher) -> Any:
+        """What of the fitted teacher the student is pulled toward: its prefix."""
+        return teacher.prefix.embedding.weight.detach().clone()
 
     def _keep_cols(self, ctx: TrainContext) -> torch.Tensor | None:
         keep = ctx.model.prefix.keep_mask

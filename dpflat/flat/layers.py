@@ -35,6 +35,7 @@ import torch
 
 from landscape.sharpness import prefix_indicator
 
+from .. import lora
 from ..config import ConfigError, FlatConfig
 from ..evaluate import ce_loss, fixed_batches
 from . import _cache
@@ -59,7 +60,7 @@ def indicator(model, batches, keep: list[bool], rho: float, n_random: int, seed:
     old = model.prefix.keep_mask.clone()
     model.prefix.set_keep(keep)
     try:
-        s = prefix_indicator(model, ce_loss, batches, rho=rho, params=["prefix.embedding.weight"],
+        s = prefix_indicator(model, ce_loss, batches, rho=rho, params=lora.scored_params(model),
                              n_random=n_random, both_signs=True, relative=True, seed=seed)
     finally:
         model.prefix.set_keep(old)
@@ -142,6 +143,7 @@ class LayerSelection(FlatLevel):
     def _finish(self, ctx: TrainContext, keep: list[bool], trace: list[dict[str, Any]], cached: bool) -> None:
         c = self.cfg
         ctx.model.prefix.set_keep(keep)
+        lora.train_kept(ctx.model)  # --peft lora: a dropped layer's adapters leave the trainable set
         self.keep, self.trace = keep, trace
         ctx.info["layers_keep"] = ",".join(str(i) for i, k in enumerate(keep) if k)
         ctx.info["layers_data"] = "public split" if c.layers_mode == "safe" else "private split (not DP)"
@@ -155,3 +157,4 @@ class LayerSelection(FlatLevel):
         self.keep, self.trace = state.get("keep"), state.get("trace", [])
         if self.keep is not None:
             ctx.model.prefix.set_keep(self.keep)
+            lora.train_kept(ctx.model)
