@@ -21,6 +21,7 @@ PACKAGES = ("dpflat", "landscape")
 # The training path's layers, lowest first: a module may import only from layers below its own
 # (function-level imports included; TYPE_CHECKING-only imports excluded). Issue 16.
 _LAYERS = [
+    {"dpflat.decoders", "dpflat.lora"},  # decoder LLMs and LoRA adapters, which the model modules dispatch to
     {"dpflat.backbone", "dpflat.heads"},  # the frozen encoder and the heads, side by side
     {"dpflat.models"},  # prefix + head on the backbone
     {"dpflat.privacy"},
