@@ -15,7 +15,10 @@ Reseed 0 is the shipped selection. ``--scorer warmup`` measures the old fixed-st
 (dropout off) for comparison. Each reseed runs in a fresh output dir (the setup cache would
 answer otherwise) as ``train(cfg, max_steps=1)``; what is reported comes from the selection
 itself: keep-mask, S per greedy round, the scorer's val accuracy and the setup's CPU seconds.
-Resumable: finished reseeds are stored in ``--out`` and skipped.
+Resumable: finished reseeds are stored in ``--out`` and skipped. With ``--fit-cache DIR`` each
+reseed trains in ``DIR/r<k>`` kept across calls, so its scorer fit (which does not depend on the
+indicator's settings) is read from the setup cache and only the selection is redone: the way to
+compare indicator settings on the same five fits (``setup CPU s`` is then not the cold cost).
 
     python benchmarks/bench_selection_noise.py --threads 1 --reseeds 5
 """
@@ -41,7 +44,8 @@ import _report  # noqa: E402
 RESEED_STRIDE = 1_000
 
 
-def one(task: str, seed: int, reseed: int, scorer: str, threads: int, extra: dict) -> dict:
+def one(task: str, seed: int, reseed: int, scorer: str, threads: int, extra: dict,
+        fit_cache: str | None = None) -> dict:
     import torch
 
     import dpflat.flat.layers as L
@@ -69,11 +73,16 @@ def one(task: str, seed: int, reseed: int, scorer: str, threads: int, extra: dic
         got["greedy_cpu_s"] = time.process_time() - t
         got["keep"] = ",".join(str(i) for i, k in enumerate(keep) if k)
         got["S"] = [round(float(r["S"]), 4) for r in trace]
+        got["candidates"] = [{str(k): round(float(v), 4) for k, v in r["candidates"].items()} for r in trace[1:]]
         return keep, trace
 
     L.level_fit, L.fit_to_plateau, L.greedy_drop = fit, warm, gd
     try:
-        out = tempfile.mkdtemp(prefix="bench-selnoise-")
+        if fit_cache:
+            out = str(Path(fit_cache) / f"{task}-s{seed}-{scorer}-r{reseed}")
+            Path(out).mkdir(parents=True, exist_ok=True)
+        else:
+            out = tempfile.mkdtemp(prefix="bench-selnoise-")
         cfg = apply_variant(RunConfig(), "dp+layers", "safe").replace(
             data={"task": task}, privacy={"epsilon": 3.0}, flat={"layers_scorer": scorer, **extra},
             train={"output_dir": out, "progress": False, "num_threads": threads, "seed": seed})
@@ -95,6 +104,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "bench-selection-noise"),
                    help="folder of finished reseeds (resumable)")
+    p.add_argument("--fit-cache", default=None,
+                   help="keep each reseed's run folder here: its scorer fit is reused across indicator settings")
     p.add_argument("--no-append", action="store_true")
     a = p.parse_args(argv)
     _report.start(a.threads)
@@ -106,7 +117,7 @@ def main(argv: list[str] | None = None) -> str:
     for r in range(a.reseeds):
         f = store / f"{a.task}-s{a.seed}-{a.scorer}{tag}-r{r}.json"
         if not f.is_file():
-            res = one(a.task, a.seed, r, a.scorer, a.threads, extra)
+            res = one(a.task, a.seed, r, a.scorer, a.threads, extra, a.fit_cache)
             f.write_text(json.dumps(res))
             print(res, flush=True)
         rows.append(json.loads(f.read_text()))

@@ -8,7 +8,7 @@ from dataclasses import fields
 
 import pytest
 
-from dpflat.config import (SECTIONS, VARIANTS, ConfigError, RunConfig, apply_variant, check_run_name, field_types,
+from dpflat.config import (SECTIONS, VARIANTS, ConfigError, FlatConfig, RunConfig, apply_variant, check_run_name, field_types,
                            split_optional)
 
 
@@ -98,6 +98,27 @@ def test_identity_fields_are_one_list_and_leave_run_ids_alone():
     assert identity_dict(moved.to_dict()) == identity_dict(base.to_dict())
     assert run_id(base.replace(train={"seed": 1})) != run_id(base)
     assert run_id(base.replace(train={"sharpness_every": 5})) != run_id(base)
+
+
+def test_a_level_gated_setting_counts_only_where_its_level_is_on():
+    """A setting of the cross-layer level cannot change a run without that level: changing its
+    default must leave the ids of plain DP (and the committed records keyed by them) alone and
+    re-identify the runs that select layers. Fails if the gate is dropped (or applied everywhere)."""
+    from dpflat.config import LevelGated
+    from dpflat.runs import run_id
+
+    gated = {f.name: f.metadata["identity"] for f in fields(FlatConfig)
+             if isinstance(f.metadata.get("identity"), LevelGated)}
+    assert set(gated) == {"layers_directions", "layers_scorer"}
+    other = {"layers_directions": 5, "layers_scorer": "warmup"}
+    for variant in ("dp", "nonprivate", "dp+distill", "dp+awp"):
+        cfg = apply_variant(RunConfig(), variant, "safe")
+        for name in gated:
+            assert run_id(cfg.replace(flat={name: other[name]})) == run_id(cfg), (variant, name)
+    for variant in ("dp+layers", "dpflat"):
+        cfg = apply_variant(RunConfig(), variant, "safe")
+        for name in gated:
+            assert run_id(cfg.replace(flat={name: other[name]})) != run_id(cfg), (variant, name)
 
 
 # --------------------------------------------------------------------------- issue 26: immutable, checked labels
@@ -204,6 +225,6 @@ def test_the_config_package_exports_every_name_the_module_had():
              "ZOOptimizer BlackBoxConfig RunConfig as_run_config SECTIONS non_identity_fields identity_dict VARIANTS "
              "NO_MODE_VARIANTS NONPRIVATE_VARIANTS MODES PAPER_AWP_GAMMA variant_name levels_names check_variant "
              "apply_variant PRESETS PAPER_DROPPED_LAYERS PAPER_DROPPED_OTHER PAPER_N_LAYERS PAPER_PRESET "
-             "paper_keep_layers apply_preset").split()
+             "paper_keep_layers apply_preset LevelGated").split()
     assert [n for n in names if not hasattr(C, n)] == []
     assert set(C.__all__) <= set(names)

@@ -104,6 +104,42 @@ def test_a_fit_stops_at_its_val_plateau_and_keeps_the_best_parameters():
     assert evaluate(fit, val, 256)["accuracy"] == pytest.approx(r.val_accuracy)
 
 
+def test_the_plateau_mean_is_the_mean_of_the_states_from_the_best_evaluation_to_the_stop():
+    """``plateau_mean`` (the layer scorer's model): the same steps as the best-on-val fit, then the
+    mean of the parameters at the evaluations from the best one to the stop, with its own val
+    accuracy. Checked against the states recorded by a wrapper of the optimizer's step."""
+    from dpflat.evaluate import evaluate
+    from dpflat.flat import _fit
+
+    torch.set_num_threads(1)
+    model = build_model(ModelConfig(backbone="tiny-bert", prefix_len=2, prefix_init="random"), 2, seed=0)
+    ds, val = _ragged_dataset(n=64, seed=2), _ragged_dataset(n=32, seed=5)
+    kw = dict(max_steps=400, batch_size=16, lr=0.05, device=torch.device("cpu"), seed=1, eval_every=2, patience=3)
+    states, orig = [], _fit._step
+
+    def step(student, opt, b, device):
+        n = orig(student, opt, b, device)
+        states.append({k: p.detach().clone() for k, p in student.named_parameters() if p.requires_grad})
+        return n
+
+    _fit._step = step
+    try:
+        best, rb = _fit.fit_to_plateau(model, ds, val, **kw)
+        n_best = len(states)
+        mean, rm = _fit.fit_to_plateau(model, ds, val, plateau_mean=True, **kw)
+    finally:
+        _fit._step = orig
+    assert (rm.steps, rm.best_step, rm.curve) == (rb.steps, rb.best_step, rb.curve)  # the same fit
+    assert rm.stopped == "plateau" and rm.best_step > 0
+    run = states[n_best:]
+    at = [run[s - 1] for s in range(rm.best_step, rm.steps + 1, 2)]  # the evaluations from best to stop
+    assert len(at) == 4  # the best one and the three without a gain
+    got = {k: p for k, p in mean.named_parameters() if p.requires_grad}
+    for k in got:
+        assert torch.allclose(got[k], torch.stack([s[k] for s in at]).mean(0), atol=1e-6), k
+    assert rm.val_accuracy == pytest.approx(evaluate(mean, val, 256)["accuracy"])
+
+
 def _args(out: Path, data: Path, mode: str, eps: float) -> list[str]:
     return [
         "train", "--variant", "dpflat", "--mode", mode, "--backbone", "tiny-bert", "--data-dir", str(data),

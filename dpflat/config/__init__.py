@@ -16,7 +16,7 @@ is importable from ``dpflat.config`` itself, as before the split.
 
 from __future__ import annotations
 
-from ._fields import (MAX_GRID, WHEN_SET, ConfigError, FrozenConfigError, UnknownName, check_device,
+from ._fields import (MAX_GRID, WHEN_SET, ConfigError, LevelGated, FrozenConfigError, UnknownName, check_device,
                       check_run_name, check_types, field_types, section, split_optional, warn)
 from .sections import (MAX_LR, BlackBoxConfig, DataConfig, FlatConfig, Mode, ModelConfig, PrivacyConfig,
                        TrainConfig, ZOOptimizer)
@@ -55,5 +55,6 @@ __all__ = [
     "FrozenConfigError",
     "MAX_GRID",
     "WHEN_SET",
+    "LevelGated",
     "UnknownName",
 ]

@@ -40,6 +40,23 @@ class FrozenConfigError(ConfigError, FrozenInstanceError):
 #: ``_opt(identity=WHEN_SET)``: in the run's identity only at a value other than its default
 WHEN_SET = "when-set"
 
+#: a gated field's marker for "absent from the identity of a run whose level is off"
+NOT_RECORDED = "not-recorded"
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelGated:
+    """``_opt(identity=LevelGated("layers", legacy=3))``: a setting of one flattening level.
+
+    Where the level (``flat.<level>``) is on, the field is part of the run's identity like any
+    other; where it is off, the setting cannot change what the run computes, so it enters the
+    identity at ``legacy`` -- the value run ids were first recorded with -- or not at all
+    (``NOT_RECORDED``, a field added later). So changing such a default re-identifies exactly the
+    runs it changes: the level's, not the plain DP and non-private runs recorded before."""
+
+    level: str
+    legacy: Any = NOT_RECORDED
+
 #: the largest number of points per axis of a 2D loss surface (``landscape --grid``): grid² evaluations
 MAX_GRID = 201
 
@@ -49,12 +66,13 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _opt(default: Any, help: str, identity: bool | str = True) -> Any:  # noqa: A002 - argparse's word
+def _opt(default: Any, help: str, identity: bool | str | LevelGated = True) -> Any:  # noqa: A002 - argparse's word
     """A config field: its default, its help text (the CLI flag's ``--help``) and whether it is
     part of the run's identity, in one place. ``identity=False``: where or how a run is shown or
     executed, never what it computes (left out of run ids and of config comparisons).
     ``identity=WHEN_SET``: part of the identity only when it differs from its default -- a field
-    added after runs were recorded, so that their run ids stay what they were."""
+    added after runs were recorded, so that their run ids stay what they were.
+    ``identity=LevelGated(level)``: counts only where that flattening level is on."""
     return field(default=default, metadata={"help": help, "identity": identity})
 
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ._fields import WHEN_SET, ConfigError, UnknownName, _check, _frozen
+from ._fields import NOT_RECORDED, WHEN_SET, ConfigError, LevelGated, UnknownName, _check, _frozen
 from .sections import BlackBoxConfig, DataConfig, FlatConfig, ModelConfig, PrivacyConfig, TrainConfig
 
 
@@ -182,4 +182,13 @@ def identity_dict(d: dict[str, Any]) -> dict[str, Any]:
             if f.metadata.get("identity") == WHEN_SET and isinstance(d.get(sect), dict) \
                     and f.name in d[sect] and d[sect][f.name] == f.default:
                 d[sect].pop(f.name)
+    flat = d.get("flat") if isinstance(d.get("flat"), dict) else {}
+    for sect, klass in SECTIONS.items():  # a level's settings where the level is off: at their recorded value
+        for f in fields(klass):
+            gate = f.metadata.get("identity")
+            if isinstance(gate, LevelGated) and isinstance(d.get(sect), dict) and not flat.get(gate.level, False):
+                if gate.legacy == NOT_RECORDED:
+                    d[sect].pop(f.name, None)
+                else:
+                    d[sect][f.name] = gate.legacy
     return d

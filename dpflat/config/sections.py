@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ._fields import WHEN_SET, ConfigError, _check, _opt, check_run_name, section
+from ._fields import WHEN_SET, ConfigError, LevelGated, _check, _opt, check_run_name, section
 
 
 @section("data")
@@ -173,10 +173,13 @@ class FlatConfig:
     layers_mode: Mode = _opt("safe", "safe: sharpness on the public split; paper: on private data (not DP)")
     n_drop: int = _opt(2, "number of layers whose prefix is removed (fewer than the backbone's layers)")
     layers_rho: float = _opt(0.05, "radius ρ of the sharpness indicator's ball")
-    layers_directions: int = _opt(3, "random directions of the indicator besides the gradient one")
-    layers_scorer: Literal["plateau", "warmup"] = _opt(
+    layers_directions: int = _opt(3, "random directions of the indicator besides the gradient one",
+                                  identity=LevelGated("layers", legacy=3))
+    layers_scorer: Literal["plateau", "plateau-mean", "warmup"] = _opt(
         "plateau", "model the indicator is scored on: plateau = a non-private fit (all layers) to its val plateau "
-                   "with the teacher's settings; warmup = --layers-warmup-steps fixed steps (dropout off in both)")
+                   "with the teacher's settings, its best-on-val parameters; plateau-mean = the same fit, the mean "
+                   "of its parameters over the plateau (best val evaluation to the stop); warmup = "
+                   "--layers-warmup-steps fixed steps (dropout off in all)", identity=LevelGated("layers", legacy="plateau"))
     layers_warmup_steps: int = _opt(30, "with --layers-scorer warmup: non-private steps before scoring (on allowed data)")
     layers_examples: int = _opt(128, "fixed subset the indicator is evaluated on")
     layers_stop_early: bool = _opt(False, "stop dropping when the indicator no longer decreases")

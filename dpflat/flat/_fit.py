@@ -72,6 +72,7 @@ def fit_to_plateau(
     patience: int = 0,
     eval_batch_size: int = 256,
     on_batch: Callable[[int], None] | None = None,
+    plateau_mean: bool = False,
 ) -> tuple[nn.Module, FitReport]:
     """A deep copy of ``model`` trained with AdamW on ``dataset``; ``model`` is untouched.
 
@@ -79,6 +80,9 @@ def fit_to_plateau(
     parameters, and stops after ``patience`` evaluations without a gain (0: the whole
     ``max_steps``); returns the best-on-val copy. Without one (``val=None``): exactly
     ``max_steps`` steps, the last parameters (the scorer's fixed warm-up). Eval mode (no dropout).
+    ``plateau_mean``: return instead the mean of the parameters at the evaluations from the best
+    one to the stop (the plateau the early stopping waited on), evaluated on val: the fit's end
+    point without most of the SGD noise of where it happened to stop (the layer scorer).
     """
     t0 = time.perf_counter()
     student = copy.deepcopy(model).eval()  # eval mode throughout: no dropout, so no draw to depend on
@@ -94,6 +98,7 @@ def fit_to_plateau(
 
     best_acc, best_step, best_state = accuracy(), 0, trainable()
     curve, since, done, stopped = [(0, best_acc)], 0, 0, "budget"
+    plateau = [best_state]  # the states at the evaluations since the best one
     while done < max_steps and stopped == "budget":
         for b in loader:
             n = _step(student, opt, b, device)
@@ -105,17 +110,25 @@ def fit_to_plateau(
                 curve.append((done, acc))
                 if acc > best_acc:
                     best_acc, best_step, best_state, since = acc, done, trainable(), 0
-                elif patience and (since := since + 1) >= patience:
-                    stopped = "plateau"
-                    break
+                    plateau = [best_state]
+                else:
+                    if plateau_mean:
+                        plateau.append(trainable())
+                    if patience and (since := since + 1) >= patience:
+                        stopped = "plateau"
+                        break
             if done >= max_steps:
                 break
     if val is None:
         best_step, best_state = done, trainable()
+    elif plateau_mean:
+        best_state = {k: torch.stack([s[k] for s in plateau]).mean(0) for k in best_state}
     with torch.no_grad():
         named = dict(student.named_parameters())
         for k, v in best_state.items():
             named[k].copy_(v)
+    if plateau_mean and val is not None:
+        best_acc = accuracy()
     return student, FitReport(steps=done, best_step=best_step, val_accuracy=best_acc,
                               seconds=time.perf_counter() - t0, stopped=stopped, curve=curve)
 
@@ -141,7 +154,7 @@ def steps_for_epochs(epochs: float, n: int, batch_size: int) -> int:
 
 
 def level_fit(ctx, data, *, kind: str, seed: int, cache: bool, on_batch: Callable[[int], None] | None = None,
-              init: nn.Module | None = None) -> tuple[nn.Module, FitReport, bool]:
+              init: nn.Module | None = None, plateau_mean: bool = False) -> tuple[nn.Module, FitReport, bool]:
     """A level's fit to its val plateau (the run's teacher settings), cached when its data is public.
 
     ``data``: what the fit reads (the public split; in paper mode the private split, read through
@@ -160,6 +173,8 @@ def level_fit(ctx, data, *, kind: str, seed: int, cache: bool, on_batch: Callabl
     settings = {"max_steps": max_steps, "batch_size": c.teacher_batch_size, "lr": lr, "seed": seed,
                 "eval_every": c.teacher_eval_every, "patience": c.teacher_patience,
                 "eval_batch_size": tc.eval_batch_size, "physical": FIT_PHYSICAL}
+    if plateau_mean:  # only then in the key: the caches of best-on-val fits stay valid
+        settings["plateau_mean"] = True
     k = None
     if cache and _cache.enabled():
         k = _cache.key(f"fit-{kind}", {
@@ -175,7 +190,7 @@ def level_fit(ctx, data, *, kind: str, seed: int, cache: bool, on_batch: Callabl
     student, report = fit_to_plateau(start, data, ctx.eval, max_steps=max_steps, batch_size=c.teacher_batch_size,
                                      lr=lr, device=ctx.device, seed=seed, eval_every=c.teacher_eval_every,
                                      patience=c.teacher_patience, eval_batch_size=tc.eval_batch_size,
-                                     on_batch=on_batch)
+                                     on_batch=on_batch, plateau_mean=plateau_mean)
     if k is not None:
         _cache.save(tc.output_dir, k, {"state": {n: t.cpu() for n, t in student.trainable_state().items()},
                                        "report": {**report.__dict__, "curve": [list(x) for x in report.curve]}})

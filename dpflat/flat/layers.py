@@ -108,9 +108,9 @@ class LayerSelection(FlatLevel):
         data, count = level_data(ctx, c.layers_mode, PAPER_WHO, PAPER_HOW,
                                  "layer selection in safe mode scores sharpness on the public split")
         safe = c.layers_mode == "safe"
-        if c.layers_scorer == "plateau":  # a model that has learned the task (shared with the teacher)
+        if c.layers_scorer in ("plateau", "plateau-mean"):  # a model that has learned the task (shared with the teacher)
             scorer, report, fit_cached = level_fit(ctx, data, kind="scorer", seed=tc.seed + 29, on_batch=count,
-                                                   cache=safe)
+                                                   cache=safe, plateau_mean=c.layers_scorer == "plateau-mean")
             ctx.info.update({**report.to_info("scorer"), "scorer_cached": fit_cached})
             ctx.shared[f"scorer/{c.layers_mode}"] = scorer
         elif c.layers_warmup_steps > 0:
