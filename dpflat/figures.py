@@ -110,11 +110,13 @@ def error_bars(std: Any, n: Any) -> dict[str, Any]:
     """``error_y`` of mean ± std bars or points: drawn only where there are several values (seeds).
 
     Why: the std of one value is 0, and a zero-height "error bar" reads as a measured, exact value.
-    A point from one run gets no bar at all (NaN), and the trace none when no point has two.
+    A point from one run gets no bar at all (None: JSON null, which a live FigureWidget can send; a NaN
+    made every explorer update print jupyter_client's "Out of range float values are not JSON compliant"
+    warning into the lesson), and the trace none when no point has two.
     """
     std, n = np.atleast_1d(np.asarray(std, dtype=float)), np.atleast_1d(np.asarray(n, dtype=float))
-    arr = np.where(n > 1, std, np.nan)
-    return dict(type="data", array=arr.tolist(), visible=bool((n > 1).any()))
+    arr = [float(s) if k > 1 else None for s, k in zip(std, n)]
+    return dict(type="data", array=arr, visible=bool((n > 1).any()))
 
 
 def metric_label(metric: str) -> str:

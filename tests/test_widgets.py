@@ -657,7 +657,7 @@ def test_a_single_seed_draws_no_error_bar(tiny_base):
     traces = _by_name(W.metric_vs_epsilon(t, "accuracy"))
     one = traces["dp · (ε, δ)-DP"].error_y
     two = traces["dpflat-safe · (ε, δ)-DP"].error_y
-    assert one.visible is False and all(math.isnan(v) for v in one.array)
+    assert one.visible is False and all(v is None for v in one.array)  # JSON null: a FigureWidget can send it
     assert two.visible and all(v > 0 for v in two.array)
     for tr in sharpness_vs_epsilon(t).data:
         if tr.error_y is not None and tr.error_y.array is not None:
@@ -954,3 +954,15 @@ def test_the_dp_vs_nonprivate_sharpness_line_says_which_evidence_the_run_agrees_
     assert "mixed" in W.dp_vs_nonprivate_sharpness(mixed)
     assert "cannot compare" in W.dp_vs_nonprivate_sharpness(t[t["variant"] != "nonprivate"])
     assert "run the landscape analysis" in W.dp_vs_nonprivate_sharpness(t.drop(columns=["top_eigenvalue"]))
+
+
+def test_live_figures_hold_no_nan_a_figure_widget_cannot_send():
+    """jupyter_client refuses NaN in a widget message and prints a warning into the lesson (seen in 04's
+    explorer, one per update): the explorer's figures carry None where a value is missing, never NaN."""
+    import json
+
+    t = _attacked(_rows())
+    t = t[t["seed"] == 0]  # one seed: no error bars anywhere
+    ex = W.explorer(t)
+    for name, fig in ex.figures.items():
+        json.dumps(fig.to_plotly_json()["data"], allow_nan=False, default=lambda o: o.tolist())  # raises on NaN
