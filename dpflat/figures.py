@@ -9,7 +9,7 @@ panel, a glyph missing from default fonts) belongs in one place.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +110,13 @@ def error_bars(std: Any, n: Any) -> dict[str, Any]:
     """``error_y`` of mean ± std bars or points: drawn only where there are several values (seeds).
 
     Why: the std of one value is 0, and a zero-height "error bar" reads as a measured, exact value.
-    A point from one run gets no bar at all (NaN), and the trace none when no point has two.
+    A point from one run gets no bar at all (None: JSON null, which a live FigureWidget can send; a NaN
+    made every explorer update print jupyter_client's "Out of range float values are not JSON compliant"
+    warning into the lesson), and the trace none when no point has two.
     """
     std, n = np.atleast_1d(np.asarray(std, dtype=float)), np.atleast_1d(np.asarray(n, dtype=float))
-    arr = np.where(n > 1, std, np.nan)
-    return dict(type="data", array=arr.tolist(), visible=bool((n > 1).any()))
+    arr = [float(s) if k > 1 else None for s, k in zip(std, n)]
+    return dict(type="data", array=arr, visible=bool((n > 1).any()))
 
 
 def metric_label(metric: str) -> str:
@@ -190,6 +192,53 @@ def aggregate(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     out = out.rename(columns={"_eps": "target_epsilon"})
     out["target_epsilon"] = out["target_epsilon"].where(out["target_epsilon"] >= 0)
     return out
+
+
+# --------------------------------------------------------------------------- metric vs ε (04's explorer, 01/04's attack figure)
+def metric_traces(table: pd.DataFrame, metric: str, variants: Sequence[str] | None = None,
+                  eps_range: tuple[float, float] | None = None) -> list[Any]:
+    """Traces of ``metric`` against target ε, mean ± std over seeds, one per variant.
+
+    Variants without ε (non-private) become a dashed horizontal reference line over the
+    shown ε range. Names are ``variant · guarantee`` from the rows; the hover of each
+    point gives the claimed ε, or says that the run makes no ε claim.
+    """
+    import plotly.graph_objects as go
+
+    agg = aggregate(table, metric)
+    if variants is not None:
+        agg = agg[agg["variant"].isin(list(variants))]
+    dp_pts = agg[agg["target_epsilon"].notna()]
+    if eps_range is not None:
+        lo, hi = eps_range
+        dp_pts = dp_pts[(dp_pts["target_epsilon"] >= lo - 1e-9) & (dp_pts["target_epsilon"] <= hi + 1e-9)]
+    if not dp_pts.empty:
+        xlo, xhi = float(dp_pts["target_epsilon"].min()), float(dp_pts["target_epsilon"].max())
+    elif eps_range is not None:
+        xlo, xhi = eps_range
+    else:
+        xlo, xhi = 1.0, 10.0
+    traces = []
+    for v, pts in dp_pts.groupby("variant", sort=True):
+        pts = pts.sort_values("target_epsilon")
+        rows = table[table["variant"] == v]
+        claims = [f"claimed ε = {c:.2f}" if not is_missing(c) else "no ε claim: " + g
+                  for c, g in zip(pts["claimed_epsilon"], pts["guarantee"])]
+        traces.append(go.Scatter(
+            x=pts["target_epsilon"].tolist(), y=pts["mean"].tolist(), mode="lines+markers",
+            error_y=error_bars(pts["std"], pts["n"]), line=dict(color=run_color(v)), marker=dict(color=run_color(v)),
+            name=group_label(rows), customdata=np.stack([pts["n"].to_numpy(), np.array(claims, dtype=object)], axis=1),
+            hovertemplate="target ε=%{x}<br>" + metric_label(metric) + "=%{y:.4g}"
+                          "<br>%{customdata[0]} seed(s)<br>%{customdata[1]}<extra>%{fullData.name}</extra>",
+        ))
+    for v, pts in agg[agg["target_epsilon"].isna()].groupby("variant", sort=True):
+        m, s, n = float(pts["mean"].iloc[0]), float(pts["std"].iloc[0]), int(pts["n"].iloc[0])
+        traces.append(go.Scatter(
+            x=[xlo, xhi], y=[m, m], mode="lines", line=dict(dash="dash", color=run_color(v)),
+            name=group_label(table[table["variant"] == v]),
+            hovertemplate=f"{metric_label(metric)}={m:.4g}" + (f" ± {s:.2g}" if n > 1 else "") + f" ({n} seed(s)), no ε<extra>%{{fullData.name}}</extra>",
+        ))
+    return traces
 
 
 # --------------------------------------------------------------------------- sharpness vs ε
@@ -323,5 +372,5 @@ def responsive(fig: Any) -> Any:
 
 __all__ = ["GUARANTEE_COLORS", "LEGEND_BELOW", "METRICS", "VARIANT_COLORS", "aggregate", "checked_guarantees",
            "color_by_run", "eigenvalue_bars", "eps_column", "error_bars", "group_label", "guarantee_pattern",
-           "is_missing", "join_guarantees", "label_variant", "mean_std", "metric_label", "responsive", "run_color",
-           "run_label", "safe_text", "sharpness_vs_epsilon"]
+           "is_missing", "join_guarantees", "label_variant", "mean_std", "metric_label", "metric_traces", "responsive",
+           "run_color", "run_label", "safe_text", "sharpness_vs_epsilon"]

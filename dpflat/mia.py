@@ -37,6 +37,11 @@ non-members resampled separately):
 - TPR at 1% and 0.1% FPR (Carlini et al. 2022): the best TPR over thresholds whose FPR
   is at most the target. With n non-members, FPR resolves in steps of 1/n, so below
   1/n the number is "TPR at zero false positives" (``fpr_resolution`` says 1/n).
+- advantage: the best TPR − FPR over thresholds (Yeom et al. 2018's membership advantage;
+  2·accuracy − 1 when the sides are balanced). An (ε, δ)-DP run bounds it for *every*
+  attacker by ``dp_advantage_bound`` = (e^ε − 1 + 2δ)/(e^ε + 1). Like the accuracy it is
+  optimistic: with n examples per side and no leakage at all it is about 0.89/√n
+  (``advantage_chance_level``), not 0.
 """
 
 from __future__ import annotations
@@ -76,10 +81,39 @@ def attack_point_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray
     P, N = len(member_scores), len(nonmember_scores)
     acc = float(np.max((tpr * P + (1 - fpr) * N) / (P + N)))
     auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-    out = {"accuracy": acc, "auc": auc}
+    out = {"accuracy": acc, "auc": auc, "advantage": float(np.max(tpr - fpr))}
     for a in low_fprs:
         out[_tpr_key(a)] = float(np.max(tpr[fpr <= a + 1e-12]))
     return out
+
+
+def dp_advantage_bound(epsilon: float, delta: float = 0.0) -> float:
+    """The largest membership advantage TPR − FPR that any attacker can reach against an (ε, δ)-DP run.
+
+    The corner of the region TPR <= e^ε·FPR + δ, 1 − FPR <= e^ε·(1 − TPR) + δ (Kairouz, Oh &
+    Viswanath 2015; ``widgets.dp_roc_bound`` draws the whole curve): (e^ε − 1 + 2δ)/(e^ε + 1),
+    i.e. tanh(ε/2) at δ = 0. An attack measured above it refutes the claim.
+    """
+    e = math.exp(float(epsilon))
+    return min(1.0, (e - 1.0 + 2.0 * float(delta)) / (e + 1.0))
+
+
+def advantage_chance_level(n_per_side: int, quantile: float | None = None, draws: int = 4000) -> float:
+    """The best-threshold advantage an attack that learns nothing still shows with n members and n non-members.
+
+    The threshold is picked on the scored examples, so with scores of one distribution on both
+    sides the advantage is the one-sided two-sample Kolmogorov-Smirnov statistic: distribution-free
+    (only the ranks matter), so it is computed exactly here by simulating random rankings (seeded:
+    the same number in every process). ``quantile=None``: its mean (about 0.057 at n = 200; 0.89/√n
+    for large n); ``quantile=0.95``: the level that 95% of useless attacks stay below. A measured
+    advantage under it is no evidence that the attack found anything.
+    """
+    n = max(1, int(n_per_side))
+    rng = np.random.default_rng([n, 0xAD7])
+    labels = np.tile(np.r_[np.ones(n), np.zeros(n)], (draws, 1))
+    labels = rng.permuted(labels, axis=1)  # the ranking of 2n scores of one distribution
+    adv = np.max(np.cumsum(labels, axis=1) / n - np.cumsum(1 - labels, axis=1) / n, axis=1).clip(min=0.0)
+    return float(np.mean(adv) if quantile is None else np.quantile(adv, quantile))
 
 
 def _tpr_key(fpr: float) -> str:
@@ -100,6 +134,8 @@ class AttackMetrics:
     auc_ci: tuple[float, float]
     tpr_at_1_fpr_ci: tuple[float, float]
     tpr_at_0_1_fpr_ci: tuple[float, float]
+    advantage: float = math.nan  # best TPR − FPR (mia.json files older than this field have none)
+    advantage_ci: tuple[float, float] = (math.nan, math.nan)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -124,7 +160,8 @@ def attack_metrics(member_scores, nonmember_scores, *, score: str = "loss", n_bo
     return AttackMetrics(
         score=score, accuracy=point["accuracy"], auc=point["auc"], tpr_at_1_fpr=point[k1],
         tpr_at_0_1_fpr=point[k01], accuracy_ci=ci["accuracy"], auc_ci=ci["auc"],
-        tpr_at_1_fpr_ci=ci[k1], tpr_at_0_1_fpr_ci=ci[k01],
+        tpr_at_1_fpr_ci=ci[k1], tpr_at_0_1_fpr_ci=ci[k01], advantage=point["advantage"],
+        advantage_ci=ci["advantage"],
     )
 
 
@@ -382,11 +419,14 @@ def record_result(result: MIAResult) -> dict[str, Any] | None:
 
     Why: the explorer (notebook 04) offers every ``mia_*`` column as a metric, so an
     audited sweep can plot leakage against ε next to accuracy and sharpness.
+    ``mia_per_side`` (members = non-members attacked) is a count, not a metric: it sets the
+    advantage's chance level (``advantage_chance_level``).
     """
     from .runs import update_result
 
     run_dir = Path(result.run_dir)
-    cols = dict(mia_auc=result.loss.auc, mia_tpr_at_1_fpr=result.loss.tpr_at_1_fpr, mia_accuracy=result.loss.accuracy)
+    cols = dict(mia_auc=result.loss.auc, mia_tpr_at_1_fpr=result.loss.tpr_at_1_fpr, mia_accuracy=result.loss.accuracy,
+                mia_advantage=result.loss.advantage, mia_per_side=min(result.n_members, result.n_nonmembers))
     if result.calibrated is not None:
         cols["mia_calibrated_auc"] = result.calibrated.auc
     return update_result(run_dir.parent, run_dir.name, cols)  # the one writer of the results table
@@ -402,9 +442,11 @@ def save_result(result: MIAResult, run_dir: str | Path | None = None) -> Path:
 __all__ = [
     "AttackMetrics",
     "MIAResult",
+    "advantage_chance_level",
     "attack_metrics",
     "attack_point_metrics",
     "attack_run",
+    "dp_advantage_bound",
     "example_losses",
     "load_run_model",
     "membership_sets",

@@ -33,6 +33,9 @@ def test_metrics_on_known_score_sets():
     # 3 of 4 members above every non-member, the 4th below all: TPR at FPR 0 is 0.75
     part = attack_point_metrics(np.array([5.0, 6, 7, -1]), np.array([0.0, 1, 2, 3]))
     assert part["tpr_at_1%fpr"] == 0.75 and part["auc"] == 0.75 and part["accuracy"] == pytest.approx(7 / 8)
+    # advantage = best TPR − FPR: 1 when separated, 0 when reversed or tied, 2·accuracy − 1 when balanced
+    assert sep["advantage"] == 1.0 and rev["advantage"] == 0.0 and tie["advantage"] == 0.0
+    assert part["advantage"] == pytest.approx(2 * part["accuracy"] - 1)
 
 
 def test_auc_and_roc_match_sklearn():

@@ -49,11 +49,11 @@ TINY = {
 }
 PER_NOTEBOOK: dict[str, dict] = {
     # ε around 1: the accountant (run at every step) is slowest at the small σ of large ε
-    "01_quickstart": {"epsilon": 1.0},
+    "01_quickstart": {"epsilon": 1.0, "attack_per_side": 64},
     "02_dp_tradeoffs": {"epsilons": [1.0]},
     "03_flatness_landscapes": {"epsilon": 1.0, "top_k": 2, "grid": 5, "n_examples": 16, "line_points": 5},
     "04_sharpness_vs_epsilon": {"variants": ["dp"], "epsilons": [1.0, 4.0], "seeds": [0],
-                                "top_k": 1, "grid": 3, "n_examples": 16},
+                                "top_k": 1, "grid": 3, "n_examples": 16, "attack_per_side": 64},
     "05_ablations": {"epsilon": 1.0, "baseline_variants": ["dp"]},
     "06_privacy_audit": {"epsilon": 1.0, "attack_variants": ["dp", "dp+awp-paper"], "max_per_side": 64,
                          "n_bootstrap": 50, "audit_variants": ["dp"], "canaries": 16},
@@ -157,6 +157,14 @@ def test_notebook_runs_end_to_end(path, python3_kernel, shared_data, tmp_path):
 
         variants = set(pd.read_parquet(tmp_path / "out" / "results.parquet")["variant"])
         assert {"bb-dp", "bb-dpflat-safe"} <= variants
+    attacked = {"01_quickstart": {"dp", "dpflat-safe"}, "04_sharpness_vs_epsilon": {"nonprivate", "dp"}}.get(path.stem)
+    if attacked:  # the attacker beside the cost: every run the figure shows was attacked, by default
+        import pandas as pd
+
+        runs = pd.read_parquet(tmp_path / "out" / "results.parquet")
+        runs = runs[runs["variant"].isin(attacked)]
+        assert set(runs["variant"]) == attacked and runs["mia_advantage"].notna().all()
+        assert (runs["mia_per_side"] == PER_NOTEBOOK[path.stem]["attack_per_side"]).all()
 
 
 def test_make_lab_opens_a_git_ignored_working_copy_so_a_run_lesson_leaves_the_repository_clean(tmp_path):

@@ -342,18 +342,28 @@ def test_sweep_runner_attack_records_mia_columns_the_explorer_offers(tiny_base, 
     def fake_attack(run_dir, **kw):  # the attack itself is tested in test_mia
         calls.append(str(run_dir))
         assert kw == {"max_per_side": 8}
-        loss = SimpleNamespace(auc=0.5 + 0.1 * len(calls), tpr_at_1_fpr=0.01, accuracy=0.55)
-        return SimpleNamespace(run_dir=str(run_dir), loss=loss, calibrated=None)
+        loss = SimpleNamespace(auc=0.5 + 0.1 * len(calls), tpr_at_1_fpr=0.01, accuracy=0.55, advantage=0.1)
+        return SimpleNamespace(run_dir=str(run_dir), loss=loss, calibrated=None, n_members=8, n_nonmembers=8)
 
     monkeypatch.setattr(M, "attack_run", fake_attack)
-    monkeypatch.setattr(M, "save_result", lambda res, p: (p / "mia.json").write_text(json.dumps({"auc": res.loss.auc})))
+    monkeypatch.setattr(M, "save_result", lambda res, p: (p / "mia.json").write_text(
+        json.dumps({"loss": {"auc": res.loss.auc, "advantage": res.loss.advantage}})))
     r = W.sweep_runner(tiny_base, ["nonprivate"], [1.0], [0, 1], analyze=False, attack=True,
                        attack_kwargs={"max_per_side": 8})
     table = r.run()
     assert len(calls) == 2 and sorted(table["mia_auc"]) == pytest.approx([0.6, 0.7])
-    assert "mia_auc" in W.explorer(table).controls["metric"].options
+    ex = W.explorer(table)
+    assert "mia_auc" in ex.controls["metric"].options and "mia_advantage" in ex.controls["metric"].options
+    assert "mia_per_side" not in ex.controls["metric"].options  # a count, not a metric
     r.run()  # attacked runs are not attacked again
     assert len(calls) == 2
+    # an attack result written before the advantage was measured is redone (04's figure needs it)
+    import pathlib
+
+    pathlib.Path(calls[0], "mia.json").write_text(json.dumps({"loss": {"auc": 0.6}}))
+    assert W.needs_attack(calls[0]) and not W.needs_attack(calls[1])
+    r.run()
+    assert len(calls) == 3 and calls[2] == calls[0]
 
 
 def test_dp_roc_bound_is_the_hypothesis_testing_region():
@@ -557,6 +567,12 @@ def _run_traces(fig):
     return out
 
 
+def _attacked(table):
+    """The test rows with an attack's columns: advantage growing with ε, 200 examples per side."""
+    return table.assign(mia_advantage=0.02 + 0.01 * table["target_epsilon"].fillna(20.0), mia_per_side=200,
+                        delta=1e-5)
+
+
 def _lesson_figures(tmp_path, tiny_base):
     """Every figure builder the lessons call on runs, fed the same four runs (names as the lessons label them)."""
     from types import SimpleNamespace
@@ -567,6 +583,7 @@ def _lesson_figures(tmp_path, tiny_base):
     from dpflat.figures import eigenvalue_bars, sharpness_vs_epsilon
 
     table = _rows()
+    attacked = _attacked(table)
     runs = {"nonprivate": NOT_DP_NONPRIVATE, "dp": DP, "dpflat-safe": DP, "dpflat-paper": NOT_DP_PAPER}
     rows, run_dirs, analyses = [], {}, {}
     for i, (v, g) in enumerate(runs.items()):
@@ -601,6 +618,8 @@ def _lesson_figures(tmp_path, tiny_base):
         "02/04 metric vs ε": W.metric_vs_epsilon(table, "accuracy"),
         "04 explorer": W.explorer(table).figures["epsilon"],
         "04 explorer runs": W.explorer(table).figures["runs"],
+        "01/04 attack beside the cost": W.attack_cost_figure(attacked),
+        "04 explorer attack": W.explorer(attacked).figures["attack"],
         "report sharpness vs ε": sharpness_vs_epsilon(table),
         "05 compare": panel.figures["compare"],
         "06 MIA bars": W.mia_bars(mia),
@@ -638,7 +657,7 @@ def test_a_single_seed_draws_no_error_bar(tiny_base):
     traces = _by_name(W.metric_vs_epsilon(t, "accuracy"))
     one = traces["dp · (ε, δ)-DP"].error_y
     two = traces["dpflat-safe · (ε, δ)-DP"].error_y
-    assert one.visible is False and all(math.isnan(v) for v in one.array)
+    assert one.visible is False and all(v is None for v in one.array)  # JSON null: a FigureWidget can send it
     assert two.visible and all(v > 0 for v in two.array)
     for tr in sharpness_vs_epsilon(t).data:
         if tr.error_y is not None and tr.error_y.array is not None:
@@ -852,3 +871,98 @@ def test_the_band_allows_for_the_sampling_error_and_still_catches_a_broken_claim
 
     assert not leaves_band(trials(0.0, 1.0))
     assert leaves_band(trials(5.0, 0.1))
+
+
+# --------------------------------------------------------------------------- the attacker beside the cost (issue 29)
+def test_the_dp_advantage_bound_is_the_corner_of_the_roc_region():
+    """(e^ε − 1 + 2δ)/(e^ε + 1) is the largest TPR − FPR on the ROC bound a claim implies (``dp_roc_bound``)."""
+    from dpflat.mia import dp_advantage_bound
+
+    for eps, delta in ((0.5, 0.0), (1.0, 1e-5), (3.0, 1e-5), (8.0, 1e-3)):
+        fpr, tpr = W.dp_roc_bound(eps, delta, n=20000)
+        fine = np.linspace(0, 1, 200001)
+        e = math.exp(eps)
+        tpr_f = np.clip(np.minimum.reduce([np.ones_like(fine), e * fine + delta, 1 - (1 - delta - fine) / e]), 0, 1)
+        assert dp_advantage_bound(eps, delta) == pytest.approx(float(np.max(tpr_f - fine)), abs=1e-4)
+        assert np.max(tpr - fpr) <= dp_advantage_bound(eps, delta) + 1e-9
+    assert dp_advantage_bound(2.0) == pytest.approx(math.tanh(1.0))
+    assert dp_advantage_bound(3.0, 1e-5) == pytest.approx(0.905, abs=1e-3)  # ε = 3 allows a strong attacker
+
+
+def test_the_chance_level_is_what_a_useless_attack_shows():
+    """Scores of one distribution on both sides: the best-threshold advantage is about 0.89/√n, not 0."""
+    from dpflat.mia import advantage_chance_level, attack_point_metrics
+
+    rng = np.random.default_rng(0)
+    n = 200
+    sim = np.array([attack_point_metrics(rng.normal(size=n), rng.normal(size=n))
+                    ["advantage"] for _ in range(400)])
+    assert advantage_chance_level(n) == pytest.approx(float(np.mean(sim)), rel=0.08)
+    assert advantage_chance_level(n, quantile=0.95) == pytest.approx(float(np.quantile(sim, 0.95)), rel=0.12)
+    assert advantage_chance_level(n) == advantage_chance_level(n)  # seeded: one number per n
+    assert advantage_chance_level(20_000) == pytest.approx(0.886 / math.sqrt(20_000), rel=0.1)  # the KS limit
+
+
+def test_attack_cost_figure_puts_accuracy_beside_the_advantage_and_its_bound():
+    from dpflat.mia import advantage_chance_level, dp_advantage_bound
+
+    t = _attacked(_rows())
+    fig = W.attack_cost_figure(t)
+    left = [tr for tr in fig.data if tr.xaxis in (None, "x")]
+    right = [tr for tr in fig.data if tr.xaxis == "x2"]
+    runs = {tr.name for tr in left}
+    assert runs == {tr.name for tr in right if "·" in tr.name}  # every run on both sides
+    assert all(tr.showlegend for tr in left) and not any(tr.showlegend for tr in right if "·" in tr.name)
+    dp = next(tr for tr in right if tr.name == "dp · (ε, δ)-DP")
+    assert list(dp.x) == [1.0, 3.0, 8.0] and list(dp.y) == pytest.approx([0.03, 0.05, 0.10])
+    bound = next(tr for tr in right if tr.name.startswith("the most any attacker"))
+    assert all(y == pytest.approx(dp_advantage_bound(x, 1e-5)) for x, y in zip(bound.x, bound.y))
+    assert min(bound.x) <= 0.5 and max(bound.x) >= 8.0  # its whole shape, from near 0 to near 1
+    assert "odds change at most e^ε" in bound.hovertemplate
+    floor = next(tr for tr in right if "learn nothing" in tr.name)
+    assert floor.y[0] == pytest.approx(advantage_chance_level(200, quantile=0.95))
+    np_line = next(tr for tr in right if tr.name.startswith("nonprivate"))
+    assert np_line.line.dash == "dash" and list(np_line.x) == [min(bound.x), max(bound.x)]
+    # rows as dicts (01's two runs), and a table no attack has touched yet: the bound alone, said so
+    two = W.attack_cost_figure(t[t["variant"].isin(["dp", "dpflat-safe"]) & (t["target_epsilon"] == 3.0)
+                                 & (t["seed"] == 0)].to_dict("records"))
+    assert {tr.name for tr in two.data if "·" in tr.name} == {"dp · (ε, δ)-DP", "dpflat-safe · (ε, δ)-DP"}
+    bare = W.attack_cost_figure(_rows().drop(columns=["mia_auc"]))
+    assert not [tr for tr in bare.data if tr.xaxis == "x2" and "·" in tr.name]
+    assert any("no run attacked yet" in a.text for a in bare.layout.annotations)
+
+
+def test_the_explorer_shows_the_attacker_beside_the_cost_for_its_selection():
+    ex = W.explorer(_attacked(_rows()))
+    names = lambda: {tr.name for tr in ex.figures["attack"].data if "·" in tr.name}  # noqa: E731
+    assert {"dp · (ε, δ)-DP", "dpflat-safe · (ε, δ)-DP"} <= names()
+    ex.controls["variants"].value = ("dp",)
+    assert names() == {"dp · (ε, δ)-DP"}
+    ex.controls["eps_range"].value = (3.0, 8.0)
+    dp = [tr for tr in ex.figures["attack"].data if tr.name == "dp · (ε, δ)-DP" and tr.xaxis == "x2"]
+    assert list(dp[0].x) == [3.0, 8.0]
+
+
+def test_the_dp_vs_nonprivate_sharpness_line_says_which_evidence_the_run_agrees_with():
+    t = _rows()  # dp's λ1 = 10/ε + seed, non-private 1.0: DP sharper at every ε
+    line = W.dp_vs_nonprivate_sharpness(t)
+    assert "DP sharper at every ε" in line and "non-private 1 (2 seed(s))" in line and "\n" not in line
+    flat = t.assign(top_eigenvalue=np.where(t["variant"] == "dp", 0.5, t["top_eigenvalue"]))
+    assert "DP flatter at every ε: as arXiv 2512.19019 reports" in W.dp_vs_nonprivate_sharpness(flat)
+    mixed = t.assign(top_eigenvalue=np.where((t["variant"] == "dp") & (t["target_epsilon"] == 8.0), 0.5,
+                                             t["top_eigenvalue"]))
+    assert "mixed" in W.dp_vs_nonprivate_sharpness(mixed)
+    assert "cannot compare" in W.dp_vs_nonprivate_sharpness(t[t["variant"] != "nonprivate"])
+    assert "run the landscape analysis" in W.dp_vs_nonprivate_sharpness(t.drop(columns=["top_eigenvalue"]))
+
+
+def test_live_figures_hold_no_nan_a_figure_widget_cannot_send():
+    """jupyter_client refuses NaN in a widget message and prints a warning into the lesson (seen in 04's
+    explorer, one per update): the explorer's figures carry None where a value is missing, never NaN."""
+    import json
+
+    t = _attacked(_rows())
+    t = t[t["seed"] == 0]  # one seed: no error bars anywhere
+    ex = W.explorer(t)
+    for name, fig in ex.figures.items():
+        json.dumps(fig.to_plotly_json()["data"], allow_nan=False, default=lambda o: o.tolist())  # raises on NaN

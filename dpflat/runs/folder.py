@@ -333,6 +333,11 @@ class RunDir:
         d = _json_or_none(self.private_file)
         return d if isinstance(d, dict) else None
 
+    def mia(self) -> dict[str, Any] | None:
+        """mia.json (a membership-inference attack's result, ``dpflat.mia``); None when absent or unreadable."""
+        d = _json_or_none(self.mia_file)
+        return d if isinstance(d, dict) else None
+
     def landscape(self) -> dict[str, Any] | None:
         """The landscape analysis summary; None when not analysed or unreadable."""
         return _json_or_none(self.landscape_file)

@@ -26,14 +26,14 @@ from .landscapes import (ANALYSIS_PHASES, AXES, SurfacePanel, analyze_runs, axis
                          trajectories, trajectory_figure)
 from .neighbours import (DATASETS, dkw_halfwidth, dp_cdf_band, epsilon_odds, neighbour_config, neighbour_figure,
                          neighbour_records, neighbour_runs, record_table, separation)
-from .privacy_audit import (audit_bars, dp_roc_bound, mia_bars, mia_label, mia_roc, mia_roc_figure, mia_table,
-                            record_mia)
+from .privacy_audit import (attack_cost_figure, attack_runs, audit_bars, dp_roc_bound, mia_bars, mia_label, mia_roc,
+                            mia_roc_figure, mia_table, needs_attack, record_mia)
 from .quickstart import (COUNT_NOTE, accuracy_bars, comparison_table, flatness_table, ledger_label, ledger_reads,
                          load_ledger, paired_accuracy_difference, payoff_figure)
 from .setup import (SETUP_PHASES, SIZES, LessonInputError, SetupStatus, StatusLine, base_config, default_out_dir,
                     project_root, resolve_folder, setup_notebook, sized, train_run)
-from .sweeps import (Explorer, SweepRunner, analysis_done, explorer, metric_columns, metric_traces,
-                     metric_vs_epsilon, run_points, sweep_runner)
+from .sweeps import (Explorer, SweepRunner, analysis_done, dp_vs_nonprivate_sharpness, explorer,
+                     metric_columns, metric_traces, metric_vs_epsilon, run_points, sweep_runner)
 from .tradeoffs import PrivacyPanel, epsilon_vs_steps, noise_vs_batch, privacy_panel, run_mechanism
 
 __all__ = [
@@ -41,13 +41,14 @@ __all__ = [
     "PRIVATE_LOSS_LABEL", "SETUP_PHASES", "SIZES",
     "AblationPanel", "Explorer", "LessonInputError", "Panel", "PrivacyPanel", "SetupStatus", "StatusLine",
     "SurfacePanel", "SweepRunner",
-    "ablation_name", "ablation_panel", "accuracy_bars", "aggregate", "analysis_done", "analyze_runs", "audit_bars",
+    "ablation_name", "ablation_panel", "accuracy_bars", "aggregate", "analysis_done", "analyze_runs", "attack_cost_figure",
+    "attack_runs", "audit_bars",
     "axis_definition", "axis_surface_source", "axis_surfaces", "base_config", "color_by_run", "comparison_table",
-    "default_out_dir", "dkw_halfwidth", "dp_cdf_band", "dp_roc_bound", "eigen_result", "epsilon_curve", "epsilon_odds",
+    "default_out_dir", "dkw_halfwidth", "dp_vs_nonprivate_sharpness", "dp_cdf_band", "dp_roc_bound", "eigen_result", "epsilon_curve", "epsilon_odds",
     "epsilon_vs_steps", "explorer", "figure_widget_available", "flatness_table", "fmt_delta", "group_label",
     "landscape_bars", "ledger_label", "ledger_reads", "load_ledger", "metric_columns", "metric_traces",
     "metric_vs_epsilon", "mia_bars", "mia_label", "mia_roc", "mia_roc_figure", "mia_table", "n_layers", "name_axes",
-    "name_colorbar", "neighbour_config", "neighbour_figure", "neighbour_records", "neighbour_runs", "new_figure",
+    "name_colorbar", "needs_attack", "neighbour_config", "neighbour_figure", "neighbour_records", "neighbour_runs", "new_figure",
     "noise_vs_batch", "paired_accuracy_difference", "payoff_figure", "privacy_panel", "project_root", "record_mia",
     "record_table", "replace_traces", "resolve_folder", "responsive", "run_color", "run_label", "run_mechanism",
     "run_points", "separation", "setup_notebook", "sized", "snapshot", "surface_panel", "sweep_runner", "train_run",

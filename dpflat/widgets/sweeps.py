@@ -11,73 +11,29 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..config import RunConfig
-from ..figures import (METRICS, aggregate, eps_column, error_bars, group_label, is_missing, metric_label, run_color,
-                       run_label)
+from ..figures import METRICS, aggregate, eps_column, group_label, metric_label, metric_traces, run_color, run_label
 from ..runs import RunDir, load_results
-from .base import Panel, new_figure, replace_traces
+from .base import Panel, figure_widget_available, new_figure, replace_traces
 from .setup import SetupStatus
+
+
+#: ``mia_*`` columns that are counts, not metrics (never offered as one)
+NOT_METRICS = frozenset({"mia_per_side"})
 
 
 def metric_columns(table: pd.DataFrame) -> list[str]:
     """Metrics the table can plot: the known ones and any ``mia_*`` column, with values."""
     cols = [m for m in METRICS if m in table.columns]
-    cols += sorted(c for c in table.columns if c.startswith("mia_") and c not in cols)
+    cols += sorted(c for c in table.columns if c.startswith("mia_") and c not in cols and c not in NOT_METRICS)
     out = []
     for c in cols:
         vals = pd.to_numeric(table[c], errors="coerce")
         if vals.notna().any():
             out.append(c)
     return out
-
-
-def metric_traces(table: pd.DataFrame, metric: str, variants: Sequence[str] | None = None,
-                  eps_range: tuple[float, float] | None = None) -> list[Any]:
-    """Traces of ``metric`` against target ε, mean ± std over seeds, one per variant.
-
-    Variants without ε (non-private) become a dashed horizontal reference line over the
-    shown ε range. Names are ``variant · guarantee`` from the rows; the hover of each
-    point gives the claimed ε, or says that the run makes no ε claim.
-    """
-    import plotly.graph_objects as go
-
-    agg = aggregate(table, metric)
-    if variants is not None:
-        agg = agg[agg["variant"].isin(list(variants))]
-    dp_pts = agg[agg["target_epsilon"].notna()]
-    if eps_range is not None:
-        lo, hi = eps_range
-        dp_pts = dp_pts[(dp_pts["target_epsilon"] >= lo - 1e-9) & (dp_pts["target_epsilon"] <= hi + 1e-9)]
-    if not dp_pts.empty:
-        xlo, xhi = float(dp_pts["target_epsilon"].min()), float(dp_pts["target_epsilon"].max())
-    elif eps_range is not None:
-        xlo, xhi = eps_range
-    else:
-        xlo, xhi = 1.0, 10.0
-    traces = []
-    for v, pts in dp_pts.groupby("variant", sort=True):
-        pts = pts.sort_values("target_epsilon")
-        rows = table[table["variant"] == v]
-        claims = [f"claimed ε = {c:.2f}" if not is_missing(c) else "no ε claim: " + g
-                  for c, g in zip(pts["claimed_epsilon"], pts["guarantee"])]
-        traces.append(go.Scatter(
-            x=pts["target_epsilon"].tolist(), y=pts["mean"].tolist(), mode="lines+markers",
-            error_y=error_bars(pts["std"], pts["n"]), line=dict(color=run_color(v)), marker=dict(color=run_color(v)),
-            name=group_label(rows), customdata=np.stack([pts["n"].to_numpy(), np.array(claims, dtype=object)], axis=1),
-            hovertemplate="target ε=%{x}<br>" + metric_label(metric) + "=%{y:.4g}"
-                          "<br>%{customdata[0]} seed(s)<br>%{customdata[1]}<extra>%{fullData.name}</extra>",
-        ))
-    for v, pts in agg[agg["target_epsilon"].isna()].groupby("variant", sort=True):
-        m, s, n = float(pts["mean"].iloc[0]), float(pts["std"].iloc[0]), int(pts["n"].iloc[0])
-        traces.append(go.Scatter(
-            x=[xlo, xhi], y=[m, m], mode="lines", line=dict(dash="dash", color=run_color(v)),
-            name=group_label(table[table["variant"] == v]),
-            hovertemplate=f"{metric_label(metric)}={m:.4g}" + (f" ± {s:.2g}" if n > 1 else "") + f" ({n} seed(s)), no ε<extra>%{{fullData.name}}</extra>",
-        ))
-    return traces
 
 
 def run_points(table: pd.DataFrame, x: str, y: str, variants: Sequence[str] | None = None,
@@ -117,11 +73,43 @@ def metric_vs_epsilon(table: pd.DataFrame, metric: str = "accuracy", title: str 
     return fig
 
 
+def dp_vs_nonprivate_sharpness(table: pd.DataFrame, metric: str = "top_eigenvalue") -> str:
+    """One line: is plain DP sharper than the non-private run in this table, at each target ε?
+
+    Why: the evidence points both ways. This project measured DP models as sharper (SST-2 λ1 2.92
+    vs 1.25 non-private, 5 seeds, older defaults; benchmarks/RESULTS.md), while a 2025 study (arXiv
+    2512.19019) reports that DP generally *reduces* sharpness. The line compares the ``dp`` rows'
+    mean ``metric`` per target ε with the ``nonprivate`` rows' mean, and says how many seeds each has.
+    """
+    name = metric_label(metric)
+    if metric not in table.columns or "variant" not in table.columns:
+        return f"no {name} in this table yet: run the landscape analysis (analyze = True) first"
+    t = table.assign(_m=pd.to_numeric(table[metric], errors="coerce"), _eps=eps_column(table))
+    ref = t[(t["variant"] == "nonprivate") & t["_m"].notna()]
+    dp = t[(t["variant"] == "dp") & t["_m"].notna() & t["_eps"].notna()]
+    if ref.empty or dp.empty:
+        return (f"cannot compare: this table needs {name} of a nonprivate run and of dp runs "
+                f"(has {len(ref)} and {len(dp)}); keep include_nonprivate = True and 'dp' in variants")
+    r = float(ref["_m"].mean())
+    parts, sharper = [], []
+    for e, g in dp.groupby("_eps", sort=True):
+        m = float(g["_m"].mean())
+        sharper.append(m > r)
+        parts.append(f"{m:.3g} at ε={e:g} ({len(g)} seed(s))")
+    verdict = ("DP sharper at every ε: as this project measured" if all(sharper) else
+               "DP flatter at every ε: as arXiv 2512.19019 reports" if not any(sharper) else
+               "mixed: DP sharper at some ε, flatter at others")
+    return (f"your runs, {name}: non-private {r:.3g} ({len(ref)} seed(s)) vs DP {', '.join(parts)} -> {verdict} "
+            f"(one table, one task; seeds decide whether it holds)")
+
+
 class Explorer(Panel):
     """Results table -> linked figures, filtered by ε range, variants and metric.
 
     ``figures["epsilon"]``: the metric against target ε, mean ± std over seeds;
     ``figures["runs"]``: every run, the metric against a second column (``versus``);
+    ``figures["attack"]``: accuracy against ε beside the membership advantage against ε, with the bound
+    the DP claim implies (``attack_cost_figure``), for the same selection;
     ``controls["summary"]``: the selection as a table (mean ± std, guarantees).
     """
 
@@ -141,6 +129,12 @@ class Explorer(Panel):
         fig_r = new_figure(height=430)
         v_e = self._add_figure("epsilon", fig_e)
         v_r = self._add_figure("runs", fig_r)
+        import plotly.graph_objects as go
+
+        from .privacy_audit import attack_cost_figure
+
+        start = attack_cost_figure(table if table is not None else pd.DataFrame())
+        v_a = self._add_figure("attack", go.FigureWidget(start) if figure_widget_available() else start)
         self._muted = False
         self._versus_chosen = False  # True once the user picks "versus": then it is kept
         self.set_table(table, metric)
@@ -149,7 +143,7 @@ class Explorer(Panel):
         for k in ("versus", "variants", "eps_range"):
             c[k].observe(lambda _ch: self.update(), names="value")
         self.widget = w.VBox([w.HBox([c["metric"], c["versus"]]), w.HBox([c["variants"], c["eps_range"]]),
-                              v_e, v_r, c["summary"]])
+                              v_e, v_r, v_a, c["summary"]])
 
     def set_table(self, table: pd.DataFrame, metric: str | None = None) -> None:
         """Load a (new) results table: refresh the options, keep the selection where possible."""
@@ -238,6 +232,11 @@ class Explorer(Panel):
             replace_traces(self.figures["runs"], run_points(self.table, versus, metric, variants, rng),
                            title=f"every run: {name} vs {metric_label(versus)}",
                            xaxis_title=metric_label(versus), yaxis_title=name)
+        from .privacy_audit import attack_cost_figure
+
+        built = attack_cost_figure(self.table, variants, rng)
+        replace_traces(self.figures["attack"], built.data)
+        self.figures["attack"].update_layout(built.layout.to_plotly_json())
         self._refresh()
         self._show_summary(metric)
 
@@ -365,9 +364,10 @@ class SweepRunner(Panel):
                             self._update_status()
                 if self.attack:
                     from ..mia import attack_run, record_result, save_result
+                    from .privacy_audit import needs_attack
 
                     for p in self.run_dirs():
-                        if RunDir(p).done and not RunDir(p).mia_file.is_file():
+                        if RunDir(p).done and needs_attack(p):
                             self._update_status(f"· membership inference on {p.name}")
                             res = attack_run(p, **self.attack_kwargs)
                             save_result(res, p)
