@@ -245,7 +245,8 @@ RELEASE = {
         "training time and memory (result.json, results table: wall_s, setup_s, train_s, examples_per_s, "
         "peak_mem_mb; side channels of the batch sizes; examples_per_s there is the expected qN per step)",
         "loss landscapes and Hessians computed on the private split",
-        "membership-inference reads (mia.json) and canary audits (canaries.json, audit.json)",
+        "membership-inference reads (mia.json; the results table's mia_* columns) and canary audits "
+        "(canaries.json, audit.json)",
     ],
     "note": "release only the covered artifacts; the others read private data outside the accountant",
 }

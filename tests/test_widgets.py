@@ -930,6 +930,12 @@ def test_attack_cost_figure_puts_accuracy_beside_the_advantage_and_its_bound():
     bare = W.attack_cost_figure(_rows().drop(columns=["mia_auc"]))
     assert not [tr for tr in bare.data if tr.xaxis == "x2" and "·" in tr.name]
     assert any("no run attacked yet" in a.text for a in bare.layout.annotations)
+    # the advantage reads the private split (members): a private diagnostic, said on the panel and in the
+    # release boundary every DP run's ledger states
+    from dpflat.privacy import RELEASE
+
+    assert any("private diagnostic" in a.text for a in fig.layout.annotations if "attacker" in a.text)
+    assert any("mia_*" in line for line in RELEASE["private_diagnostics_not_covered"])
 
 
 def test_the_explorer_shows_the_attacker_beside_the_cost_for_its_selection():

@@ -97,7 +97,8 @@ def attack_cost_figure(table: pd.DataFrame | Sequence[Mapping[str, Any]], varian
 
     t = table if isinstance(table, pd.DataFrame) else pd.DataFrame([as_row(r) for r in table])
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
-        "the cost: test accuracy", "the attacker: membership advantage TPR − FPR"))
+        "the cost: test accuracy",
+        "the attacker: membership advantage TPR − FPR<br>(a private diagnostic: it reads the private split)"))
     eps = eps_column(t) if len(t) else pd.Series(dtype=float)
     if variants is not None and len(t):
         eps = eps[t["variant"].isin(list(variants))]
