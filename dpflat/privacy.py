@@ -243,7 +243,7 @@ RELEASE = {
         "holds its seed, so whoever reads any checkpoint, ckpt-0000000 included, can replay every noise "
         "draw from step 0: keep checkpoints as private as the data), LATEST, best.safetensors, last.safetensors",
         "training time and memory (result.json, results table: wall_s, setup_s, train_s, examples_per_s, "
-        "peak_mem_mb; side channels of the batch sizes; examples_per_s there is the expected qN per step)",
+        "peak_mem_mb, processes; side channels of the batch sizes; examples_per_s there is the expected qN per step)",
         "loss landscapes and Hessians computed on the private split",
         "membership-inference reads (mia.json; the results table's mia_* columns) and canary audits "
         "(canaries.json, audit.json)",

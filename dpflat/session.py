@@ -204,6 +204,10 @@ class Session:
         # a pass finishes that pass (same batches, same secret draws) instead of starting a new one
         self.pass_start: int | None = None
         self.seen, self.t0, self.step0 = 0, time.time(), 0
+        self.training = False  # inside progress(): the train clock runs
+        #: seconds of earlier processes of this run, up to their last checkpoint (a resumed run's
+        #: train_s and wall_s are totals; without this they were the last process's only)
+        self.before = {"train_s": 0.0, "wall_s": 0.0, "processes": 0}
         #: private statistics the stepper adds for private_diagnostics.json (e.g. the black box's queries)
         self.diagnostics: dict[str, Any] = {}
 
@@ -241,6 +245,7 @@ class Session:
         self.step, self.best = state["step"], state["best"]
         self.best_params = state.get("best_params")
         self.pass_start = state.get("pass_start")  # None in checkpoints older than this key
+        self.before = dict(state.get("elapsed") or {"train_s": 0.0, "wall_s": 0.0, "processes": 0})
         self.ledger.resume_counts(state["ledger"])
         dist_mod.keep_counts_on_main(self.ledger)  # torchrun: the saved counts are totals over ranks
         if self.main:
@@ -260,6 +265,7 @@ class Session:
         self.bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.cfg.variant}",
                         disable=not (tc.progress and self.main), leave=False)
         self.t0, self.seen, self.step0 = time.time(), 0, self.step
+        self.training = True
         self.phase("training")
         try:
             yield
@@ -303,7 +309,7 @@ class Session:
 
     def checkpoint(self) -> None:
         """The trainable tensors and the private state (shared entries + the stepper's)."""
-        state = {"step": self.step, "pass_start": self.pass_start, "best": self.best,
+        state = {"step": self.step, "pass_start": self.pass_start, "best": self.best, "elapsed": self.elapsed(),
                  "ledger": dist_mod.merged_ledger(self.ledger).to_dict(),
                  "best_params": self.best_params, **self.private_state()}
         if self.main:
@@ -320,11 +326,22 @@ class Session:
         fill_ledger(self.ledger, self.cfg.privacy, dp, self.step)
         return {"run_id": self.rd.path.name, "finished": False, "step": self.step, "run_dir": str(self.rd.path)}
 
+    def elapsed(self) -> dict[str, float]:
+        """Seconds so far over every process of this run (earlier ones up to their last checkpoint)."""
+        now, b = time.time(), self.before
+        return {"train_s": b["train_s"] + (now - self.t0 if self.training else 0.0),
+                "wall_s": b["wall_s"] + now - self.t_start, "processes": b["processes"] + 1}
+
     def cost(self, setup_s: float) -> dict[str, float]:
-        """Time and throughput of the run, for the results row."""
-        train_s = time.time() - self.t0
-        return {"setup_s": setup_s, "train_s": train_s, "examples_per_s": self.seen / max(train_s, 1e-9),
-                "t_start": self.t_start}
+        """Time and throughput of the run, for the results row.
+
+        train_s and wall_s add up every process of a resumed run (to each one's last checkpoint);
+        examples_per_s is this process's (its examples over its own train time).
+        """
+        this_s = time.time() - self.t0
+        e = self.elapsed()
+        return {"setup_s": setup_s, "train_s": e["train_s"], "examples_per_s": self.seen / max(this_s, 1e-9),
+                "this_train_s": this_s, "processes": e["processes"], "wall_s": e["wall_s"]}
 
     def finish(self, dp: DPSetup | None, *, last: Tensors, load: Callable[[Tensors], Tensors],
                val: Callable[[], dict[str, Any]], test: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
@@ -350,7 +367,7 @@ class Session:
         rd.write_ledger(self.ledger.public_dict())
         if cost is not None:
             cost = self._public_cost(dict(cost))
-            cost["wall_s"] = time.time() - cost.pop("t_start")
+            cost["wall_s"] = self.elapsed()["wall_s"]
             cost["peak_mem_mb"] = peak_memory_mb(self.device)
         rd.write_private_diagnostics({
             "note": "private diagnostics: functions of the private split outside the accountant, not covered by "
@@ -370,7 +387,8 @@ class Session:
         if "examples_per_s" in cost and led.mechanism in SAMPLED_GAUSSIAN and led.sample_rate:
             self.diagnostics["examples_per_s"] = cost["examples_per_s"]
             expected = (self.step - self.step0) * led.sample_rate * led.n_private
-            cost["examples_per_s"] = expected / max(float(cost.get("train_s") or 0.0), 1e-9)
+            cost["examples_per_s"] = expected / max(float(cost.get("this_train_s") or 0.0), 1e-9)
+        cost.pop("this_train_s", None)
         return cost
 
 

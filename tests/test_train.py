@@ -92,6 +92,18 @@ def test_a_resumed_dpflat_run_reports_what_its_setup_found(tmp_path, make_cfg):
     assert res["setup_s"] > 0
 
 
+def test_a_resumed_run_reports_the_time_of_every_process(tiny_cfg):
+    """A run finished by a second process reported that process's seconds only (a 2-hour study cell
+    read 90 s): train_s and wall_s now add the earlier processes' time up to their last checkpoint."""
+    cfg = tiny_cfg.replace(train={"checkpoint_every": 1})
+    part = train(cfg, max_steps=2, on_step=lambda row: time.sleep(1.0))  # 2 slow steps, then "killed"
+    assert not part.get("finished")
+    res = train(cfg)  # the other 6 steps, fast
+    assert res["processes"] == 2
+    assert res["train_s"] >= 2.0 and res["wall_s"] >= res["train_s"]
+    assert res["examples_per_s"] > 0  # this process's throughput, over its own train time
+
+
 def test_a_run_trained_by_a_live_process_is_locked_and_a_stale_lock_is_taken_over(tiny_cfg):
     """Two notebooks or two sweeps must never write the same run folder at once."""
     import subprocess

@@ -72,6 +72,7 @@ def finish_run(cfg: RunConfig, rd: RunDir, metric: str, ledger, final: dict[str,
         "keep_layers": keep_layers,
         "finished": True,
         **{k: float(cost[k]) for k in ("wall_s", "setup_s", "train_s", "examples_per_s", "peak_mem_mb") if k in cost},
+        **({"processes": int(cost["processes"])} if "processes" in cost else {}),  # >1: resumed (times are totals)
         **{f"info_{k}": v for k, v in info.items() if isinstance(v, (int, float, str, bool))},
     }
     rd.write_result({**row, "info": info})
