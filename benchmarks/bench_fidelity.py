@@ -73,10 +73,12 @@ PART_SEEDS = [0, 1, 2]
 TASK_REGIME = {"mpqa": {"data": {"train_size": 0}, "train": {"epochs": 4.0}}}
 #: test examples the flatness figures use (Lanczos + SAM on a loaded 2-core CPU: minutes per run)
 N_LANDSCAPE = 128
-ORDER = {"nonprivate": 0, "dp": 1, "dp+awp-safe": 2, "dp+layers-safe": 3, "dp+distill-safe": 4, "dpflat-safe": 5,
-         "dpflat-paper": 6}
+#: the row of the dp+distill cell's safe teacher evaluated by itself (``teacher_alone``)
+TEACHER = "safe teacher alone"
+ORDER = {"nonprivate": 0, "dp": 1, "dp+awp-safe": 2, "dp+layers-safe": 3, TEACHER: 3.5, "dp+distill-safe": 4,
+         "dpflat-safe": 5, "dpflat-paper": 6}
 #: variants whose flatness is measured in dp's parameter space (every prefix layer kept)
-ALL_LAYERS = ("nonprivate", "dp", "dp+awp-safe", "dp+distill-safe")
+ALL_LAYERS = ("nonprivate", "dp", "dp+awp-safe", "dp+distill-safe", TEACHER)
 
 
 def base_config(a):
@@ -195,6 +197,70 @@ def record_finished(a) -> int:
     return added
 
 
+def teacher_key(c) -> str:
+    """The record's key of the teacher row that pairs with the dp+distill cell ``c``."""
+    return "teacher:" + cell_key(c)
+
+
+def teacher_alone(c) -> tuple[dict, object]:
+    """The safe teacher of the dp+distill cell ``c`` by itself: its fit (the cached one when the cell
+    was trained under the same output dir) and one read of the test split.
+
+    Why: distillation pulls the DP student toward a model trained on the public split only; what
+    that model scores on its own (no private data, no ε) is the baseline the student's gain must
+    be read against -- a student that only matches its teacher gained nothing from its private data.
+    Returns (results row, per-example 0/1 test correctness).
+    """
+    from dpflat.evaluate import evaluate_test
+    from dpflat.flat._fit import level_fit
+    from dpflat.flat.base import TrainContext
+    from dpflat.models import build_model, load_tokenizer
+    from dpflat.privacy import PrivacyLedger, PrivateSplit
+    from dpflat.session import prepare_data, start_run
+
+    device = start_run(c)
+    tok = load_tokenizer(c.model)
+    card, _, tokd = prepare_data(c, tok)
+    model = build_model(c.model, len(card.labels), seed=c.train.seed, task=card.name, tokenizer=tok).to(device)
+    ledger = PrivacyLedger()
+    ctx = TrainContext(c, model, PrivateSplit(tokd["private"], ledger), tokd["public"], tokd["val"], ledger, device)
+    t0 = time.time()
+    teacher, report, cached = level_fit(ctx, ctx.public, kind="teacher", seed=c.train.seed + 17, cache=True)
+    if ledger.reads:  # the safe teacher must not have read the private split
+        raise RuntimeError(f"the safe teacher read private data: {ledger.reads}")
+    final, per_ex = evaluate_test(teacher, tokd["eval"], c.train.eval_batch_size, device, c.train.resolved_precision())
+    order = per_ex["idx"].argsort(kind="stable")
+    row = {"run_id": teacher_key(c), "task": c.data.task, "variant": TEACHER, "seed": c.train.seed,
+           "target_epsilon": c.privacy.epsilon, "guarantee": "reads no private data", "accuracy": final["accuracy"],
+           "test_accuracy": final["accuracy"], "test_loss": final["loss"], "val_accuracy": report.val_accuracy,
+           "n_eval": final["n"], "finished": True, "info_teacher_steps": report.steps,
+           "info_teacher_best_step": report.best_step, "info_teacher_cached": cached,
+           "setup_s": report.seconds if not cached else float("nan"), "wall_s": time.time() - t0}
+    return row, per_ex["correct"].astype("float64")[order]
+
+
+def record_teachers(a) -> int:
+    """Add the teacher row of every recorded dp+distill cell of the main grid that lacks one."""
+    if a.record is None or a.grid == "old" or "main" not in a.parts:
+        return 0
+    rec = CellRecord(a.record)
+    have, added = rec.cells(), 0
+    recorded = {r["cell"]: r for r in rec.rows()}
+    for c in grid(a):
+        key = cell_key(c)
+        if c.variant != "dp+distill-safe" or teacher_key(c) in have or key not in recorded:
+            continue
+        print(f"the safe teacher alone: {c.data.task} seed {c.train.seed} ε {c.privacy.epsilon:g} ...", flush=True)
+        row, correct = teacher_alone(c)
+        want = recorded[key].get("info_teacher_val_accuracy")
+        if want is not None and abs(float(want) - row["val_accuracy"]) > 1e-9:  # not the cell's teacher
+            print(f"  its val accuracy {row['val_accuracy']:.4f} differs from the cell's teacher ({float(want):.4f}): "
+                  "not recorded", flush=True)
+            continue
+        added += rec.add(teacher_key(c), row, correct)
+    return added
+
+
 def run_cells(a) -> None:
     from dpflat.runs import RunLocked
     from dpflat.sweep import trainer
@@ -228,6 +294,7 @@ def table_lines(a) -> tuple:
 
     g = grid(a) if a.grid == "study" else []
     key_of = {RunDir.for_config(c).path.name: cell_key(c) for c in g}  # run id -> cell
+    teachers = {teacher_key(c) for c in g if c.variant == "dp+distill-safe"}
 
     def _flatness(row):
         """From the run's landscape.json (the table row can lose them when a finished cell is re-appended)."""
@@ -242,7 +309,7 @@ def table_lines(a) -> tuple:
     rec = CellRecord(a.record) if a.record else None
     kept = pd.DataFrame(rec.rows()) if rec else pd.DataFrame()
     if a.grid == "study":  # the old grid: every recorded cell (its configurations are not rebuilt)
-        kept = kept[kept["cell"].isin(set(key_of.values()))] if len(kept) else kept
+        kept = kept[kept["cell"].isin(set(key_of.values()) | teachers)] if len(kept) else kept
     t = load_results(a.output_dir) if Path(a.output_dir).is_dir() and g else pd.DataFrame()
     t = t[t["run_id"].isin(key_of) & t["finished"].astype(bool)].copy() if len(t) else t
     if len(t):
@@ -308,6 +375,8 @@ def _row_label(variant: str, eps: float, n: int) -> str:
     """Paper mode is not DP: its ε is only the DP-SGD part's; non-private pairs with dp at that ε."""
     if variant == "nonprivate":
         return f"nonprivate (vs dp at ε={eps:g}), n={n}"
+    if variant == TEACHER:
+        return f"{TEACHER}, no private data (vs dp at ε={eps:g}), n={n}"
     if variant.endswith("paper"):
         return f"{variant}, not DP (DP-SGD part ε={eps:g}), n={n}"
     return f"{variant} ε={eps:g}, n={n}"
@@ -324,7 +393,7 @@ def forest_figure(paired, path: Path, partial: str = "") -> Path:
     tasks = sorted(set(paired["task"]))
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(7.2 * max(len(tasks), 1), 3.6), squeeze=False)
     colors = {"nonprivate": "#555555", "dpflat-safe": "#1f77b4", "dpflat-paper": "#ff7f0e", "dp+awp-safe": "#9467bd",
-              "dp+layers-safe": "#8c564b", "dp+distill-safe": "#2ca02c"}
+              "dp+layers-safe": "#8c564b", "dp+distill-safe": "#2ca02c", TEACHER: "#98df8a"}
     for ax, task in zip(axes[0], tasks):
         pp = paired[paired["task"] == task].copy()
         pp["o"] = pp["variant"].map(ORDER).fillna(9)
@@ -388,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     t_all, load0 = time.time(), os.getloadavg()[0]
     if not a.report_only:
         run_cells(a)
-    n_new = record_finished(a)
+    n_new = record_finished(a) + record_teachers(a)
     if n_new:
         print(f"recorded {n_new} finished cell(s) in {a.record}", flush=True)
     lines, done, total, paired = table_lines(a)

@@ -156,7 +156,13 @@ def test_bench_fidelity_record_outlives_the_run_folders(tmp_path, shared_data):
     common = ["--tiny", "--data-dir", str(shared_data), "--tasks", "sst2", "--epsilons", "8", "--seeds", "0",
               "--record", str(rec)]
     bench_fidelity.main(common + ["--output-dir", str(out), "--results", str(res1)])
-    assert len(CellRecord(rec).cells()) == 6 and all(CellRecord(rec).correct(i) is not None for i in CellRecord(rec).cells())
+    assert len(CellRecord(rec).cells()) == 7 and all(CellRecord(rec).correct(i) is not None for i in CellRecord(rec).cells())
+    # the dp+distill cell's safe teacher by itself: the same teacher (its val accuracy), no private data read
+    rows = {r["variant"]: r for r in CellRecord(rec).rows()}
+    t = rows[bench_fidelity.TEACHER]
+    assert t["val_accuracy"] == rows["dp+distill-safe"]["info_teacher_val_accuracy"] and t["info_teacher_cached"]
+    assert any(l.startswith(f"| sst2 | {bench_fidelity.TEACHER} | 8 | reads no private data |")
+               for l in res1.read_text().splitlines())
     shutil.rmtree(out)  # another machine: only the record is left, and the data lies elsewhere
     moved = tmp_path / "data_elsewhere"
     moved.symlink_to(shared_data, target_is_directory=True)
@@ -169,7 +175,7 @@ def test_bench_fidelity_record_outlives_the_run_folders(tmp_path, shared_data):
         return [l for l in p.read_text().splitlines() if l.startswith("| sst2 |")]
 
     assert table(res1) == table(res2) and "PARTIAL" not in res2.read_text()
-    assert len(CellRecord(rec).cells()) == 6  # nothing recorded twice
+    assert len(CellRecord(rec).cells()) == 7  # nothing recorded twice
 
 
 def test_cell_record_round_trip(tmp_path):
@@ -213,7 +219,8 @@ def test_the_committed_study_record_matches_the_grid(shared_data):
     rec = CellRecord(ROOT / "benchmarks" / "fidelity_study_cells.jsonl")
     if not rec.path.is_file():
         pytest.skip("no study record committed yet")
-    grid = {bench_fidelity.cell_key(c) for c in bench_fidelity.grid(_bench_args(shared_data))}
+    cells = bench_fidelity.grid(_bench_args(shared_data))
+    grid = {bench_fidelity.cell_key(c) for c in cells} | {bench_fidelity.teacher_key(c) for c in cells}
     orphans = sorted(rec.cells() - grid)
     assert not orphans, (f"{len(orphans)} recorded fidelity cells are no longer in the grid (a config default "
                          f"changed their run ids), e.g. {orphans[:2]}: restart the table or keep the old default")
