@@ -92,13 +92,14 @@ def report(out: Path, n_layers: int = 6, n_drop: int = 2) -> list[str]:
         return min(itertools.combinations(range(n_layers), n_drop), key=lambda d: S[key(d)])
 
     checks = [c for r in full for c in R[r]["_checks"]]
-    lines = [f"| fit | greedy drops | exhaustive drops | S of the pairs among {{0, 3, 5}} | lowest S of another pair |",
+    lines = [f"n_drop = {n_drop}", "",
+             f"| fit | greedy drops | exhaustive drops | S of the {n_drop}-subsets of {{0, 3, 5}} | lowest S of another |",
              "|---:|---|---|---|---|"]
     for r in full:
         S = R[r]
-        pairs = ", ".join(f"({a},{b}) {S[key((a, b))]:.2f}" for a, b in [(0, 3), (0, 5), (3, 5)])
-        other = min((S[key(p)], p) for p in itertools.combinations(range(n_layers), 2)
-                    if set(p) - {0, 3, 5})
+        pairs = ", ".join(f"{p} {S[key(p)]:.2f}" for p in itertools.combinations((0, 3, 5), n_drop))
+        other = min(((S[key(p)], p) for p in itertools.combinations(range(n_layers), n_drop)
+                    if set(p) - {0, 3, 5}), default=(float("nan"), ()))
         lines.append(f"| {r} | {greedy(S)} | {exhaustive(S)} | {pairs} | {other[1]} {other[0]:.2f} |")
     lines.append("")
     lines.append(f"- random directions: in **{sum(abs(g - d) < 1e-12 for g, d in checks)} of {len(checks)}** "
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scorer", default="plateau", choices=["plateau", "plateau-mean", "warmup"])
     p.add_argument("--depth", type=int, default=2, help="score every mask with up to this many dropped layers")
     p.add_argument("--report", action="store_true", help="print the table of what is stored")
+    p.add_argument("--n-drop", type=int, default=2, help="the report's number of dropped layers (<= --depth)")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in a.reseeds:
         score(r, out, a.fit_cache, a.scorer, a.depth)
     if a.report or not a.reseeds:
-        print("\n".join(report(out)))
+        print("\n".join(report(out, n_drop=a.n_drop)))
 
 
 if __name__ == "__main__":
