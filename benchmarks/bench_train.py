@@ -300,7 +300,7 @@ def end_to_end(a) -> str:
         print(f"{label} ε={eps:g}: {wall:.1f}s, setup {SETUP_S}, {info}", flush=True)
     load1 = os.getloadavg()
     dp_mean = statistics.mean(r[2] for r in rows if r[0] == "dp")
-    tab = ["| run (CLI defaults) | ε | whole run (s) | / mean DP run | layer selection (s) | teacher (s) | keep layers | dev accuracy |",
+    tab = ["| run (CLI defaults) | ε | whole run (s) | / mean DP run | layer selection (s) | teacher (s) | keep layers | test accuracy |",
            "|---|---:|---:|---:|---:|---:|---|---:|"]
     for label, eps, wall, st, info in rows:
         tab.append(f"| {label} | {eps:g} | {wall:.1f} | **{wall / dp_mean:.2f}×** | {st.get('layers', 0):.1f} | "
