@@ -17,6 +17,11 @@ Its parts (``--part``):
 - ``lambda``: SST-2, ε = 3, seeds 0..2: dp+distill at λ ∈ {0.001, 0.01, 0.1, 1}, norm and
   squared norm;
 - ``gamma``: SST-2, ε = 3, seeds 0..2: dp+awp at γ ∈ {0.001, 0.01, 0.1, 1}.
+- ``public``: SST-2, ε = 3, seeds 0..2: dp and dp+distill with a public split of 250, 500 and 1,000
+  examples (the main grid has 2,000), each beside its safe teacher alone. Why: at 2,000 public
+  examples the teacher alone is as good as its distilled student, so whether the private data adds
+  anything shows only where the teacher is weaker. The public size also moves the val and private
+  splits (``splits.make_splits`` draws public first), so each size is paired with its own dp.
 
 Checkpoints are selected on the validation split; the test split (the task's eval file) is read
 once per run, at its end. Nothing is tuned here. Flatness is measured on the first 128 test
@@ -61,7 +66,9 @@ from _cells import CellRecord  # noqa: E402
 #: the study grid's variants (safe mode) and the old grid's (safe and paper)
 VARIANTS = ["nonprivate", "dp", "dp+awp", "dp+layers", "dp+distill", "dpflat"]
 OLD_VARIANTS, OLD_MODES = ["nonprivate", "dp", "dpflat"], ["safe", "paper"]
-PARTS = ("main", "selector", "lambda", "gamma")
+PARTS = ("main", "selector", "lambda", "gamma", "public")
+#: the public part's public split sizes (the main grid's default, 2,000, is its largest point)
+PUBLIC_SIZES, TINY_PUBLIC_SIZES = [250, 500, 1000], [16, 32]
 #: the sensitivity grids (SST-2, ε = 3, seeds 0..2)
 LAMBDAS = [(0.001, False), (0.01, False), (0.1, False), (1.0, False), (0.001, True), (0.01, True), (0.1, True),
            (1.0, True)]
@@ -148,6 +155,13 @@ def part_cells(part: str, base) -> list:
     if part == "gamma":  # the default γ is the main grid's dp+awp cell
         w = apply_variant(base, "dp+awp")
         return [w.replace(flat={"awp_gamma": g}, variant=f"dp+awp[γ={g:g}]") for g in GAMMAS if g != w.flat.awp_gamma]
+    if part == "public":  # each size with its own dp: the private split moves with the public one
+        out = []
+        for n in (TINY_PUBLIC_SIZES if base.data.public_size < 100 else PUBLIC_SIZES):
+            b = base.replace(data={"public_size": n})
+            out += [apply_variant(b, "dp").replace(variant=f"dp[public={n}]"),
+                    apply_variant(b, "dp+distill").replace(variant=f"dp+distill[public={n}]")]
+        return out
     raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
 
 
@@ -197,6 +211,12 @@ def record_finished(a) -> int:
     return added
 
 
+def has_teacher_row(c) -> bool:
+    """The cells whose teacher gets a row: the main grid's dp+distill and the public part's (the
+    λ part's teachers are the main grid's: λ does not enter the teacher's fit)."""
+    return c.variant == "dp+distill-safe" or c.variant.startswith("dp+distill[public=")
+
+
 def teacher_key(c) -> str:
     """The record's key of the teacher row that pairs with the dp+distill cell ``c``."""
     return "teacher:" + cell_key(c)
@@ -230,7 +250,8 @@ def teacher_alone(c) -> tuple[dict, object]:
         raise RuntimeError(f"the safe teacher read private data: {ledger.reads}")
     final, per_ex = evaluate_test(teacher, tokd["eval"], c.train.eval_batch_size, device, c.train.resolved_precision())
     order = per_ex["idx"].argsort(kind="stable")
-    row = {"run_id": teacher_key(c), "task": c.data.task, "variant": TEACHER, "seed": c.train.seed,
+    label = TEACHER if c.variant == "dp+distill-safe" else f"{TEACHER} [public={c.data.public_size:g}]"
+    row = {"run_id": teacher_key(c), "task": c.data.task, "variant": label, "seed": c.train.seed,
            "target_epsilon": c.privacy.epsilon, "guarantee": "reads no private data", "accuracy": final["accuracy"],
            "test_accuracy": final["accuracy"], "test_loss": final["loss"], "val_accuracy": report.val_accuracy,
            "n_eval": final["n"], "finished": True, "info_teacher_steps": report.steps,
@@ -240,15 +261,15 @@ def teacher_alone(c) -> tuple[dict, object]:
 
 
 def record_teachers(a) -> int:
-    """Add the teacher row of every recorded dp+distill cell of the main grid that lacks one."""
-    if a.record is None or a.grid == "old" or "main" not in a.parts:
+    """Add the teacher row of every recorded dp+distill cell (main grid, public part) that lacks one."""
+    if a.record is None or a.grid == "old":
         return 0
     rec = CellRecord(a.record)
     have, added = rec.cells(), 0
     recorded = {r["cell"]: r for r in rec.rows()}
     for c in grid(a):
         key = cell_key(c)
-        if c.variant != "dp+distill-safe" or teacher_key(c) in have or key not in recorded:
+        if not has_teacher_row(c) or teacher_key(c) in have or key not in recorded:
             continue
         print(f"the safe teacher alone: {c.data.task} seed {c.train.seed} ε {c.privacy.epsilon:g} ...", flush=True)
         row, correct = teacher_alone(c)
@@ -294,7 +315,7 @@ def table_lines(a) -> tuple:
 
     g = grid(a) if a.grid == "study" else []
     key_of = {RunDir.for_config(c).path.name: cell_key(c) for c in g}  # run id -> cell
-    teachers = {teacher_key(c) for c in g if c.variant == "dp+distill-safe"}
+    teachers = {teacher_key(c) for c in g if has_teacher_row(c)}
 
     def _flatness(row):
         """From the run's landscape.json (the table row can lose them when a finished cell is re-appended)."""
@@ -332,8 +353,13 @@ def table_lines(a) -> tuple:
     t["top_eigenvalue"], t["sam_sharpness"] = flat["top_eigenvalue"], flat["sam_sharpness"]
     done = int(t["top_eigenvalue"].notna().sum()) if a.landscape else len(t)  # a cell = trained + measured
     t["eps"] = pd.to_numeric(t["target_epsilon"], errors="coerce").fillna(float("inf"))
-    paired = paired_differences(t, "dp", "accuracy", correct=lambda r: rec.correct(r["cell"])
-                                if r["cell"] in recorded else load_correct(r))
+    def correct(r):
+        return rec.correct(r["cell"]) if r["cell"] in recorded else load_correct(r)
+
+    # the public part pairs within each public size (its own dp): its own table, not this one
+    in_pub = t["variant"].astype(str).str.contains("[public=", regex=False)
+    pub, t = t[in_pub | t["variant"].isin(["dp", "dp+distill-safe", TEACHER])], t[~in_pub]
+    paired = paired_differences(t, "dp", "accuracy", correct=correct)
     rows = []
     for (task, v, e), gg in t.groupby(["task", "variant", "eps"]):
         p = paired[(paired["task"] == task) & (paired["variant"] == v) & (paired["target_epsilon"] == e)]
@@ -363,7 +389,47 @@ def table_lines(a) -> tuple:
             f"| {m('val_accuracy', '.4f')} | {diff} | {gap} | {m('top_eigenvalue', '.3g')} | {m('sam_sharpness', '.3g')} "
             f"| {same_space(v)} | {m('wall_s', '.0f')} | {m('setup_s', '.0f')} | {m('examples_per_s', '.1f')} "
             f"| {m('peak_mem_mb', '.0f')} |")
+    if "public" in a.parts and a.grid == "study":
+        lines += ["", *public_lines(pub, correct, TINY_PUBLIC_SIZES if a.tiny else PUBLIC_SIZES,
+                                    base_config(a).data.public_size, a.epsilons[0])]
     return lines, done, total, paired
+
+
+def public_lines(t, correct, sizes: list[int], default: float, eps: float = 3.0) -> list[str]:
+    """The public part's table: per public split size, the safe teacher alone, dp and dp+distill
+    (SST-2, ε = 3, seeds 0..2), the student paired with its own size's dp and with its teacher."""
+    from dpflat.stats import paired_differences
+
+    t = t[(t["task"] == "sst2") & (t["eps"] == eps) & t["seed"].astype(int).isin(PART_SEEDS)]
+    out = [f"The public part (SST-2, ε = {eps:g}, seeds 0–2): does the distilled student beat its teacher when the "
+           "teacher is weaker? Each size is paired with its own dp (the private split moves with the public one); "
+           "paired 95% intervals over seeds and test examples.", "",
+           "| public examples | seeds | teacher alone (test) | dp (test) | dp+distill (test) | dp+distill − dp [95% CI] "
+           "| dp+distill − teacher alone [95% CI] |", "|---:|---:|---:|---:|---:|---|---|"]
+    for n in [*sizes, default]:
+        names = ({"dp": "dp", "dp+distill-safe": "student", TEACHER: "teacher"} if n == default else
+                 {f"dp[public={n}]": "dp", f"dp+distill[public={n}]": "student", f"{TEACHER} [public={n:g}]": "teacher"})
+        sub = t[t["variant"].isin(list(names))].copy()
+        sub["variant"] = sub["variant"].map(names)
+
+        def acc(v):
+            x = sub.loc[sub["variant"] == v, "accuracy"]
+            return f"{x.mean():.4f}" if len(x) else "—"
+
+        def diff(base):
+            if sub.empty or base not in set(sub["variant"]):
+                return "—"
+            p = paired_differences(sub, base, "accuracy", correct=correct)
+            p = p[p["variant"] == "student"]
+            if p.empty:
+                return "—"
+            r = p.iloc[0]
+            return f"{r.mean_diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}], n={r.n_pairs}"
+
+        seeds = sub.loc[sub["variant"] == "student", "seed"].nunique() if len(sub) else 0
+        out.append(f"| {n:g}{' (main grid)' if n == default else ''} | {seeds} | {acc('teacher')} | {acc('dp')} "
+                   f"| {acc('student')} | {diff('dp')} | {diff('teacher')} |")
+    return out
 
 
 def same_space(variant: str) -> str:

@@ -178,6 +178,29 @@ def test_bench_fidelity_record_outlives_the_run_folders(tmp_path, shared_data):
     assert len(CellRecord(rec).cells()) == 7  # nothing recorded twice
 
 
+def test_bench_fidelity_public_part_pairs_each_size_with_its_own_dp(tmp_path, shared_data):
+    """The public part: per public size, dp, dp+distill and the safe teacher alone, in a table of its
+    own (a public size moves the private split, so main's dp is no baseline for it)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_fidelity
+    from _cells import CellRecord
+
+    rec, res = tmp_path / "cells.jsonl", tmp_path / "R.md"
+    bench_fidelity.main(["--tiny", "--parts", "public", "--data-dir", str(shared_data), "--tasks", "sst2",
+                         "--epsilons", "8", "--seeds", "0", "--record", str(rec), "--output-dir",
+                         str(tmp_path / "runs"), "--results", str(res)])
+    rows = {r["variant"]: r for r in CellRecord(rec).rows()}
+    for n in bench_fidelity.TINY_PUBLIC_SIZES:
+        t = rows[f"{bench_fidelity.TEACHER} [public={n}]"]
+        assert t["guarantee"] == "reads no private data"
+        assert t["val_accuracy"] == rows[f"dp+distill[public={n}]"]["info_teacher_val_accuracy"]
+    lines = res.read_text().splitlines()
+    assert not any(l.startswith("| sst2 |") and "[public=" in l for l in lines)  # not paired with main's dp
+    for n in bench_fidelity.TINY_PUBLIC_SIZES:
+        row = next(l for l in lines if l.startswith(f"| {n} | 1 |")).split("|")
+        assert all(c.strip() != "—" for c in row[3:8]), row  # three accuracies, two paired intervals
+
+
 def test_cell_record_round_trip(tmp_path):
     import numpy as np
 
