@@ -332,6 +332,55 @@ def end_to_end(a) -> str:
     return text
 
 
+def end_to_end_levels(a) -> str:
+    """Each flattening level's overhead, whole runs at the CLI defaults (ε = 8), one process in the
+    order dp, dp+awp, dp+layers, dp+distill, dp (ABA around the levels), each run in a fresh output
+    dir (cold: no run shares another's setup cache). Peak memory is the RSS sampler's peak during
+    the run minus the RSS just before it (``peak_mem_mb`` of result.json is the process's peak so far)."""
+    plan = ["dp", "dp+awp", "dp+layers", "dp+distill", "dp"]
+    load0 = os.getloadavg()
+    rss, rows = RSSPeak(), []
+    for variant in plan:
+        SETUP_S.clear()
+        cfg = _cli_default(variant, tempfile.mkdtemp(prefix="bench-e2e-levels-"), 8.0, a.threads)
+        gc.collect()
+        rss.reset()
+        before, t = PROC.memory_info().rss, time.perf_counter()
+        res = train(cfg)
+        wall = time.perf_counter() - t
+        rows.append({"variant": variant, "wall": wall, "setup": sum(SETUP_S.values()), "train": float(res["train_s"]),
+                     "rss": (rss.peak - before) / 2**20, "acc": res["accuracy"], "keep": res.get("info_layers_keep")})
+        print(f"{variant}: {wall:.1f} s, setup {dict(SETUP_S)}, train {res['train_s']:.1f} s, "
+              f"peak RSS +{rows[-1]['rss']:.0f} MB, test {res['accuracy']:.4f}", flush=True)
+    rss.stop()
+    load1 = os.getloadavg()
+    dps = [r for r in rows if r["variant"] == "dp"]
+    dp_wall, dp_train = statistics.mean(r["wall"] for r in dps), statistics.mean(r["train"] for r in dps)
+    tab = ["| run (CLI defaults, ε 8) | whole run (s) | / mean DP run | set-up (s) | training (s) | training / DP's "
+           "| peak RSS over its start (MB) | test accuracy |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        tab.append(f"| {r['variant']} | {r['wall']:.1f} | **{r['wall'] / dp_wall:.2f}×** | {r['setup']:.1f} | "
+                   f"{r['train']:.1f} | {r['train'] / dp_train:.2f}× | {r['rss']:.0f} | {r['acc']:.4f} |")
+    d = RunConfig()
+    lines = [
+        f"- command: `{_report.command()}`",
+        f"- machine: {_report.machine()}; load average {load0[0]:.1f} at start, {load1[0]:.1f} at end",
+        f"- what: `dpflat.train.train(cfg)` to the end at the CLI defaults ({d.data.task.upper()}, {d.model.backbone}, "
+        f"{d.data.train_size} private examples, {d.train.epochs:g} epochs, batch {d.train.batch_size}, public "
+        f"{d.data.public_size:g}), one level at a time, in the order shown, each in a fresh output dir (cold set-up "
+        "cache); training (s) is result.json's train_s; the set-up is the levels' `setup` (layer scorer fit and greedy "
+        "selection; the teacher's fit)",
+        "",
+        *tab,
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if not a.no_append:
+        _report.append("bench_train --end-to-end --levels: each flattening level's whole-run overhead at the CLI "
+                       "defaults", lines)
+    return text
+
+
 def check_ranking(a) -> str:
     """The setup of a CLI-default DP-Flat(safe) run, cold and warm, and the ranking check.
 
@@ -558,6 +607,9 @@ def main(argv=None) -> str:
                    help="instead: whole-run wall time at the CLI defaults, DP vs DP-Flat(safe) with a cold and a "
                         "warm setup cache (ABBA: dp, dpflat cold, dpflat warm, dp); see end_to_end()")
     p.add_argument("--no-warm", action="store_true", help="--end-to-end without the warm-cache run (ABA)")
+    p.add_argument("--levels", action="store_true",
+                   help="with --end-to-end: each level alone instead (dp, dp+awp, dp+layers, dp+distill, dp); "
+                        "see end_to_end_levels()")
     p.add_argument("--check-ranking", action="store_true",
                    help="instead: the CLI-default layer selection scored on the plain fixed batch and on the "
                         "length-regrouped batches (the new default): same keep-mask? S differences? time?")
@@ -571,7 +623,7 @@ def main(argv=None) -> str:
     if a.paths:
         return compare_paths(a)
     if a.end_to_end:
-        return end_to_end(a)
+        return end_to_end_levels(a) if a.levels else end_to_end(a)
     if a.check_ranking:
         return check_ranking(a)
     q = a.quick

@@ -210,3 +210,35 @@ def test_cache_key_changes_with_every_input():
     for name, val in [("model", "x"), ("public", "y"), ("seed", 1), ("lr", 0.2)]:
         assert _cache.key("teacher", {**base, name: val}) != k
     assert _cache.key("layers", base) != k
+
+
+def test_bench_train_levels_times_each_level_in_its_own_cold_run(tmp_path, make_cfg):
+    """``bench_train --end-to-end --levels`` on a tiny model: one row per whole run (dp at both ends),
+    the set-up seconds of the levels that have one, and no run sharing another's setup cache."""
+    import sys
+
+    from dpflat import privacy as privacy_mod
+    from dpflat.config import apply_variant
+    from dpflat.flat.distill import Distillation
+    from dpflat.flat.layers import LayerSelection
+
+    # importing bench_train wraps these for its timers: put them back for the rest of the session
+    saved = (privacy_mod.PrivateSplit.count, LayerSelection.setup, Distillation.setup)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_train
+
+        def tiny(variant, out, eps, threads):
+            cfg = apply_variant(make_cfg(Path(out)), variant, "safe")
+            return cfg.replace(privacy={"epsilon": eps}, flat={"layers_warmup_steps": 2, "layers_examples": 16,
+                                                               "n_drop": 1, "teacher_epochs": 0.5})
+
+        bench_train._cli_default = tiny
+        text = bench_train.main(["--end-to-end", "--levels", "--no-append"])
+    finally:
+        privacy_mod.PrivateSplit.count, LayerSelection.setup, Distillation.setup = saved
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| dp")]
+    assert [r[1].strip() for r in rows] == ["dp", "dp+awp", "dp+layers", "dp+distill", "dp"]
+    setup = {r[1].strip(): float(r[4]) for r in rows}
+    assert setup["dp+layers"] > 0 and setup["dp+distill"] > 0 and setup["dp+awp"] == 0
+    assert all(float(r[7]) >= 0 for r in rows)  # peak RSS over the run's start
