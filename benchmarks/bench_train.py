@@ -373,12 +373,9 @@ def end_to_end_levels(a) -> str:
         "",
         *tab,
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not a.no_append:
-        _report.append("bench_train --end-to-end --levels: each flattening level's whole-run overhead at the CLI "
-                       "defaults", lines)
-    return text
+    _report.publish("bench_train --end-to-end --levels: each flattening level's whole-run overhead at the CLI "
+                    "defaults", lines, not a.no_append)
+    return "\n".join(lines)
 
 
 def check_ranking(a) -> str:
